@@ -1,0 +1,17 @@
+# Sourced by the other scripts: creates .venv (once) and installs the package with its test extra.
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PYTHON="${PYTHON:-python3}"
+if [ ! -x "$ROOT/.venv/bin/python" ]; then
+  "$PYTHON" -m venv "$ROOT/.venv"
+fi
+# shellcheck disable=SC1091
+. "$ROOT/.venv/bin/activate"
+# Re-install only when pyproject.toml changed since the last install.
+STAMP="$ROOT/.venv/.tce_jax_installed"
+if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
+  python -m pip install --quiet --upgrade pip
+  python -m pip install --quiet -e "$ROOT[test]"
+  touch "$STAMP"
+fi
+cd "$ROOT"

@@ -1,0 +1,17 @@
+"""Test-session set-up: 8 fake CPU devices, quiet TensorFlow, no GPU for TF.
+
+XLA_FLAGS must be set before JAX initialises its backends, so this runs at import time.
+"""
+
+import os
+
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+import jax  # noqa: E402
+
+# Tests compile many small programs; optimisation buys nothing at these sizes.
+jax.config.update("jax_disable_most_optimizations", True)
