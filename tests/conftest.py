@@ -15,3 +15,18 @@ import jax  # noqa: E402
 
 # Tests compile many small programs; optimisation buys nothing at these sizes.
 jax.config.update("jax_disable_most_optimizations", True)
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def small_data_dir(tmp_path_factory):
+    """A TFDS data dir holding the small embedded dataset, prepared once per session."""
+    from configs import default
+    from tce_jax import input_pipeline
+
+    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    config = default.get_config("tiny")
+    config.data.data_dir = data_dir
+    input_pipeline.load_builder(config)
+    return data_dir

@@ -1,0 +1,200 @@
+"""Config schema shared by every file in `configs/`: the fields, their defaults, the variants
+(`:ce`, `:tiny`, ...) and the validation that runs before anything is compiled."""
+
+import math
+
+import ml_collections
+
+LOSS_VARIANTS = ("ce", "tce", "stochastic_tce")
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    """The fields every config has, with the embedded-dataset defaults."""
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = ml_collections.ConfigDict()
+    config.data.name = "street_scenes"  # a key of tce_jax.datasets registry
+    config.data.data_dir = ""  # TFDS data dir; "" = TFDS default (~/tensorflow_datasets)
+    config.data.manual_dir = ""  # where the user put the official archives (real datasets)
+    config.data.train_split = "train"
+    config.data.eval_split = "validation"  # periodic evaluation and best-checkpoint selection
+    config.data.final_eval_splits = ("validation", "test")  # evaluated and reported at the end
+    config.data.crop_size = (64, 128)  # (H, W) of training crops
+    config.data.min_scale = 0.75  # random resize ratio range before cropping
+    config.data.max_scale = 1.5
+    config.data.flip = True
+    config.data.photometric = False  # brightness/contrast/saturation/hue jitter
+    config.data.mean = (0.485, 0.456, 0.406)  # ImageNet normalisation (images in [0, 1])
+    config.data.std = (0.229, 0.224, 0.225)
+    # Number of data shards the global batch is drawn from. 0 = one per process. The global
+    # batch is a deterministic function of (seed, num_shards) alone, so runs with the same
+    # num_shards see identical data whatever their process count.
+    config.data.num_shards = 0
+    config.data.eval_batch_size = 16  # global
+    config.data.prefetch = 2
+    # Tilted class-aware sampling (Stochastic TCE, DESIGN §2 step 5).
+    config.data.class_aware_sampling = False
+    config.data.sampling_mix = 0.5  # weight of the uniform distribution in the class draw
+    config.data.sampling_refresh_steps = 100
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "unet"
+    config.model.output_stride = 16  # DeepLabV3+ only
+    config.model.pretrained = ""  # local file with backbone weights (DeepLabV3+ only)
+
+    config.loss = ml_collections.ConfigDict()
+    config.loss.name = "tce"  # ce | tce | stochastic_tce
+    config.loss.t = 1.0  # class-level tilt
+    config.loss.tau = 0.0  # pixel-level tilt (hierarchical TERM)
+    config.loss.class_weighting = "frequency"  # frequency | uniform
+    config.loss.lam = 0.1  # Stochastic TCE running-estimate rate
+
+    config.optimizer = ml_collections.ConfigDict()
+    config.optimizer.name = "adamw"  # sgd | adamw
+    config.optimizer.learning_rate = 3e-3
+    config.optimizer.momentum = 0.9  # sgd only
+    config.optimizer.weight_decay = 1e-4
+    config.optimizer.schedule = "poly"  # poly | cosine | constant
+    config.optimizer.poly_power = 0.9
+    config.optimizer.warmup_steps = 50
+
+    config.global_batch_size = 16
+    config.num_train_steps = 1200
+    config.parallelism = "jit"  # jit (device mesh) | pmap
+    config.mixed_precision = False  # bf16 compute, float32 parameters
+    config.log_every_steps = 50
+    config.eval_every_steps = 400
+    config.checkpoint_every_steps = 400
+    config.keep_checkpoints = 2  # latest N kept, plus the best by validation mIoU
+    config.distributed = ml_collections.ConfigDict()
+    # jax.distributed: "auto" initialises when the environment asks for it (TPU pod, SLURM,
+    # Open MPI, or the coordinator fields below); "on" always; "off" never.
+    config.distributed.mode = "auto"
+    config.distributed.coordinator_address = ""
+    config.distributed.num_processes = 0
+    config.distributed.process_id = -1
+    return config
+
+
+def apply_variants(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
+    """Applies the comma-separated variants of `arg` (see the module docstring)."""
+    for variant in filter(None, (arg or "").split(",")):
+        if variant in LOSS_VARIANTS:
+            config.loss.name = variant
+        elif variant == "tiny":
+            config.data.crop_size = (32, 64)
+            config.model.name = "unet_small"
+            config.global_batch_size = 8
+            config.data.eval_batch_size = 8
+            config.num_train_steps = 6
+            config.log_every_steps = 2
+            config.eval_every_steps = 3
+            config.checkpoint_every_steps = 3
+            config.optimizer.warmup_steps = 1
+        else:
+            raise ValueError(
+                f"Unknown config variant {variant!r}; use any of "
+                f"{', '.join(LOSS_VARIANTS + ('tiny',))}, comma-separated."
+            )
+    return config
+
+
+
+
+LOSSES = ("ce", "tce", "stochastic_tce")
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("poly", "cosine", "constant")
+PARALLELISM = ("jit", "pmap")
+DISTRIBUTED_MODES = ("auto", "on", "off")
+
+
+class ConfigError(ValueError):
+    """A config field has a value the trainer cannot use; the message names the field."""
+
+
+def _check(condition: bool, field: str, value, expected: str) -> None:
+    if not condition:
+        raise ConfigError(
+            f"config.{field}={value!r} is invalid: expected {expected}. "
+            f"Fix it in the config file or with --config.{field}=..."
+        )
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Checks every field the trainer reads, before any data is read or anything compiled."""
+    _check(config.loss.name in LOSSES, "loss.name", config.loss.name, f"one of {LOSSES}")
+    for field in ("t", "tau"):
+        value = config.loss[field]
+        _check(
+            isinstance(value, int | float) and math.isfinite(value),
+            f"loss.{field}", value, "a finite number",
+        )
+    _check(0.0 < config.loss.lam <= 1.0, "loss.lam", config.loss.lam, "a number in (0, 1]")
+    _check(
+        config.loss.class_weighting in ("frequency", "uniform"),
+        "loss.class_weighting", config.loss.class_weighting, "'frequency' or 'uniform'",
+    )
+    opt = config.optimizer
+    _check(opt.name in OPTIMIZERS, "optimizer.name", opt.name, f"one of {OPTIMIZERS}")
+    _check(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, f"one of {SCHEDULES}")
+    _check(opt.learning_rate > 0, "optimizer.learning_rate", opt.learning_rate, "a number > 0")
+    _check(opt.weight_decay >= 0, "optimizer.weight_decay", opt.weight_decay, "a number >= 0")
+    _check(opt.warmup_steps >= 0, "optimizer.warmup_steps", opt.warmup_steps, "an integer >= 0")
+    _check(
+        config.parallelism in PARALLELISM, "parallelism", config.parallelism,
+        f"one of {PARALLELISM}",
+    )
+    _check(
+        config.distributed.mode in DISTRIBUTED_MODES, "distributed.mode",
+        config.distributed.mode, f"one of {DISTRIBUTED_MODES}",
+    )
+    for field in ("num_train_steps", "global_batch_size", "log_every_steps",
+                  "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+        _check(config[field] > 0, field, config[field], "an integer > 0")
+    data = config.data
+    _check(data.eval_batch_size > 0, "data.eval_batch_size", data.eval_batch_size, "an integer > 0")
+    _check(
+        len(data.crop_size) == 2 and all(s > 0 for s in data.crop_size),
+        "data.crop_size", data.crop_size, "(height, width) with positive sizes",
+    )
+    _check(
+        0 < data.min_scale <= data.max_scale, "data.min_scale/max_scale",
+        (data.min_scale, data.max_scale), "0 < min_scale <= max_scale",
+    )
+    _check(data.num_shards >= 0, "data.num_shards", data.num_shards, "an integer >= 0")
+    _check(
+        0.0 <= data.sampling_mix <= 1.0, "data.sampling_mix", data.sampling_mix,
+        "a number in [0, 1]",
+    )
+    _check(
+        data.sampling_refresh_steps > 0, "data.sampling_refresh_steps",
+        data.sampling_refresh_steps, "an integer > 0",
+    )
+    _check(
+        not data.class_aware_sampling or config.loss.name == "stochastic_tce",
+        "data.class_aware_sampling", data.class_aware_sampling,
+        "False unless loss.name='stochastic_tce' (the sampler reads its running weights)",
+    )
+
+
+def validate_layout(
+    config: ml_collections.ConfigDict, *, num_devices: int, num_processes: int
+) -> int:
+    """Checks that the batches split over devices and data shards; returns the shard count."""
+    num_shards = config.data.num_shards or num_processes
+    for field, batch in (("global_batch_size", config.global_batch_size),
+                         ("data.eval_batch_size", config.data.eval_batch_size)):
+        _check(
+            batch % num_devices == 0, field, batch,
+            f"a multiple of the number of devices ({num_devices})",
+        )
+    _check(
+        num_shards % num_processes == 0, "data.num_shards", config.data.num_shards,
+        f"0 or a multiple of the number of processes ({num_processes})",
+    )
+    _check(
+        config.global_batch_size % num_shards == 0, "global_batch_size",
+        config.global_batch_size, f"a multiple of data.num_shards ({num_shards})",
+    )
+    return num_shards

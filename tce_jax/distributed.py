@@ -1,0 +1,73 @@
+"""Multi-process (multi-host) start-up through `jax.distributed`.
+
+Every process of a multi-host job runs the same command. `initialize` must run before any
+other JAX call: it connects the processes so that `jax.devices()` lists the devices of all of
+them and collectives span hosts.
+"""
+
+import os
+
+import jax
+import ml_collections
+from absl import logging
+
+# Environment variables by which cluster launchers announce a multi-process job; JAX's
+# `jax.distributed.initialize()` reads the rest (coordinator, process id) from them itself.
+_CLUSTER_SIGNS = {
+    "SLURM": ("SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"),
+    "Open MPI": ("OMPI_COMM_WORLD_SIZE",),
+}
+
+
+def _cluster_wants_distributed() -> str | None:
+    """The launcher whose environment asks for more than one process, if any."""
+    for launcher, variables in _CLUSTER_SIGNS.items():
+        for var in variables:
+            if int(os.environ.get(var, "1") or "1") > 1:
+                return launcher
+    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
+    if len([h for h in hosts.split(",") if h]) > 1:
+        return "TPU pod"
+    return None
+
+
+def initialize(config: ml_collections.ConfigDict) -> bool:
+    """Calls `jax.distributed.initialize` when `config.distributed` or the environment asks.
+
+    `config.distributed.mode`: "off" never, "on" always, "auto" when a coordinator address is
+    configured or a launcher (SLURM, Open MPI, a multi-worker TPU slice) started several
+    processes. Explicit `coordinator_address` / `num_processes` / `process_id` fields are
+    passed on; empty ones are left to JAX's cluster auto-detection. Returns whether it ran.
+    """
+    cfg = config.distributed
+    launcher = _cluster_wants_distributed()
+    if cfg.mode == "off" or (cfg.mode == "auto" and not cfg.coordinator_address
+                             and launcher is None):
+        return False
+    kwargs = {}
+    if cfg.coordinator_address:
+        kwargs["coordinator_address"] = cfg.coordinator_address
+    if cfg.num_processes > 0:
+        kwargs["num_processes"] = cfg.num_processes
+    if cfg.process_id >= 0:
+        kwargs["process_id"] = cfg.process_id
+    logging.info("jax.distributed.initialize(%s) (launcher: %s)", kwargs, launcher or "none")
+    jax.distributed.initialize(**kwargs)
+    return True
+
+
+def log_topology() -> None:
+    """Logs, once per process, its index, its local devices and the global device count."""
+    logging.info(
+        "Process %d of %d: %d local devices %s; %d devices in all (%s).",
+        jax.process_index(), jax.process_count(), jax.local_device_count(),
+        [d.id for d in jax.local_devices()], jax.device_count(), jax.devices()[0].platform,
+    )
+
+
+def barrier(name: str) -> None:
+    """Waits until every process gets here (no-op with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

@@ -1,0 +1,303 @@
+"""Input pipeline: TFDS (random access) -> tf.data (decode, augment) -> per-process numpy batches.
+
+Datasets are prepared once in TFDS's ArrayRecord format so that any example can be read by
+index. That lets the *trainer* decide which examples form each global batch, as a pure function
+of `(seed, step, shard)`:
+
+* resuming at step k needs no replay of the stream (exact, instant resume);
+* the global batch does not depend on how many processes share the work: the data are cut into
+  `num_shards` shards (`tfds.split_for_jax_process(split, process_index=s, process_count=S)`),
+  every step takes `global_batch / S` examples from each shard, and each process reads only the
+  shards it owns;
+* tilted class-aware sampling can draw examples that contain a chosen class.
+
+Random augmentation uses stateless TF ops seeded by `(seed, position in the global stream)`, so
+it too is independent of the process layout and of restarts. Labels use train ids `0..C-1` and
+`ignore_index` (255); images are float32 NHWC, normalised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from tce_jax import datasets
+
+Batch = dict[str, np.ndarray]
+# Maps (shard, step) to the within-shard indices of the examples of that step.
+IndexFn = Callable[[int, int], np.ndarray]
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset is not prepared and cannot be prepared from what is on disk."""
+
+
+def load_builder(config: ml_collections.ConfigDict) -> tuple[tfds.core.DatasetBuilder, object]:
+    """Returns the prepared TFDS builder and the `DatasetSpec` of `config.data.name`.
+
+    Prepares the dataset (in ArrayRecord format) if needed: the embedded dataset is generated,
+    real datasets are built from the archives in `config.data.manual_dir`. In multi-process
+    runs, process 0 prepares while the others wait.
+    """
+    spec = datasets.get_dataset_spec(config.data.name)
+    data_dir = config.data.data_dir or None
+    builder = tfds.builder(spec.tfds_name, data_dir=data_dir, file_format="array_record")
+    if not builder.is_prepared():
+        if jax.process_index() == 0:
+            _prepare(builder, spec, config)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"prepare {spec.tfds_name}")
+            builder = tfds.builder(spec.tfds_name, data_dir=data_dir, file_format="array_record")
+            if not builder.is_prepared():
+                raise DatasetNotFoundError(
+                    f"Process {jax.process_index()} cannot see the dataset that process 0 "
+                    f"prepared under {builder.data_dir!s}: put config.data.data_dir on a "
+                    "file system shared by every host, or prepare it on each host first."
+                )
+    return builder, spec
+
+
+def _prepare(builder, spec, config) -> None:
+    manual_dir = config.data.manual_dir or None
+    try:
+        builder.download_and_prepare(
+            file_format="array_record",
+            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
+        )
+    except (AssertionError, FileNotFoundError, tfds.core.DatasetNotFoundError) as e:
+        raise DatasetNotFoundError(
+            f"Could not prepare dataset {config.data.name!r} (TFDS {spec.tfds_name!r}) in "
+            f"{builder.data_dir!s} from manual_dir={manual_dir!r}: {e}\n"
+            "See the README section on datasets for which archives to download and where to "
+            "put them (config.data.manual_dir)."
+        ) from e
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How the global batch is split over data shards and processes."""
+
+    num_shards: int
+    process_index: int
+    process_count: int
+
+    @property
+    def owned_shards(self) -> range:
+        per_process = self.num_shards // self.process_count
+        return range(self.process_index * per_process, (self.process_index + 1) * per_process)
+
+
+def _shard_split(split: str, shard: int, num_shards: int):
+    return tfds.split_for_jax_process(split, process_index=shard, process_count=num_shards)
+
+
+def _data_source(builder, spec, split):
+    # Images stay encoded here; decoding happens in parallel inside tf.data.
+    skip = tfds.decode.SkipDecoding()
+    return builder.as_data_source(
+        split=split, decoders={spec.image_key: skip, spec.label_key: skip}
+    )
+
+
+def split_size(builder, split) -> int:
+    return builder.info.splits[split].num_examples
+
+
+def epoch_index_fn(shard_sizes: dict[int, int], batch_per_shard: int, seed: int) -> IndexFn:
+    """Epoch-wise shuffling: each shard is walked through a fresh permutation per epoch."""
+
+    @functools.lru_cache(maxsize=8)
+    def permutation(shard: int, epoch: int) -> np.ndarray:
+        rng = np.random.default_rng([seed, shard, epoch])
+        return rng.permutation(shard_sizes[shard])
+
+    def indices(shard: int, step: int) -> np.ndarray:
+        n = shard_sizes[shard]
+        positions = step * batch_per_shard + np.arange(batch_per_shard)
+        out = np.empty(batch_per_shard, np.int64)
+        for j, p in enumerate(positions):
+            out[j] = permutation(shard, int(p // n))[p % n]
+        return out
+
+    return indices
+
+
+# ---------------------------------------------------------------------------------------------
+# tf.data transformations.
+
+
+def _decode(spec, image_bytes, label_bytes):
+    image = tf.io.decode_png(image_bytes, channels=3)
+    label = tf.io.decode_png(label_bytes, channels=1)
+    if spec.label_map is not None:
+        lut = tf.constant(np.asarray(spec.label_map, np.int32))
+        label = tf.gather(lut, tf.cast(label, tf.int32))
+    return tf.cast(image, tf.float32) / 255.0, tf.cast(label, tf.int32)
+
+
+def _normalise(image, data_config):
+    return (image - tf.constant(data_config.mean)) / tf.constant(data_config.std)
+
+
+def train_augment(image, label, seed, data_config, ignore_index: int):
+    """Random resize, pad (labels with `ignore_index`), crop, flip and photometric jitter.
+
+    `image` float32 [H, W, 3] in [0, 1], `label` int32 [H, W, 1], `seed` int64 [2] for the
+    stateless random ops. Returns the normalised crop and its labels [h, w].
+    """
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    crop_h, crop_w = data_config.crop_size
+    scale = tf.random.stateless_uniform(
+        [], seeds[0], data_config.min_scale, data_config.max_scale
+    )
+    size = tf.cast(tf.round(tf.cast(tf.shape(image)[:2], tf.float32) * scale), tf.int32)
+    image = tf.image.resize(image, size, method="bilinear")
+    label = tf.image.resize(label, size, method="nearest")
+    if data_config.photometric:
+        image = _photometric(image, seeds[3])
+    image = _normalise(image, data_config)
+    pad_h = tf.maximum(crop_h - size[0], 0)
+    pad_w = tf.maximum(crop_w - size[1], 0)
+    paddings = [[0, pad_h], [0, pad_w], [0, 0]]
+    image = tf.pad(image, paddings)  # 0 after normalisation = the mean colour
+    label = tf.pad(label, paddings, constant_values=ignore_index)
+    # Crop image and label together: labels (<= 255) are exact in float32.
+    both = tf.concat([image, tf.cast(label, tf.float32)], axis=-1)
+    both = tf.image.stateless_random_crop(both, [crop_h, crop_w, 4], seed=seeds[1])
+    if data_config.flip:
+        both = tf.image.stateless_random_flip_left_right(both, seed=seeds[2])
+    return both[..., :3], tf.cast(both[..., 3], tf.int32)
+
+
+def _photometric(image, seed):
+    seeds = tf.random.experimental.stateless_split(seed, 4)
+    image = tf.image.stateless_random_brightness(image, 32.0 / 255.0, seeds[0])
+    image = tf.image.stateless_random_contrast(image, 0.5, 1.5, seeds[1])
+    image = tf.image.stateless_random_saturation(image, 0.5, 1.5, seeds[2])
+    image = tf.image.stateless_random_hue(image, 18.0 / 360.0, seeds[3])
+    return tf.clip_by_value(image, 0.0, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Iterators.
+
+
+def _as_numpy_batches(generator, signature, map_fn, batch_size: int, prefetch: int):
+    ds = tf.data.Dataset.from_generator(generator, output_signature=signature)
+    ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_size, drop_remainder=True).prefetch(prefetch)
+    return ds.as_numpy_iterator()
+
+
+def _example_signature():
+    return {
+        "image": tf.TensorSpec([], tf.string),
+        "label": tf.TensorSpec([], tf.string),
+        "seed": tf.TensorSpec([2], tf.int64),
+        "valid": tf.TensorSpec([], tf.bool),
+    }
+
+
+def train_iterator(
+    builder,
+    spec,
+    config: ml_collections.ConfigDict,
+    layout: Layout,
+    *,
+    start_step: int = 0,
+    index_fn: IndexFn | None = None,
+) -> Iterator[Batch]:
+    """This process's part of every global training batch from `start_step` on.
+
+    Yields dicts with `image` float32 [B, h, w, 3] and `label` int32 [B, h, w], where
+    B = global_batch_size / process_count, rows ordered by shard.
+    """
+    split = config.data.train_split
+    batch_per_shard = config.global_batch_size // layout.num_shards
+    sources = {s: _data_source(builder, spec, _shard_split(split, s, layout.num_shards))
+               for s in layout.owned_shards}
+    if index_fn is None:
+        sizes = {s: len(src) for s, src in sources.items()}
+        index_fn = epoch_index_fn(sizes, batch_per_shard, config.seed)
+
+    def generate():
+        step = start_step
+        while True:
+            for shard, source in sources.items():
+                for j, i in enumerate(index_fn(shard, step)):
+                    example = source[int(i)]
+                    position = step * config.global_batch_size + shard * batch_per_shard + j
+                    yield {
+                        "image": example[spec.image_key],
+                        "label": example[spec.label_key],
+                        "seed": np.array([config.seed, position], np.int64),
+                        "valid": True,
+                    }
+            step += 1
+
+    def transform(ex):
+        image, label = _decode(spec, ex["image"], ex["label"])
+        image, label = train_augment(image, label, ex["seed"], config.data, spec.ignore_index)
+        return {"image": image, "label": label}
+
+    local_batch = batch_per_shard * len(sources)
+    return _as_numpy_batches(
+        generate, _example_signature(), transform, local_batch, config.data.prefetch
+    )
+
+
+def num_eval_batches(builder, split: str, local_batch: int, process_count: int) -> int:
+    """Batches every process runs so that the largest process part is covered."""
+    largest = max(
+        split_size(builder, _shard_split(split, p, process_count)) for p in range(process_count)
+    )
+    return math.ceil(largest / local_batch)
+
+
+def eval_iterator(
+    builder, spec, config: ml_collections.ConfigDict, split: str, layout: Layout
+) -> Iterator[Batch]:
+    """Every example of `split` exactly once across processes, in whole images.
+
+    The last batches are padded with copies of an example whose `mask` is False and whose
+    labels are all `ignore_index`, so every process runs the same number of steps and no
+    example is dropped. Yields `image`, `label` and `mask` (bool [B]).
+    """
+    local_batch = config.data.eval_batch_size // layout.process_count
+    source = _data_source(
+        builder, spec, _shard_split(split, layout.process_index, layout.process_count)
+    )
+    total = num_eval_batches(builder, split, local_batch, layout.process_count) * local_batch
+
+    def generate():
+        for i in range(total):
+            example = source[i if i < len(source) else 0]
+            yield {
+                "image": example[spec.image_key],
+                "label": example[spec.label_key],
+                "seed": np.zeros(2, np.int64),
+                "valid": i < len(source),
+            }
+
+    def transform(ex):
+        image, label = _decode(spec, ex["image"], ex["label"])
+        label = tf.where(ex["valid"], label, spec.ignore_index)
+        return {
+            "image": _normalise(image, config.data),
+            "label": label[..., 0],
+            "mask": ex["valid"],
+        }
+
+    return _as_numpy_batches(
+        generate, _example_signature(), transform, local_batch, config.data.prefetch
+    )

@@ -1,0 +1,54 @@
+r"""Command line: train and evaluate from an ml_collections config file.
+
+    python -m tce_jax.main --config=configs/default.py:tce --workdir=workdirs/tce
+    python -m tce_jax.main --config=configs/default.py --workdir=workdirs/tce \
+        --mode=evaluate --checkpoint=best
+    python -m tce_jax.main --config=configs/default.py --workdir=... --config.loss.t=2.0
+
+Configs are locked: a misspelt `--config.x=y` fails at once. Invalid values fail before any
+data is read or anything compiled.
+"""
+
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (path[:variants]).", lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
+flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "Train (and resume), or only evaluate.")
+flags.DEFINE_string("checkpoint", "best", "For --mode=evaluate: best, latest or a step number.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    config = FLAGS.config
+    # Validate before JAX or TensorFlow start: a bad value should cost nothing.
+    from tce_jax import config_lib, distributed
+
+    config_lib.validate_config(config)
+    distributed.initialize(config)  # before any other JAX call
+
+    import jax
+    import tensorflow as tf
+
+    # TensorFlow only feeds data: keep it off the accelerators JAX uses.
+    tf.config.set_visible_devices([], "GPU")
+    distributed.log_topology()
+
+    from tce_jax import train
+
+    workdir = os.path.abspath(FLAGS.workdir)
+    if FLAGS.mode == "train":
+        train.train_and_evaluate(config, workdir)
+    else:
+        train.evaluate(config, workdir, checkpoint=FLAGS.checkpoint)
+    distributed.barrier("end of run")
+    logging.info("Done (process %d).", jax.process_index())
+
+
+if __name__ == "__main__":
+    app.run(main)

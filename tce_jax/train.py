@@ -1,0 +1,555 @@
+"""Training and evaluation: `train_and_evaluate(config, workdir)` and `evaluate(config, workdir)`.
+
+One pure train step `(state, batch) -> (state, metrics)` is compiled either with `jax.jit` over
+a one-axis device `Mesh` (batch sharded on "data", state replicated; the default) or with
+`jax.pmap(axis_name="batch")`. Both see the same global batch and give the same numbers: under
+jit XLA reduces the loss statistics and BatchNorm moments over the global batch by itself;
+under pmap the loss `psum`s its class statistics over `axis_name`, BatchNorm uses the same
+axis name, and gradients are `pmean`ed (see `tce_jax.losses.tilted_ce`).
+
+The step RNG is folded from the step number and the data of a step are a pure function of
+(seed, step), so a run restored from its latest checkpoint continues exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from absl import logging
+from clu import metric_writers, periodic_actions
+from flax import jax_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from tce_jax import config_lib, input_pipeline, losses, metrics, models
+
+PMAP_AXIS = "batch"
+MESH_AXIS = "data"
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; a pytree of arrays (checkpointed whole)."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    tce_state: losses.StochasticTCEState
+
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks.
+
+
+def create_model(config: ml_collections.ConfigDict, num_classes: int, bn_axis_name=None):
+    dtype = jnp.bfloat16 if config.mixed_precision else jnp.float32
+    kwargs = {}
+    if config.model.name.startswith("deeplab"):
+        kwargs["output_stride"] = config.model.output_stride
+    return models.create_model(
+        config.model.name, num_classes=num_classes, dtype=dtype, bn_axis_name=bn_axis_name,
+        **kwargs,
+    )
+
+
+def create_learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+    """Linear warm-up, then poly (power `poly_power`), cosine or constant decay."""
+    opt = config.optimizer
+    warmup = min(opt.warmup_steps, config.num_train_steps - 1)
+    decay_steps = config.num_train_steps - warmup
+    if opt.schedule == "poly":
+        decay = optax.polynomial_schedule(opt.learning_rate, 0.0, opt.poly_power, decay_steps)
+    elif opt.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(opt.learning_rate, decay_steps)
+    else:
+        decay = optax.constant_schedule(opt.learning_rate)
+    if warmup == 0:
+        return decay
+    ramp = optax.linear_schedule(0.0, opt.learning_rate, warmup)
+    return optax.join_schedules([ramp, decay], [warmup])
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """SGD with momentum or AdamW; weight decay on kernels only (not biases or norms)."""
+    opt = config.optimizer
+    schedule = create_learning_rate_schedule(config)
+
+    def decay_mask(params):
+        return jax.tree.map(lambda p: p.ndim > 1, params)
+
+    if opt.name == "sgd":
+        return optax.chain(
+            optax.add_decayed_weights(opt.weight_decay, mask=decay_mask),
+            optax.sgd(schedule, momentum=opt.momentum),
+        )
+    return optax.adamw(schedule, weight_decay=opt.weight_decay, mask=decay_mask)
+
+
+LossFn = Callable[..., tuple[jax.Array, losses.StochasticTCEState, dict]]
+
+
+def create_loss_fn(config: ml_collections.ConfigDict) -> LossFn:
+    """`(logits, labels, tce_state, axis_name) -> (loss, tce_state, aux)` for config.loss."""
+    cfg = config.loss
+    if cfg.name == "ce":
+
+        def ce(logits, labels, tce_state, axis_name):
+            return losses.cross_entropy(logits, labels, axis_name=axis_name), tce_state, {}
+
+        return ce
+    common = dict(t=cfg.t, tau=cfg.tau, class_weighting=cfg.class_weighting)
+    if cfg.name == "tce":
+
+        def tce(logits, labels, tce_state, axis_name):
+            loss, aux = losses.tilted_ce(
+                logits, labels, axis_name=axis_name, return_aux=True, **common
+            )
+            return loss, tce_state, aux
+
+        return tce
+
+    def stochastic(logits, labels, tce_state, axis_name):
+        return losses.stochastic_tce(
+            logits, labels, tce_state, lam=cfg.lam, axis_name=axis_name, **common
+        )
+
+    return stochastic
+
+
+def init_state(config, model, tx, num_classes: int, rng: jax.Array) -> TrainState:
+    h, w = config.data.crop_size
+    variables = model.init(rng, jnp.zeros((1, h, w, 3), jnp.float32), train=False)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables.get("batch_stats", {}),
+        opt_state=tx.init(params),
+        tce_state=losses.stochastic_tce_init(num_classes),
+    )
+
+
+def train_step(state: TrainState, batch, *, model, tx, loss_fn: LossFn, axis_name=None):
+    """One optimisation step on the (global) batch; returns the new state and scalar metrics."""
+
+    def objective(params):
+        logits, updates = model.apply(
+            {"params": params, "batch_stats": state.batch_stats},
+            batch["image"], train=True, mutable=["batch_stats"],
+        )
+        loss, tce_state, aux = loss_fn(logits, batch["label"], state.tce_state, axis_name)
+        return loss, (updates["batch_stats"], tce_state, aux)
+
+    grad_fn = jax.value_and_grad(objective, has_aux=True)
+    (loss, (batch_stats, tce_state, aux)), grads = grad_fn(state.params)
+    if axis_name is not None:
+        # The loss is the global one on every replica; see tce_jax.losses.tilted_ce.
+        grads = jax.lax.pmean(grads, axis_name)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_state = TrainState(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        batch_stats=batch_stats,
+        opt_state=opt_state,
+        tce_state=tce_state,
+    )
+    step_metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    for key in ("objective", "class_loss", "class_weight", "num_invalid"):
+        if key in aux:
+            step_metrics[key] = aux[key]
+    return new_state, step_metrics
+
+
+def eval_step(state: TrainState, batch, *, model, axis_name=None) -> jax.Array:
+    """Confusion matrix [C, C] (int32) of one evaluation batch, summed over devices."""
+    logits = model.apply(
+        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
+    )
+    matrix = metrics.ConfusionMatrix.from_model_output(
+        logits=logits, labels=batch["label"], mask=batch["mask"]
+    ).matrix
+    if axis_name is not None:
+        matrix = jax.lax.psum(matrix, axis_name)
+    return matrix
+
+
+# ---------------------------------------------------------------------------------------------
+# Parallelism: where arrays live and how steps are compiled.
+
+
+class MeshParallel:
+    """`jax.jit` over a one-axis mesh of all devices: batch sharded, state replicated."""
+
+    axis_name = None
+
+    def __init__(self):
+        self.mesh = Mesh(np.asarray(jax.devices()), (MESH_AXIS,))
+        self.replicated = NamedSharding(self.mesh, P())
+        self.sharded = NamedSharding(self.mesh, P(MESH_AXIS))
+
+    def compile_init(self, init_fn):
+        return jax.jit(init_fn, out_shardings=self.replicated)
+
+    def compile_train(self, step_fn):
+        return jax.jit(
+            step_fn,
+            in_shardings=(self.replicated, self.sharded),
+            out_shardings=(self.replicated, self.replicated),
+            donate_argnums=0,
+        )
+
+    def compile_eval(self, step_fn):
+        return jax.jit(
+            step_fn, in_shardings=(self.replicated, self.sharded), out_shardings=self.replicated
+        )
+
+    def put_batch(self, batch):
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(self.sharded, x), batch
+        )
+
+    def host_state(self, state):
+        return state  # global arrays: Orbax saves them as they are.
+
+    def device_state(self, state):
+        return state
+
+    def abstract_state(self, abstract):
+        return jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), abstract
+        )
+
+    @staticmethod
+    def fetch(tree):
+        return jax.device_get(tree)
+
+    @staticmethod
+    def current_step(state) -> int:
+        return int(jax.device_get(state.step))
+
+
+class PmapParallel:
+    """`jax.pmap(axis_name="batch")` over the local devices: state replicated per device."""
+
+    axis_name = PMAP_AXIS
+
+    def __init__(self):
+        self.num_local = jax.local_device_count()
+
+    def compile_init(self, init_fn):
+        return jax.jit(init_fn)
+
+    def compile_train(self, step_fn):
+        return jax.pmap(step_fn, axis_name=PMAP_AXIS, donate_argnums=0)
+
+    def compile_eval(self, step_fn):
+        return jax.pmap(step_fn, axis_name=PMAP_AXIS)
+
+    def put_batch(self, batch):
+        return jax.tree.map(lambda x: x.reshape(self.num_local, -1, *x.shape[1:]), batch)
+
+    def host_state(self, state):
+        # Orbax refuses the host-local arrays of `unreplicate` in multi-process runs.
+        return jax.device_get(jax_utils.unreplicate(state))
+
+    def device_state(self, state):
+        return jax_utils.replicate(state, axis_name=PMAP_AXIS)
+
+    def abstract_state(self, abstract):
+        return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
+
+    @staticmethod
+    def fetch(tree):
+        return jax.device_get(jax.tree.map(lambda x: x[0], tree))
+
+    @staticmethod
+    def current_step(state) -> int:
+        return int(jax.device_get(state.step[0]))
+
+
+def create_parallel(config):
+    return PmapParallel() if config.parallelism == "pmap" else MeshParallel()
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def create_checkpoint_manager(config, workdir: str) -> ocp.CheckpointManager:
+    """Keeps the latest `keep_checkpoints` steps plus the best one by validation mIoU."""
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy([
+        ocp.checkpoint_managers.LatestN(config.keep_checkpoints),
+        ocp.checkpoint_managers.BestN(
+            get_metric_fn=lambda m: m["miou"], n=1, keep_checkpoints_without_metrics=False
+        ),
+    ])
+    options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
+    return ocp.CheckpointManager(
+        os.path.abspath(os.path.join(workdir, "checkpoints")), options=options
+    )
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint exists but cannot be restored; nothing was deleted."""
+
+
+def restore_checkpoint(manager, step: int, abstract_state):
+    try:
+        return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
+    except Exception as e:  # Orbax raises many types for truncated or mismatched files.
+        path = os.path.join(str(manager.directory), str(step))
+        raise CheckpointError(
+            f"Cannot restore the checkpoint at {path}: {type(e).__name__}: {e}\n"
+            "It is corrupt or was written by a different config (model, classes, optimizer). "
+            "Nothing was deleted. Move that step directory aside to resume from an earlier "
+            "checkpoint, or use a new --workdir to start afresh."
+        ) from e
+
+
+# ---------------------------------------------------------------------------------------------
+# The loops.
+
+
+class Trainer:
+    """Holds what a run builds once: data, model, compiled steps, checkpoints, writers."""
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+        config_lib.validate_config(config)
+        self.config = config
+        self.workdir = workdir
+        self.num_shards = config_lib.validate_layout(
+            config, num_devices=jax.device_count(), num_processes=jax.process_count()
+        )
+        self.layout = input_pipeline.Layout(
+            self.num_shards, jax.process_index(), jax.process_count()
+        )
+        self.builder, self.spec = input_pipeline.load_builder(config)
+        self.num_classes = self.spec.num_classes
+        self.parallel = create_parallel(config)
+        self.model = create_model(config, self.num_classes, self.parallel.axis_name)
+        self.tx = create_optimizer(config)
+        self.schedule = create_learning_rate_schedule(config)
+        self.loss_fn = create_loss_fn(config)
+        init = functools.partial(init_state, config, self.model, self.tx, self.num_classes)
+        self._init = self.parallel.compile_init(init)
+        self._abstract = jax.eval_shape(init, jax.random.key(0))
+        self._train_step = self.parallel.compile_train(functools.partial(
+            train_step, model=self.model, tx=self.tx, loss_fn=self.loss_fn,
+            axis_name=self.parallel.axis_name,
+        ))
+        self._eval_step = self.parallel.compile_eval(functools.partial(
+            eval_step, model=self.model, axis_name=self.parallel.axis_name
+        ))
+        self.manager = create_checkpoint_manager(config, workdir)
+        self.is_main = jax.process_index() == 0
+
+    # -- state -----------------------------------------------------------------------------
+
+    def initial_state(self) -> TrainState:
+        """The latest checkpoint in the workdir if there is one, else a fresh state."""
+        step = self.manager.latest_step()
+        if step is None:
+            state = self._init(jax.random.key(self.config.seed))
+            return self.parallel.device_state(state)
+        logging.info("Resuming from the checkpoint of step %d in %s", step, self.workdir)
+        return self.restore(step)
+
+    def restore(self, step: int) -> TrainState:
+        restored = restore_checkpoint(
+            self.manager, step, self.parallel.abstract_state(self._abstract)
+        )
+        return self.parallel.device_state(restored)
+
+    def save(self, state: TrainState, step: int, eval_figures: dict | None) -> None:
+        checkpoint_metrics = {"miou": float(eval_figures["miou"])} if eval_figures else None
+        self.manager.save(
+            step, args=ocp.args.StandardSave(self.parallel.host_state(state)),
+            metrics=checkpoint_metrics, force=True,
+        )
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    def evaluate(self, state: TrainState, split: str) -> dict:
+        """Figures of DESIGN §5 over the whole split (every example once, padding masked)."""
+        matrix = np.zeros((self.num_classes, self.num_classes), np.int64)
+        for batch in input_pipeline.eval_iterator(
+            self.builder, self.spec, self.config, split, self.layout
+        ):
+            batch_matrix = self._eval_step(state, self.parallel.put_batch(batch))
+            matrix += np.asarray(self.parallel.fetch(batch_matrix), np.int64)
+        figures = metrics.segmentation_figures(matrix)
+        figures["confusion"] = matrix
+        return figures
+
+    # -- training --------------------------------------------------------------------------
+
+    def train(self) -> TrainState:
+        config = self.config
+        state = self.initial_state()
+        start = self.parallel.current_step(state)
+        writer = metric_writers.create_default_writer(
+            self.workdir, just_logging=not self.is_main
+        )
+        if start == 0 and self.is_main:
+            writer.write_hparams(_flat_hparams(config))
+            with open(os.path.join(self.workdir, "config.json"), "w") as f:
+                f.write(config.to_json_best_effort(indent=2))
+        progress = periodic_actions.ReportProgress(
+            num_train_steps=config.num_train_steps, writer=writer,
+            every_steps=config.log_every_steps, every_secs=None,
+        )
+        data = input_pipeline.train_iterator(
+            self.builder, self.spec, config, self.layout, start_step=start
+        )
+        pending: list[dict] = []
+        eval_figures = None
+        t0, last_step_logged = time.time(), start
+        for step in range(start + 1, config.num_train_steps + 1):
+            batch = self.parallel.put_batch(next(data))
+            state, step_metrics = self._train_step(state, batch)
+            pending.append(step_metrics)
+            progress(step)
+            if step % config.log_every_steps == 0 or step == config.num_train_steps:
+                scalars = self._log_train(writer, step, pending)
+                rate = (step - last_step_logged) / max(time.time() - t0, 1e-9)
+                t0, last_step_logged = time.time(), step
+                self._print_progress(step, scalars, rate)
+                pending = []
+            eval_figures = None
+            if step % config.eval_every_steps == 0 or step == config.num_train_steps:
+                eval_figures = self.evaluate(state, config.data.eval_split)
+                self._log_eval(writer, step, config.data.eval_split, eval_figures)
+            if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
+                self.save(state, step, eval_figures)
+        self.manager.wait_until_finished()
+        writer.flush()
+        return state
+
+    def _log_train(self, writer, step: int, pending: list[dict]) -> dict:
+        fetched = self.parallel.fetch(pending)
+        mean = {k: np.mean([m[k] for m in fetched], axis=0) for k in fetched[0]}
+        scalars = {f"train/{k}": float(v) for k, v in mean.items() if np.ndim(v) == 0}
+        scalars["train/learning_rate"] = float(self.schedule(step - 1))
+        for key in ("class_loss", "class_weight"):
+            if key in mean:
+                for name, value in zip(self.spec.class_names, mean[key], strict=True):
+                    scalars[f"train/{key}/{name}"] = float(value)
+        if self.is_main:
+            writer.write_scalars(step, scalars)
+            _append_jsonl(os.path.join(self.workdir, "train_metrics.jsonl"),
+                          {"step": step, **scalars})
+        return scalars
+
+    def _log_eval(self, writer, step: int, split: str, figures: dict) -> None:
+        flat = metrics.flatten_figures(figures, self.spec.class_names)
+        if self.is_main:
+            writer.write_scalars(step, {f"{split}/{k}": v for k, v in flat.items()})
+            _append_jsonl(os.path.join(self.workdir, "metrics.jsonl"),
+                          {"step": step, "split": split, **flat})
+            print(f"  eval {split} @ step {step}: mIoU {100 * flat['miou']:.1f}  "
+                  f"worst-class IoU {100 * flat['worst_iou']:.1f}  "
+                  f"pixel acc {100 * flat['pixel_accuracy']:.1f}", flush=True)
+
+    def _print_progress(self, step: int, scalars: dict, rate: float) -> None:
+        if not self.is_main:
+            return
+        remaining = (self.config.num_train_steps - step) / max(rate, 1e-9)
+        print(f"[{self.config.loss.name}] step {step}/{self.config.num_train_steps}  "
+              f"loss {scalars['train/loss']:.4f}  {rate:.2f} steps/s  "
+              f"ETA {_format_seconds(remaining)}", flush=True)
+
+    # -- final reports ---------------------------------------------------------------------
+
+    def report(self, state: TrainState, splits) -> dict[str, dict]:
+        """Evaluates `splits` and writes report.md / per_class.csv / final_metrics.json."""
+        results = {}
+        for split in splits:
+            if split not in self.builder.info.splits:
+                logging.warning("Split %r does not exist; not reported.", split)
+                continue
+            results[split] = self.evaluate(state, split)
+        if self.is_main and results:
+            for split, figures in results.items():
+                report_dir = self.workdir if split == splits[0] else os.path.join(
+                    self.workdir, split)
+                metrics.write_report(
+                    report_dir, figures, self.spec.class_names,
+                    title=f"{self.config.loss.name} on {self.config.data.name}/{split}",
+                    extra={"loss": self.config.loss.name, "t": self.config.loss.t,
+                           "step": self.parallel.current_step(state),
+                           "split": split},
+                )
+            final = {split: metrics.flatten_figures(f, self.spec.class_names)
+                     for split, f in results.items()}
+            with open(os.path.join(self.workdir, "final_metrics.json"), "w") as f:
+                json.dump(final, f, indent=2)
+        return results
+
+
+def _append_jsonl(path: str, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _format_seconds(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}m{seconds:02d}s"
+
+
+def _flat_hparams(config: ml_collections.ConfigDict) -> dict:
+    flat = {}
+
+    def visit(prefix, node):
+        for key, value in node.items():
+            if isinstance(value, ml_collections.ConfigDict):
+                visit(f"{prefix}{key}.", value)
+            else:
+                flat[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) \
+                    else str(value)
+
+    visit("", config)
+    return flat
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
+    """Trains (resuming from the workdir's latest checkpoint), then evaluates and reports.
+
+    Returns the final figures per split of `config.data.final_eval_splits`.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    trainer = Trainer(config, workdir)
+    state = trainer.train()
+    results = trainer.report(state, tuple(config.data.final_eval_splits))
+    trainer.manager.close()
+    return results
+
+
+def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = "best"):
+    """Evaluates a checkpoint of the workdir ("best", "latest" or a step number) and reports."""
+    trainer = Trainer(config, workdir)
+    manager = trainer.manager
+    step = {"best": manager.best_step(), "latest": manager.latest_step()}.get(checkpoint)
+    if step is None and checkpoint not in ("best", "latest"):
+        step = int(checkpoint)
+    if step is None or step not in manager.all_steps():
+        raise FileNotFoundError(
+            f"No checkpoint {checkpoint!r} in {manager.directory} (steps there: "
+            f"{list(manager.all_steps())}). Train first, or pass --checkpoint=latest|best|STEP."
+        )
+    state = trainer.restore(step)
+    results = trainer.report(state, tuple(config.data.final_eval_splits))
+    manager.close()
+    return results

@@ -1,0 +1,105 @@
+"""Every config file loads, validates and builds; bad values fail early with the field named."""
+
+import glob
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from tce_jax import config_lib, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+
+
+def load_config_module(path):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def variants(module):
+    names = getattr(module, "VARIANTS", ("",) + config_lib.LOSSES + ("tiny",))
+    return list(names)
+
+
+@pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
+def test_every_config_file_loads_validates_and_builds(path):
+    module = load_config_module(path)
+    for variant in variants(module):
+        config = module.get_config(variant)
+        config_lib.validate_config(config)
+        # Building: model (shapes only), optimizer, loss, learning-rate schedule.
+        model = train.create_model(config, num_classes=5)
+        h, w = config.data.crop_size
+        shapes = jax.eval_shape(
+            lambda m=model, h=h, w=w: m.init(
+                jax.random.key(0), jax.numpy.zeros((1, h, w, 3)), train=False
+            )
+        )
+        assert "params" in shapes
+        train.create_optimizer(config)
+        train.create_loss_fn(config)
+        assert float(train.create_learning_rate_schedule(config)(0)) >= 0.0
+
+
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("loss.name", "focal_typo", "config.loss.name='focal_typo' is invalid"),
+        ("loss.t", float("inf"), "config.loss.t=inf is invalid"),
+        ("loss.lam", 0.0, "config.loss.lam=0.0 is invalid"),
+        ("optimizer.name", "adam_typo", "config.optimizer.name"),
+        ("parallelism", "tpu", "config.parallelism"),
+        ("global_batch_size", 0, "config.global_batch_size"),
+        ("data.crop_size", (0, 4), "config.data.crop_size"),
+    ],
+)
+def test_bad_values_name_the_field(field, value, message):
+    config = load_config_module(CONFIG_FILES[0]).get_config("tiny")
+    node = config
+    *parents, leaf = field.split(".")
+    for p in parents:
+        node = node[p]
+    node[leaf] = value
+    with pytest.raises(config_lib.ConfigError, match=message.replace(".", r"\.")):
+        config_lib.validate_config(config)
+
+
+def test_batch_must_split_over_devices():
+    config = load_config_module(CONFIG_FILES[0]).get_config("tiny")
+    config.global_batch_size = 6
+    with pytest.raises(config_lib.ConfigError, match="multiple of the number of devices"):
+        config_lib.validate_layout(config, num_devices=4, num_processes=1)
+    config.global_batch_size = 8
+    config.data.num_shards = 3
+    with pytest.raises(config_lib.ConfigError, match="data.num_shards"):
+        config_lib.validate_layout(config, num_devices=4, num_processes=2)
+
+
+def test_unknown_variant():
+    with pytest.raises(ValueError, match="Unknown config variant 'cee'"):
+        load_config_module(CONFIG_FILES[0]).get_config("cee")
+
+
+def run_main(*args, timeout=120):
+    return subprocess.run(
+        [sys.executable, "-m", "tce_jax.main", *args], cwd=ROOT, capture_output=True,
+        text=True, timeout=timeout,
+    )
+
+
+def test_cli_rejects_a_misspelt_field_and_a_bad_value(tmp_path):
+    typo = run_main("--config=configs/default.py:tiny", f"--workdir={tmp_path}",
+                    "--config.loss.tt=2")
+    assert typo.returncode != 0
+    assert "tt" in typo.stderr
+    bad = run_main("--config=configs/default.py:tiny", f"--workdir={tmp_path}",
+                   "--config.loss.name=mse")
+    assert bad.returncode != 0
+    assert "config.loss.name='mse' is invalid" in bad.stderr
+    assert not os.listdir(tmp_path)  # failed before writing anything
