@@ -1,0 +1,99 @@
+"""Segmentation models (Flax Linen) and a name -> model factory.
+
+Every model is called as ``model.apply(variables, x, train=..., mutable=[...])`` with
+``x: float [B, H, W, C_in]`` (NHWC) and returns logits ``[B, H, W, num_classes]`` at the
+input resolution, in the model's compute ``dtype``. Variables: ``params`` (``param_dtype``,
+float32 by default; BatchNorm scale/bias included) and ``batch_stats`` (BatchNorm running
+mean/var; mutable when ``train=True``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from tce_jax.models.deeplab import (
+    ASPP,
+    Decoder,
+    DeepLabV3Plus,
+    DeepLabV3PlusResNet50,
+    DeepLabV3PlusResNet101,
+)
+from tce_jax.models.resnet import Bottleneck, ResNet, ResNet50, ResNet101
+from tce_jax.models.unet import ConvBNReLU, DoubleConv, UNet
+
+__all__ = [
+    "ASPP",
+    "Bottleneck",
+    "ConvBNReLU",
+    "Decoder",
+    "DeepLabV3Plus",
+    "DeepLabV3PlusResNet50",
+    "DeepLabV3PlusResNet101",
+    "DoubleConv",
+    "MODELS",
+    "ResNet",
+    "ResNet50",
+    "ResNet101",
+    "UNet",
+    "count_params",
+    "create_model",
+]
+
+MODELS: Mapping[str, Callable[..., nn.Module]] = {
+    "unet": functools.partial(UNet, features=(16, 32, 64, 128)),
+    # For tests and smoke runs: 3 levels, so H and W need only be divisible by 4.
+    "unet_small": functools.partial(UNet, features=(8, 16, 32)),
+    "deeplabv3plus_resnet50": DeepLabV3PlusResNet50,
+    "deeplabv3plus_resnet101": DeepLabV3PlusResNet101,
+}
+
+
+def create_model(
+    name: str,
+    *,
+    num_classes: int,
+    dtype: Any = jnp.float32,
+    bn_axis_name: str | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Builds the model called ``name`` (one of ``MODELS``).
+
+    Args:
+      name: ``'unet'``, ``'unet_small'``, ``'deeplabv3plus_resnet50'`` or
+        ``'deeplabv3plus_resnet101'``.
+      num_classes: number of output classes ``C`` (logits are ``[B, H, W, C]``).
+      dtype: compute dtype, e.g. ``jnp.bfloat16`` or ``'bfloat16'`` for mixed precision
+        (parameters stay float32).
+      bn_axis_name: the ``pmap``/``shard_map`` axis name to average BatchNorm statistics over
+        (``None`` under ``jit`` with sharded global arrays, where they are global anyway).
+      **kwargs: further model attributes, e.g. ``output_stride=8`` for DeepLabV3+ or
+        ``features=(...)`` for the U-Nets.
+
+    Raises:
+      ValueError: for an unknown ``name``.
+    """
+    if name not in MODELS:
+        raise ValueError(f"Unknown model name {name!r}; valid names: {', '.join(sorted(MODELS))}.")
+    return MODELS[name](
+        num_classes=num_classes, dtype=jnp.dtype(dtype), bn_axis_name=bn_axis_name, **kwargs
+    )
+
+
+def count_params(variables_or_params: Any) -> int:
+    """Number of scalar parameters.
+
+    Accepts a ``params`` tree, or a full variables dict (``{'params': ..., 'batch_stats':
+    ...}``), of which only ``params`` is counted (BatchNorm running statistics are not
+    parameters). Leaves may be arrays or ``jax.ShapeDtypeStruct`` (from ``jax.eval_shape``).
+    """
+    tree = variables_or_params
+    if isinstance(tree, Mapping) and "params" in tree:
+        tree = tree["params"]
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
