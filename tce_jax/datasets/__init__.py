@@ -1,0 +1,91 @@
+"""Datasets: TFDS builders we own and the registry the input pipeline reads.
+
+Importing this package registers the ``street_scenes`` TFDS builder. ``get_dataset_spec(name)``
+tells the input pipeline which TFDS dataset to load, which features hold the image and the label
+map, how raw label values map to train ids, and the class names and colours for reports.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from tce_jax.datasets import street_scenes
+from tce_jax.datasets.street_scenes import CLASS_NAMES, StreetScenes
+
+__all__ = [
+    "CLASS_NAMES",
+    "DATASETS",
+    "DatasetSpec",
+    "StreetScenes",
+    "get_dataset_spec",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """How to read one segmentation dataset from TFDS.
+
+    Attributes:
+      tfds_name: TFDS name, with config if any (``"street_scenes"``,
+        ``"cityscapes/semantic_segmentation"``).
+      num_classes: number of train ids C; labels are ``0..C-1`` after ``label_map``.
+      class_names: ``C`` names, in train-id order.
+      palette: ``C`` RGB colours, for plots.
+      image_key: feature name of the RGB image.
+      label_key: feature name of the label map.
+      splits: our split names (``"train"``, ``"validation"``, ``"test"``) -> TFDS split names.
+      ignore_index: the train id of unlabelled pixels.
+      label_map: ``uint8 [256]`` look-up table from raw label values to train ids
+        (``ignore_index`` for void), or ``None`` when raw values already are train ids.
+    """
+
+    tfds_name: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    palette: tuple[tuple[int, int, int], ...]
+    image_key: str
+    label_key: str
+    splits: dict[str, str]
+    ignore_index: int = 255
+    label_map: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if len(self.class_names) != self.num_classes or len(self.palette) != self.num_classes:
+            raise ValueError(
+                f"{self.tfds_name}: num_classes={self.num_classes} but "
+                f"{len(self.class_names)} class names and {len(self.palette)} palette colours."
+            )
+        if self.label_map is not None and np.shape(self.label_map) != (256,):
+            raise ValueError(
+                f"{self.tfds_name}: label_map must have shape (256,), got "
+                f"{np.shape(self.label_map)}."
+            )
+
+
+# name -> spec. Real datasets (Cityscapes, ADE20K) are added here as plain entries.
+DATASETS: dict[str, DatasetSpec] = {
+    "street_scenes": DatasetSpec(
+        tfds_name="street_scenes",
+        num_classes=street_scenes.NUM_CLASSES,
+        class_names=street_scenes.CLASS_NAMES,
+        palette=street_scenes.PALETTE,
+        image_key="image",
+        label_key="label",
+        splits={"train": "train", "validation": "validation", "test": "test"},
+        ignore_index=street_scenes.IGNORE_LABEL,
+    ),
+}
+
+
+def get_dataset_spec(name: str) -> DatasetSpec:
+    """The registered spec of dataset ``name``; ``ValueError`` naming the known ones otherwise."""
+    try:
+        return DATASETS[name]
+    except KeyError:
+        known = ", ".join(sorted(DATASETS))
+        raise ValueError(
+            f"Unknown dataset {name!r}. Known datasets: {known}. "
+            "Add a DatasetSpec to tce_jax.datasets.DATASETS to register another."
+        ) from None
