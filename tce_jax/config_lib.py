@@ -5,7 +5,7 @@ import math
 
 import ml_collections
 
-LOSS_VARIANTS = ("ce", "tce", "stochastic_tce")
+from tce_jax.objectives import LOSSES
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -74,15 +74,18 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.distributed.coordinator_address = ""
     config.distributed.num_processes = 0
     config.distributed.process_id = -1
+    config.distributed.initialization_timeout = 300  # seconds to wait for every process
+    config.distributed.heartbeat_timeout = 100  # seconds before a silent peer ends the job
     return config
 
 
 def apply_variants(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
     """Applies the comma-separated variants of `arg` (see the module docstring)."""
     for variant in filter(None, (arg or "").split(",")):
-        if variant in LOSS_VARIANTS:
+        if variant in LOSSES:
             config.loss.name = variant
         elif variant == "tiny":
+            config.data.name = "street_scenes_small"
             config.data.crop_size = (32, 64)
             config.model.name = "unet_small"
             config.global_batch_size = 8
@@ -95,14 +98,11 @@ def apply_variants(config: ml_collections.ConfigDict, arg: str | None) -> ml_col
         else:
             raise ValueError(
                 f"Unknown config variant {variant!r}; use any of "
-                f"{', '.join(LOSS_VARIANTS + ('tiny',))}, comma-separated."
+                f"{', '.join(LOSSES + ('tiny',))}, comma-separated."
             )
     return config
 
 
-
-
-LOSSES = ("ce", "tce", "stochastic_tce")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("poly", "cosine", "constant")
 PARALLELISM = ("jit", "pmap")
@@ -128,12 +128,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         value = config.loss[field]
         _check(
             isinstance(value, int | float) and math.isfinite(value),
-            f"loss.{field}", value, "a finite number",
+            f"loss.{field}",
+            value,
+            "a finite number",
         )
     _check(0.0 < config.loss.lam <= 1.0, "loss.lam", config.loss.lam, "a number in (0, 1]")
     _check(
         config.loss.class_weighting in ("frequency", "uniform"),
-        "loss.class_weighting", config.loss.class_weighting, "'frequency' or 'uniform'",
+        "loss.class_weighting",
+        config.loss.class_weighting,
+        "'frequency' or 'uniform'",
     )
     opt = config.optimizer
     _check(opt.name in OPTIMIZERS, "optimizer.name", opt.name, f"one of {OPTIMIZERS}")
@@ -142,38 +146,57 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check(opt.weight_decay >= 0, "optimizer.weight_decay", opt.weight_decay, "a number >= 0")
     _check(opt.warmup_steps >= 0, "optimizer.warmup_steps", opt.warmup_steps, "an integer >= 0")
     _check(
-        config.parallelism in PARALLELISM, "parallelism", config.parallelism,
+        config.parallelism in PARALLELISM,
+        "parallelism",
+        config.parallelism,
         f"one of {PARALLELISM}",
     )
     _check(
-        config.distributed.mode in DISTRIBUTED_MODES, "distributed.mode",
-        config.distributed.mode, f"one of {DISTRIBUTED_MODES}",
+        config.distributed.mode in DISTRIBUTED_MODES,
+        "distributed.mode",
+        config.distributed.mode,
+        f"one of {DISTRIBUTED_MODES}",
     )
-    for field in ("num_train_steps", "global_batch_size", "log_every_steps",
-                  "eval_every_steps", "checkpoint_every_steps", "keep_checkpoints"):
+    for field in (
+        "num_train_steps",
+        "global_batch_size",
+        "log_every_steps",
+        "eval_every_steps",
+        "checkpoint_every_steps",
+        "keep_checkpoints",
+    ):
         _check(config[field] > 0, field, config[field], "an integer > 0")
     data = config.data
     _check(data.eval_batch_size > 0, "data.eval_batch_size", data.eval_batch_size, "an integer > 0")
     _check(
         len(data.crop_size) == 2 and all(s > 0 for s in data.crop_size),
-        "data.crop_size", data.crop_size, "(height, width) with positive sizes",
+        "data.crop_size",
+        data.crop_size,
+        "(height, width) with positive sizes",
     )
     _check(
-        0 < data.min_scale <= data.max_scale, "data.min_scale/max_scale",
-        (data.min_scale, data.max_scale), "0 < min_scale <= max_scale",
+        0 < data.min_scale <= data.max_scale,
+        "data.min_scale/max_scale",
+        (data.min_scale, data.max_scale),
+        "0 < min_scale <= max_scale",
     )
     _check(data.num_shards >= 0, "data.num_shards", data.num_shards, "an integer >= 0")
     _check(
-        0.0 <= data.sampling_mix <= 1.0, "data.sampling_mix", data.sampling_mix,
+        0.0 <= data.sampling_mix <= 1.0,
+        "data.sampling_mix",
+        data.sampling_mix,
         "a number in [0, 1]",
     )
     _check(
-        data.sampling_refresh_steps > 0, "data.sampling_refresh_steps",
-        data.sampling_refresh_steps, "an integer > 0",
+        data.sampling_refresh_steps > 0,
+        "data.sampling_refresh_steps",
+        data.sampling_refresh_steps,
+        "an integer > 0",
     )
     _check(
         not data.class_aware_sampling or config.loss.name == "stochastic_tce",
-        "data.class_aware_sampling", data.class_aware_sampling,
+        "data.class_aware_sampling",
+        data.class_aware_sampling,
         "False unless loss.name='stochastic_tce' (the sampler reads its running weights)",
     )
 
@@ -183,18 +206,26 @@ def validate_layout(
 ) -> int:
     """Checks that the batches split over devices and data shards; returns the shard count."""
     num_shards = config.data.num_shards or num_processes
-    for field, batch in (("global_batch_size", config.global_batch_size),
-                         ("data.eval_batch_size", config.data.eval_batch_size)):
+    for field, batch in (
+        ("global_batch_size", config.global_batch_size),
+        ("data.eval_batch_size", config.data.eval_batch_size),
+    ):
         _check(
-            batch % num_devices == 0, field, batch,
+            batch % num_devices == 0,
+            field,
+            batch,
             f"a multiple of the number of devices ({num_devices})",
         )
     _check(
-        num_shards % num_processes == 0, "data.num_shards", config.data.num_shards,
+        num_shards % num_processes == 0,
+        "data.num_shards",
+        config.data.num_shards,
         f"0 or a multiple of the number of processes ({num_processes})",
     )
     _check(
-        config.global_batch_size % num_shards == 0, "global_batch_size",
-        config.global_batch_size, f"a multiple of data.num_shards ({num_shards})",
+        config.global_batch_size % num_shards == 0,
+        "global_batch_size",
+        config.global_batch_size,
+        f"a multiple of data.num_shards ({num_shards})",
     )
     return num_shards

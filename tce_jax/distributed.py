@@ -19,6 +19,10 @@ _CLUSTER_SIGNS = {
 }
 
 
+class DistributedInitError(RuntimeError):
+    """The processes of a multi-process job could not connect."""
+
+
 def _cluster_wants_distributed() -> str | None:
     """The launcher whose environment asks for more than one process, if any."""
     for launcher, variables in _CLUSTER_SIGNS.items():
@@ -41,8 +45,9 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
     """
     cfg = config.distributed
     launcher = _cluster_wants_distributed()
-    if cfg.mode == "off" or (cfg.mode == "auto" and not cfg.coordinator_address
-                             and launcher is None):
+    if cfg.mode == "off" or (
+        cfg.mode == "auto" and not cfg.coordinator_address and launcher is None
+    ):
         return False
     kwargs = {}
     if cfg.coordinator_address:
@@ -52,7 +57,19 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
     if cfg.process_id >= 0:
         kwargs["process_id"] = cfg.process_id
     logging.info("jax.distributed.initialize(%s) (launcher: %s)", kwargs, launcher or "none")
-    jax.distributed.initialize(**kwargs)
+    try:
+        jax.distributed.initialize(
+            initialization_timeout=cfg.initialization_timeout,
+            heartbeat_timeout_seconds=cfg.heartbeat_timeout,
+            **kwargs,
+        )
+    except Exception as e:  # JAX raises RuntimeError/ValueError/XlaRuntimeError here.
+        raise DistributedInitError(
+            f"jax.distributed.initialize({kwargs}) failed: {type(e).__name__}: {e}\n"
+            "Check that every process runs the same command, that the coordinator address "
+            "(config.distributed.coordinator_address, host:port of process 0) is reachable "
+            "from every host, and that num_processes matches the processes launched."
+        ) from e
     return True
 
 
@@ -60,8 +77,12 @@ def log_topology() -> None:
     """Logs, once per process, its index, its local devices and the global device count."""
     logging.info(
         "Process %d of %d: %d local devices %s; %d devices in all (%s).",
-        jax.process_index(), jax.process_count(), jax.local_device_count(),
-        [d.id for d in jax.local_devices()], jax.device_count(), jax.devices()[0].platform,
+        jax.process_index(),
+        jax.process_count(),
+        jax.local_device_count(),
+        [d.id for d in jax.local_devices()],
+        jax.device_count(),
+        jax.devices()[0].platform,
     )
 
 

@@ -157,9 +157,7 @@ def train_augment(image, label, seed, data_config, ignore_index: int):
     """
     seeds = tf.random.experimental.stateless_split(seed, 4)
     crop_h, crop_w = data_config.crop_size
-    scale = tf.random.stateless_uniform(
-        [], seeds[0], data_config.min_scale, data_config.max_scale
-    )
+    scale = tf.random.stateless_uniform([], seeds[0], data_config.min_scale, data_config.max_scale)
     size = tf.cast(tf.round(tf.cast(tf.shape(image)[:2], tf.float32) * scale), tf.int32)
     image = tf.image.resize(image, size, method="bilinear")
     label = tf.image.resize(label, size, method="nearest")
@@ -224,8 +222,10 @@ def train_iterator(
     """
     split = config.data.train_split
     batch_per_shard = config.global_batch_size // layout.num_shards
-    sources = {s: _data_source(builder, spec, _shard_split(split, s, layout.num_shards))
-               for s in layout.owned_shards}
+    sources = {
+        s: _data_source(builder, spec, _shard_split(split, s, layout.num_shards))
+        for s in layout.owned_shards
+    }
     if index_fn is None:
         sizes = {s: len(src) for s, src in sources.items()}
         index_fn = epoch_index_fn(sizes, batch_per_shard, config.seed)

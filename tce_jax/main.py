@@ -26,6 +26,9 @@ def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     config = FLAGS.config
+    if not FLAGS["verbosity"].present:
+        # Orbax and TFDS log every step at INFO; keep the terminal for the progress lines.
+        logging.set_verbosity(logging.WARNING)
     # Validate before JAX or TensorFlow start: a bad value should cost nothing.
     from tce_jax import config_lib, distributed
 

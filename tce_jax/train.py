@@ -17,7 +17,6 @@ import functools
 import json
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import flax
@@ -33,7 +32,7 @@ from flax import jax_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tce_jax import config_lib, input_pipeline, losses, metrics, models
+from tce_jax import config_lib, input_pipeline, losses, metrics, models, objectives
 
 PMAP_AXIS = "batch"
 MESH_AXIS = "data"
@@ -60,7 +59,10 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, bn_axis_na
     if config.model.name.startswith("deeplab"):
         kwargs["output_stride"] = config.model.output_stride
     return models.create_model(
-        config.model.name, num_classes=num_classes, dtype=dtype, bn_axis_name=bn_axis_name,
+        config.model.name,
+        num_classes=num_classes,
+        dtype=dtype,
+        bn_axis_name=bn_axis_name,
         **kwargs,
     )
 
@@ -98,37 +100,6 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
     return optax.adamw(schedule, weight_decay=opt.weight_decay, mask=decay_mask)
 
 
-LossFn = Callable[..., tuple[jax.Array, losses.StochasticTCEState, dict]]
-
-
-def create_loss_fn(config: ml_collections.ConfigDict) -> LossFn:
-    """`(logits, labels, tce_state, axis_name) -> (loss, tce_state, aux)` for config.loss."""
-    cfg = config.loss
-    if cfg.name == "ce":
-
-        def ce(logits, labels, tce_state, axis_name):
-            return losses.cross_entropy(logits, labels, axis_name=axis_name), tce_state, {}
-
-        return ce
-    common = dict(t=cfg.t, tau=cfg.tau, class_weighting=cfg.class_weighting)
-    if cfg.name == "tce":
-
-        def tce(logits, labels, tce_state, axis_name):
-            loss, aux = losses.tilted_ce(
-                logits, labels, axis_name=axis_name, return_aux=True, **common
-            )
-            return loss, tce_state, aux
-
-        return tce
-
-    def stochastic(logits, labels, tce_state, axis_name):
-        return losses.stochastic_tce(
-            logits, labels, tce_state, lam=cfg.lam, axis_name=axis_name, **common
-        )
-
-    return stochastic
-
-
 def init_state(config, model, tx, num_classes: int, rng: jax.Array) -> TrainState:
     h, w = config.data.crop_size
     variables = model.init(rng, jnp.zeros((1, h, w, 3), jnp.float32), train=False)
@@ -142,13 +113,15 @@ def init_state(config, model, tx, num_classes: int, rng: jax.Array) -> TrainStat
     )
 
 
-def train_step(state: TrainState, batch, *, model, tx, loss_fn: LossFn, axis_name=None):
+def train_step(state: TrainState, batch, *, model, tx, loss_fn: objectives.LossFn, axis_name=None):
     """One optimisation step on the (global) batch; returns the new state and scalar metrics."""
 
     def objective(params):
         logits, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats},
-            batch["image"], train=True, mutable=["batch_stats"],
+            batch["image"],
+            train=True,
+            mutable=["batch_stats"],
         )
         loss, tce_state, aux = loss_fn(logits, batch["label"], state.tce_state, axis_name)
         return loss, (updates["batch_stats"], tce_state, aux)
@@ -166,7 +139,7 @@ def train_step(state: TrainState, batch, *, model, tx, loss_fn: LossFn, axis_nam
         opt_state=opt_state,
         tce_state=tce_state,
     )
-    step_metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     for key in ("objective", "class_loss", "class_weight", "num_invalid"):
         if key in aux:
             step_metrics[key] = aux[key]
@@ -290,12 +263,14 @@ def create_parallel(config):
 
 def create_checkpoint_manager(config, workdir: str) -> ocp.CheckpointManager:
     """Keeps the latest `keep_checkpoints` steps plus the best one by validation mIoU."""
-    policy = ocp.checkpoint_managers.AnyPreservationPolicy([
-        ocp.checkpoint_managers.LatestN(config.keep_checkpoints),
-        ocp.checkpoint_managers.BestN(
-            get_metric_fn=lambda m: m["miou"], n=1, keep_checkpoints_without_metrics=False
-        ),
-    ])
+    policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+        [
+            ocp.checkpoint_managers.LatestN(config.keep_checkpoints),
+            ocp.checkpoint_managers.BestN(
+                get_metric_fn=lambda m: m["miou"], n=1, keep_checkpoints_without_metrics=False
+            ),
+        ]
+    )
     options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
     return ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, "checkpoints")), options=options
@@ -342,17 +317,22 @@ class Trainer:
         self.model = create_model(config, self.num_classes, self.parallel.axis_name)
         self.tx = create_optimizer(config)
         self.schedule = create_learning_rate_schedule(config)
-        self.loss_fn = create_loss_fn(config)
+        self.loss_fn = objectives.create_loss_fn(config)
         init = functools.partial(init_state, config, self.model, self.tx, self.num_classes)
         self._init = self.parallel.compile_init(init)
         self._abstract = jax.eval_shape(init, jax.random.key(0))
-        self._train_step = self.parallel.compile_train(functools.partial(
-            train_step, model=self.model, tx=self.tx, loss_fn=self.loss_fn,
-            axis_name=self.parallel.axis_name,
-        ))
-        self._eval_step = self.parallel.compile_eval(functools.partial(
-            eval_step, model=self.model, axis_name=self.parallel.axis_name
-        ))
+        self._train_step = self.parallel.compile_train(
+            functools.partial(
+                train_step,
+                model=self.model,
+                tx=self.tx,
+                loss_fn=self.loss_fn,
+                axis_name=self.parallel.axis_name,
+            )
+        )
+        self._eval_step = self.parallel.compile_eval(
+            functools.partial(eval_step, model=self.model, axis_name=self.parallel.axis_name)
+        )
         self.manager = create_checkpoint_manager(config, workdir)
         self.is_main = jax.process_index() == 0
 
@@ -376,8 +356,10 @@ class Trainer:
     def save(self, state: TrainState, step: int, eval_figures: dict | None) -> None:
         checkpoint_metrics = {"miou": float(eval_figures["miou"])} if eval_figures else None
         self.manager.save(
-            step, args=ocp.args.StandardSave(self.parallel.host_state(state)),
-            metrics=checkpoint_metrics, force=True,
+            step,
+            args=ocp.args.StandardSave(self.parallel.host_state(state)),
+            metrics=checkpoint_metrics,
+            force=True,
         )
 
     # -- evaluation ------------------------------------------------------------------------
@@ -400,16 +382,16 @@ class Trainer:
         config = self.config
         state = self.initial_state()
         start = self.parallel.current_step(state)
-        writer = metric_writers.create_default_writer(
-            self.workdir, just_logging=not self.is_main
-        )
+        writer = metric_writers.create_default_writer(self.workdir, just_logging=not self.is_main)
         if start == 0 and self.is_main:
             writer.write_hparams(_flat_hparams(config))
             with open(os.path.join(self.workdir, "config.json"), "w") as f:
                 f.write(config.to_json_best_effort(indent=2))
         progress = periodic_actions.ReportProgress(
-            num_train_steps=config.num_train_steps, writer=writer,
-            every_steps=config.log_every_steps, every_secs=None,
+            num_train_steps=config.num_train_steps,
+            writer=writer,
+            every_steps=config.log_every_steps,
+            every_secs=None,
         )
         data = input_pipeline.train_iterator(
             self.builder, self.spec, config, self.layout, start_step=start
@@ -449,27 +431,35 @@ class Trainer:
                     scalars[f"train/{key}/{name}"] = float(value)
         if self.is_main:
             writer.write_scalars(step, scalars)
-            _append_jsonl(os.path.join(self.workdir, "train_metrics.jsonl"),
-                          {"step": step, **scalars})
+            _append_jsonl(
+                os.path.join(self.workdir, "train_metrics.jsonl"), {"step": step, **scalars}
+            )
         return scalars
 
     def _log_eval(self, writer, step: int, split: str, figures: dict) -> None:
         flat = metrics.flatten_figures(figures, self.spec.class_names)
         if self.is_main:
             writer.write_scalars(step, {f"{split}/{k}": v for k, v in flat.items()})
-            _append_jsonl(os.path.join(self.workdir, "metrics.jsonl"),
-                          {"step": step, "split": split, **flat})
-            print(f"  eval {split} @ step {step}: mIoU {100 * flat['miou']:.1f}  "
-                  f"worst-class IoU {100 * flat['worst_iou']:.1f}  "
-                  f"pixel acc {100 * flat['pixel_accuracy']:.1f}", flush=True)
+            _append_jsonl(
+                os.path.join(self.workdir, "metrics.jsonl"), {"step": step, "split": split, **flat}
+            )
+            print(
+                f"  eval {split} @ step {step}: mIoU {100 * flat['miou']:.1f}  "
+                f"worst-class IoU {100 * flat['worst_iou']:.1f}  "
+                f"pixel acc {100 * flat['pixel_accuracy']:.1f}",
+                flush=True,
+            )
 
     def _print_progress(self, step: int, scalars: dict, rate: float) -> None:
         if not self.is_main:
             return
         remaining = (self.config.num_train_steps - step) / max(rate, 1e-9)
-        print(f"[{self.config.loss.name}] step {step}/{self.config.num_train_steps}  "
-              f"loss {scalars['train/loss']:.4f}  {rate:.2f} steps/s  "
-              f"ETA {_format_seconds(remaining)}", flush=True)
+        print(
+            f"[{self.config.loss.name}] step {step}/{self.config.num_train_steps}  "
+            f"loss {scalars['train/loss']:.4f}  {rate:.2f} steps/s  "
+            f"ETA {_format_seconds(remaining)}",
+            flush=True,
+        )
 
     # -- final reports ---------------------------------------------------------------------
 
@@ -483,17 +473,25 @@ class Trainer:
             results[split] = self.evaluate(state, split)
         if self.is_main and results:
             for split, figures in results.items():
-                report_dir = self.workdir if split == splits[0] else os.path.join(
-                    self.workdir, split)
-                metrics.write_report(
-                    report_dir, figures, self.spec.class_names,
-                    title=f"{self.config.loss.name} on {self.config.data.name}/{split}",
-                    extra={"loss": self.config.loss.name, "t": self.config.loss.t,
-                           "step": self.parallel.current_step(state),
-                           "split": split},
+                report_dir = (
+                    self.workdir if split == splits[0] else os.path.join(self.workdir, split)
                 )
-            final = {split: metrics.flatten_figures(f, self.spec.class_names)
-                     for split, f in results.items()}
+                metrics.write_report(
+                    report_dir,
+                    figures,
+                    self.spec.class_names,
+                    title=f"{self.config.loss.name} on {self.config.data.name}/{split}",
+                    extra={
+                        "loss": self.config.loss.name,
+                        "t": self.config.loss.t,
+                        "step": self.parallel.current_step(state),
+                        "split": split,
+                    },
+                )
+            final = {
+                split: metrics.flatten_figures(f, self.spec.class_names)
+                for split, f in results.items()
+            }
             with open(os.path.join(self.workdir, "final_metrics.json"), "w") as f:
                 json.dump(final, f, indent=2)
         return results
@@ -517,8 +515,9 @@ def _flat_hparams(config: ml_collections.ConfigDict) -> dict:
             if isinstance(value, ml_collections.ConfigDict):
                 visit(f"{prefix}{key}.", value)
             else:
-                flat[f"{prefix}{key}"] = value if isinstance(value, int | float | str | bool) \
-                    else str(value)
+                flat[f"{prefix}{key}"] = (
+                    value if isinstance(value, int | float | str | bool) else str(value)
+                )
 
     visit("", config)
     return flat

@@ -9,7 +9,7 @@ import sys
 import jax
 import pytest
 
-from tce_jax import config_lib, train
+from tce_jax import config_lib, objectives, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -23,7 +23,7 @@ def load_config_module(path):
 
 
 def variants(module):
-    names = getattr(module, "VARIANTS", ("",) + config_lib.LOSSES + ("tiny",))
+    names = getattr(module, "VARIANTS", ("",) + objectives.LOSSES + ("tiny",))
     return list(names)
 
 
@@ -43,7 +43,7 @@ def test_every_config_file_loads_validates_and_builds(path):
         )
         assert "params" in shapes
         train.create_optimizer(config)
-        train.create_loss_fn(config)
+        objectives.create_loss_fn(config)
         assert float(train.create_learning_rate_schedule(config)(0)) >= 0.0
 
 
@@ -88,18 +88,23 @@ def test_unknown_variant():
 
 def run_main(*args, timeout=120):
     return subprocess.run(
-        [sys.executable, "-m", "tce_jax.main", *args], cwd=ROOT, capture_output=True,
-        text=True, timeout=timeout,
+        [sys.executable, "-m", "tce_jax.main", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
 def test_cli_rejects_a_misspelt_field_and_a_bad_value(tmp_path):
-    typo = run_main("--config=configs/default.py:tiny", f"--workdir={tmp_path}",
-                    "--config.loss.tt=2")
+    typo = run_main(
+        "--config=configs/default.py:tiny", f"--workdir={tmp_path}", "--config.loss.tt=2"
+    )
     assert typo.returncode != 0
     assert "tt" in typo.stderr
-    bad = run_main("--config=configs/default.py:tiny", f"--workdir={tmp_path}",
-                   "--config.loss.name=mse")
+    bad = run_main(
+        "--config=configs/default.py:tiny", f"--workdir={tmp_path}", "--config.loss.name=mse"
+    )
     assert bad.returncode != 0
     assert "config.loss.name='mse' is invalid" in bad.stderr
     assert not os.listdir(tmp_path)  # failed before writing anything

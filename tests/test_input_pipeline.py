@@ -57,8 +57,10 @@ def test_training_data_are_deterministic_and_resume_exactly(prepared):
 def test_global_batch_does_not_depend_on_the_process_count(prepared):
     config, builder, spec = prepared
     one_process = take(input_pipeline.train_iterator(builder, spec, config, layout(2)), 2)
-    parts = [take(input_pipeline.train_iterator(builder, spec, config, layout(2, p, 2)), 2)
-             for p in range(2)]
+    parts = [
+        take(input_pipeline.train_iterator(builder, spec, config, layout(2, p, 2)), 2)
+        for p in range(2)
+    ]
     for step in range(2):
         for key in ("image", "label"):
             joined = np.concatenate([parts[0][step][key], parts[1][step][key]])
@@ -87,8 +89,11 @@ def test_evaluation_covers_every_example_once(prepared, process_count):
     )
     valid_examples, valid_pixels, batches = 0, 0, []
     for p in range(process_count):
-        part = list(input_pipeline.eval_iterator(
-            builder, spec, config, split, layout(process_count, p, process_count)))
+        part = list(
+            input_pipeline.eval_iterator(
+                builder, spec, config, split, layout(process_count, p, process_count)
+            )
+        )
         batches.append(len(part))
         for batch in part:
             valid_examples += int(batch["mask"].sum())

@@ -65,17 +65,22 @@ class DatasetSpec:
 
 
 # name -> spec. Real datasets (Cityscapes, ADE20K) are added here as plain entries.
+_STREET_SCENES = DatasetSpec(
+    tfds_name="street_scenes",
+    num_classes=street_scenes.NUM_CLASSES,
+    class_names=street_scenes.CLASS_NAMES,
+    palette=street_scenes.PALETTE,
+    image_key="image",
+    label_key="label",
+    splits={"train": "train", "validation": "validation", "test": "test"},
+    ignore_index=street_scenes.IGNORE_LABEL,
+)
+
+# name -> spec. Real datasets (Cityscapes, ADE20K) are added here as plain entries.
 DATASETS: dict[str, DatasetSpec] = {
-    "street_scenes": DatasetSpec(
-        tfds_name="street_scenes",
-        num_classes=street_scenes.NUM_CLASSES,
-        class_names=street_scenes.CLASS_NAMES,
-        palette=street_scenes.PALETTE,
-        image_key="image",
-        label_key="label",
-        splits={"train": "train", "validation": "validation", "test": "test"},
-        ignore_index=street_scenes.IGNORE_LABEL,
-    ),
+    "street_scenes": _STREET_SCENES,
+    # The first 64/16/16 scenes, for tests and smoke runs.
+    "street_scenes_small": dataclasses.replace(_STREET_SCENES, tfds_name="street_scenes/small"),
 }
 
 
