@@ -1,0 +1,781 @@
+r"""Tilted cross-entropy (TCE) and its stochastic variant, as pure JAX functions.
+
+Notation (DESIGN.md section 2). Logits ``z`` of shape ``[..., C]`` (class axis last), integer
+labels ``y`` of shape ``[...]``, an ignore label and an optional boolean ``where`` mask of shape
+``[...]``. The valid pixels ``V`` are those with ``y != ignore_index``, ``0 <= y < C`` and
+``where`` true. With the pixel loss ``l_i = logsumexp(z_i) - z_i[y_i]`` (float32 for any
+logits dtype; float64 only for float64 logits under ``jax_enable_x64``),
+
+.. math::
+
+  n_c = |\{i \in V : y_i = c\}|, \qquad P = \{c : n_c > 0\}, \qquad
+  L_c = \frac{1}{n_c} \sum_{i \in V, y_i = c} l_i
+  \quad\text{or}\quad
+  L_c = \frac{1}{\tau} \log \frac{1}{n_c} \sum_{i \in V, y_i = c} e^{\tau l_i},
+
+  \mathrm{TCE}_t = \frac{1}{t} \log \sum_{c \in P} \pi_c e^{t L_c}, \qquad
+  \mathrm{TCE}_0 = \sum_{c \in P} \pi_c L_c,
+
+with a class prior ``pi`` over ``P`` (frequency, uniform or user weights). Its gradient is
+``sum_c w_c grad L_c`` with the tilted class weights ``w = softmax_{c in P}(t L_c + log pi_c)``.
+
+TCE is not an average of per-example or per-device values: every function here reduces the
+per-class sufficient statistics (:class:`ClassStatistics`) over the whole batch before the tilt.
+
+Parallelism:
+
+* ``jax.jit`` over global arrays sharded on a ``Mesh``: call without ``axis_name``; XLA reduces
+  the statistics across devices and the loss and gradient equal the single-device ones.
+* ``jax.pmap(..., axis_name=name)``: pass ``axis_name=name``. Every replica returns the *global*
+  loss. ``jax.grad`` inside the pmap then gives, on each replica, ``R`` times that replica's
+  share of the global gradient (``R`` replicas; the transpose of ``psum`` is ``psum``), so the
+  usual ``grads = jax.lax.pmean(grads, name)`` of the Flax examples yields the exact global
+  gradient on every replica. Use ``pmean``, not ``psum`` (which would be ``R`` times too large).
+  (Verified with jax 0.10.2; see ``tests/test_losses_parallel.py``.)
+* ``jax.shard_map`` with ``axis_name``: with the default ``check_vma=True`` and replicated
+  (``P()``) parameters, JAX inserts the reduction of the parameter gradient itself: the gradient
+  is already the global one on every device (a further ``pmean`` is a no-op). With
+  ``check_vma=False`` it behaves as ``pmap`` (``pmean`` the gradients).
+"""
+
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+__all__ = [
+    "ClassStatistics",
+    "StochasticTCEState",
+    "class_losses",
+    "class_sampling_probs",
+    "class_statistics",
+    "cross_entropy",
+    "stochastic_tce",
+    "stochastic_tce_init",
+    "tilted_ce",
+]
+
+ClassWeighting = str | jax.typing.ArrayLike
+AxisName = Any  # a hashable axis name or a tuple of them, as for jax.lax.psum
+
+_WEIGHTINGS = ("frequency", "uniform")
+# Above this value of max_c t (L_c - mean L) the tilted mean switches from the expm1 form
+# (exact as t -> 0) to the max-shifted log-sum-exp form (no overflow for large |t|).
+_EXPM1_LIMIT = 30.0
+
+
+class ClassStatistics(NamedTuple):
+    """Per-class sufficient statistics of the pixel losses (a pytree of arrays).
+
+    Sums over pixels combine by addition (``tau == 0``) or by a shifted addition
+    (``tau != 0``), so the statistics of a global batch can be assembled from per-device parts.
+
+    Attributes:
+      loss_sum: ``[C]`` float32 (float64 for float64 logits). For ``tau == 0`` the sum of the
+        pixel losses of each class, ``S_c = sum_{i in V, y_i = c} l_i``; for ``tau != 0`` the
+        shifted exponential sum
+        ``S_c = sum_{i in V, y_i = c} exp(tau l_i - shift_c)``. Zero for absent classes.
+      count: ``[C]`` int32 number of valid pixels of each class, ``n_c``.
+      shift: ``[C]`` float32 stabilising shift ``shift_c = max_{y_i = c} tau l_i`` (under
+        ``stop_gradient``); zero for ``tau == 0`` and for absent classes.
+      num_invalid: int32 scalar, the pixels (among ``where``) whose label is neither
+        ``ignore_index`` nor in ``[0, C)``. They are ignored by the loss; a non-zero value usually
+        means a label-map bug.
+    """
+
+    loss_sum: jax.Array
+    count: jax.Array
+    shift: jax.Array
+    num_invalid: jax.Array
+
+
+class StochasticTCEState(NamedTuple):
+    """Running per-class estimates of Stochastic TCE (DESIGN section 2); lives in the train state.
+
+    Attributes:
+      running_loss: ``[C]`` float32 running class losses ``R_c`` (meaningful where ``seen``).
+      running_freq: ``[C]`` float32 running class prior ``f_c``: the running class frequency for
+        ``'frequency'``, 1 for ``'uniform'``, the given vector otherwise; 0 for unseen classes.
+      seen: ``[C]`` bool, whether a class has had a valid pixel in any batch so far.
+      step: int32 scalar, the number of updates.
+    """
+
+    running_loss: jax.Array
+    running_freq: jax.Array
+    seen: jax.Array
+    step: jax.Array
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation (trace time).
+
+
+def _is_traced(x) -> bool:
+    return isinstance(x, jax.core.Tracer)
+
+
+def _check_scalar(
+    name: str,
+    value,
+    *,
+    allow_traced: bool = True,
+    low: float | None = None,
+    low_open: bool = False,
+    high: float | None = None,
+):
+    """Checks a scalar hyper-parameter; returns a Python float, or the tracer unchanged."""
+    if _is_traced(value):
+        if not allow_traced:
+            raise TypeError(
+                f"{name} must be a concrete number (it selects which statistics are computed); "
+                f"got a traced value. Pass a Python float, or mark {name} static in jax.jit."
+            )
+        if jnp.ndim(value) != 0:
+            raise ValueError(f"{name} must be a scalar, got shape {jnp.shape(value)}.")
+        return value
+    arr = np.asarray(value)
+    if arr.ndim != 0:
+        raise ValueError(
+            f"{name} must be a scalar, got shape {arr.shape}; for per-example values use jax.vmap."
+        )
+    if arr.dtype == bool or not np.issubdtype(arr.dtype, np.number):
+        raise TypeError(f"{name} must be a real number, got {value!r} of type {type(value)}.")
+    v = float(arr)
+    if not math.isfinite(v):
+        raise ValueError(f"{name} must be finite, got {v}.")
+    too_low = low is not None and (v <= low if low_open else v < low)
+    too_high = high is not None and v > high
+    if too_low or too_high:
+        left = "(" if low_open else "["
+        raise ValueError(f"{name} must lie in {left}{low}, {high}], got {v}.")
+    return v
+
+
+def _check_ignore_index(ignore_index) -> int | None:
+    if ignore_index is None:
+        return None
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int | np.integer):
+        raise TypeError(
+            f"ignore_index must be a Python int or None, got {ignore_index!r} "
+            f"of type {type(ignore_index)}."
+        )
+    if not -(2**31) <= int(ignore_index) < 2**31:
+        raise ValueError(f"ignore_index must fit in int32, got {ignore_index}.")
+    return int(ignore_index)
+
+
+def _check_inputs(logits, labels, where):
+    """Checks dtypes and shapes; returns the inputs as jax arrays."""
+    logits = jnp.asarray(logits)
+    labels = jnp.asarray(labels)
+    if logits.ndim < 1 or logits.shape[-1] < 1:
+        raise ValueError(
+            f"logits must have a class axis (the last one) of size >= 1, got shape "
+            f"{logits.shape}; for binary problems use two logits per pixel."
+        )
+    if not jnp.issubdtype(logits.dtype, jnp.floating):
+        raise TypeError(
+            f"logits must be floating point (float32, bfloat16, ...), got {logits.dtype}; "
+            f"convert them with logits.astype(jnp.float32)."
+        )
+    if not jnp.issubdtype(labels.dtype, jnp.integer):
+        raise TypeError(
+            f"labels must be integer class ids, got dtype {labels.dtype}; "
+            f"pass them as e.g. labels.astype(jnp.int32) (one-hot labels are not supported)."
+        )
+    if labels.shape != logits.shape[:-1]:
+        raise ValueError(
+            f"labels must have shape logits.shape[:-1] = {logits.shape[:-1]} (class axis last, "
+            f"no class axis in labels), got {labels.shape}."
+        )
+    if where is not None:
+        where = jnp.asarray(where)
+        if where.dtype != jnp.bool_:
+            raise TypeError(
+                f"where must be a boolean mask, got dtype {where.dtype}; use e.g. where=mask > 0."
+            )
+        if where.shape != labels.shape:
+            raise ValueError(
+                f"where must have the shape of labels, {labels.shape}, got {where.shape}."
+            )
+    return logits, labels, where
+
+
+def _check_class_weighting(class_weighting, num_classes: int):
+    """Returns 'frequency', 'uniform' or a float32 [C] vector."""
+    if isinstance(class_weighting, str):
+        if class_weighting not in _WEIGHTINGS:
+            raise ValueError(
+                f"class_weighting must be 'frequency', 'uniform' or a [C] array of non-negative "
+                f"class weights, got {class_weighting!r}."
+            )
+        return class_weighting
+    if _is_traced(class_weighting) or isinstance(class_weighting, jax.Array):
+        vec = class_weighting
+    else:
+        vec = np.asarray(class_weighting)
+        if not (np.issubdtype(vec.dtype, np.number) and vec.dtype != bool):
+            raise TypeError(
+                f"class_weighting must be 'frequency', 'uniform' or a [C] array of class "
+                f"weights, got {class_weighting!r} of type {type(class_weighting)}."
+            )
+    if vec.shape != (num_classes,):
+        raise ValueError(
+            f"class_weighting has shape {vec.shape} but the logits have C = {num_classes} "
+            f"classes; pass one non-negative weight per class, shape ({num_classes},)."
+        )
+    if not _is_traced(vec):
+        host = np.asarray(vec, dtype=np.float64)
+        if not np.all(np.isfinite(host)) or np.any(host < 0) or not np.any(host > 0):
+            raise ValueError(
+                f"class_weighting weights must be finite, non-negative and not all zero, "
+                f"got {host}."
+            )
+    return jnp.asarray(vec, jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-pixel losses and per-class statistics.
+
+
+def _pixel_losses(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """``[N, C]`` logits (any float dtype), ``[N]`` labels in ``[0, C)`` -> ``[N]`` CE.
+
+    Computed in float32 at least (bfloat16/float16 logits are upcast; float64 stays float64).
+    ``logsumexp - take_along_axis`` instead of a one-hot product: the same values, and its
+    gradient compiles in a fraction of the time (NOTES.md).
+    """
+    z = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    label_logits = jnp.take_along_axis(z, labels[:, None], axis=-1, mode="promise_in_bounds")
+    return jax.nn.logsumexp(z, axis=-1) - label_logits[:, 0]
+
+
+def _flat_pixels(logits, labels, where, ignore_index):
+    """Flattens the pixels; returns ``(z [N, C], labels [N] in [0, C), valid [N], invalid [N])``.
+
+    ``invalid`` marks the pixels (among ``where``) whose label is neither the ignore label nor in
+    ``[0, C)``.
+    """
+    num_classes = logits.shape[-1]
+    z = logits.reshape(-1, num_classes)
+    y = labels.reshape(-1)
+    if y.dtype.itemsize < 8:
+        # Wider types exist only under jax_enable_x64; keep them, or a cast could wrap an
+        # out-of-range label into [0, C).
+        y = y.astype(jnp.int32)
+    in_range = (y >= 0) & (y < num_classes)
+    considered = jnp.ones(y.shape, bool) if where is None else where.reshape(-1)
+    if ignore_index is not None:
+        considered_labelled = considered & (y != ignore_index)
+    else:
+        considered_labelled = considered
+    valid = considered_labelled & in_range
+    invalid = considered_labelled & ~in_range
+    # Invalid pixels read the logit of class 0: finite, and their loss is never used.
+    safe_labels = jnp.where(valid, y, 0).astype(jnp.int32)
+    return z, safe_labels, valid, invalid
+
+
+def _local_statistics(logits, labels, *, tau, ignore_index, where) -> ClassStatistics:
+    num_classes = logits.shape[-1]
+    z, safe_labels, valid, invalid = _flat_pixels(logits, labels, where, ignore_index)
+    losses = _pixel_losses(z, safe_labels)
+    # Invalid pixels go to segment C, which segment_sum drops (out of range); their losses
+    # therefore get an exactly zero cotangent.
+    segments = jnp.where(valid, safe_labels, num_classes)
+    count = jax.ops.segment_sum(
+        jnp.ones_like(segments), segments, num_segments=num_classes
+    )
+    num_invalid = jnp.sum(invalid, dtype=jnp.int32)
+    if tau == 0:
+        loss_sum = jax.ops.segment_sum(losses, segments, num_segments=num_classes)
+        shift = jnp.zeros((num_classes,), losses.dtype)
+    else:
+        tilted = jnp.where(valid, tau * losses, 0.0)
+        shift = jax.ops.segment_max(
+            lax.stop_gradient(tilted), segments, num_segments=num_classes
+        )
+        shift = jnp.where(count > 0, shift, 0.0)  # segment_max gives -inf for absent classes
+        # The where keeps exp finite for invalid pixels, whose cotangent is zero (else 0 * inf).
+        exponent = jnp.where(valid, tilted - shift[safe_labels], 0.0)
+        loss_sum = jax.ops.segment_sum(jnp.exp(exponent), segments, num_segments=num_classes)
+    return ClassStatistics(loss_sum, count, shift, num_invalid)
+
+
+def _reduce_statistics(stats: ClassStatistics, *, tau, axis_name) -> ClassStatistics:
+    """Sums the statistics over ``axis_name``, rescaling to a common shift when ``tau != 0``."""
+    count = lax.psum(stats.count, axis_name)
+    num_invalid = lax.psum(stats.num_invalid, axis_name)
+    if tau == 0:
+        return ClassStatistics(lax.psum(stats.loss_sum, axis_name), count, stats.shift, num_invalid)
+    local_present = stats.count > 0
+    local_shift = jnp.where(local_present, lax.stop_gradient(stats.shift), -jnp.inf)
+    global_shift = lax.stop_gradient(lax.pmax(local_shift, axis_name))
+    # A locally present class is globally present, so global_shift is finite where it is used.
+    scale = jnp.where(
+        local_present, jnp.exp(jnp.where(local_present, local_shift - global_shift, 0.0)), 0.0
+    )
+    loss_sum = lax.psum(stats.loss_sum * scale, axis_name)
+    shift = jnp.where(count > 0, global_shift, 0.0)
+    return ClassStatistics(loss_sum, count, shift, num_invalid)
+
+
+def class_statistics(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    tau: float = 0.0,
+    ignore_index: int | None = 255,
+    where: jax.typing.ArrayLike | None = None,
+    axis_name: AxisName | None = None,
+) -> ClassStatistics:
+    r"""Per-class sufficient statistics of the pixel cross-entropy over the global batch.
+
+    Args:
+      logits: ``[..., C]`` unnormalised log-probabilities, any floating dtype (the loss is
+        computed in float32).
+      labels: ``[...]`` integer class ids. Pixels equal to ``ignore_index``, or outside
+        ``[0, C)``, or masked out by ``where`` are not valid; out-of-range labels are counted in
+        ``num_invalid``.
+      tau: pixel-level tilt (a Python number). ``0`` gives the plain sums of pixel losses; else
+        shifted sums of ``exp(tau l_i)``.
+      ignore_index: the ignore label, or ``None`` for none.
+      where: optional ``[...]`` boolean mask of the pixels to include.
+      axis_name: the ``pmap``/``shard_map`` axis name(s) to reduce over; ``None`` under ``jit``
+        or on one device.
+
+    Returns:
+      A :class:`ClassStatistics` of the whole (global) batch, identical on every replica.
+    """
+    logits, labels, where = _check_inputs(logits, labels, where)
+    tau = _check_scalar("tau", tau, allow_traced=False)
+    ignore_index = _check_ignore_index(ignore_index)
+    return _statistics(logits, labels, tau=tau, ignore_index=ignore_index, where=where,
+                       axis_name=axis_name)
+
+
+def _statistics(logits, labels, *, tau, ignore_index, where, axis_name) -> ClassStatistics:
+    stats = _local_statistics(logits, labels, tau=tau, ignore_index=ignore_index, where=where)
+    if axis_name is not None:
+        stats = _reduce_statistics(stats, tau=tau, axis_name=axis_name)
+    return stats
+
+
+def class_losses(stats: ClassStatistics, *, tau: float = 0.0) -> jax.Array:
+    r"""Per-class losses ``L_c`` from the statistics; 0 for absent classes.
+
+    .. math::
+      L_c = S_c / n_c \quad (\tau = 0), \qquad
+      L_c = (\mathrm{shift}_c + \log(S_c / n_c)) / \tau \quad (\tau \neq 0).
+
+    Args:
+      stats: the output of :func:`class_statistics` (with the same ``tau``).
+      tau: the pixel-level tilt used for ``stats``.
+
+    Returns:
+      ``[C]`` float32 class losses; gradients are finite (zero for absent classes).
+    """
+    tau = _check_scalar("tau", tau, allow_traced=False)
+    return _class_losses(stats, tau=tau)
+
+
+def _class_losses(stats: ClassStatistics, *, tau) -> jax.Array:
+    present = stats.count > 0
+    count = jnp.where(present, stats.count, 1).astype(stats.loss_sum.dtype)
+    if tau == 0:
+        return jnp.where(present, stats.loss_sum / count, 0.0)
+    # S_c >= 1 for a present class (its largest term is exp(0)); the where keeps log finite.
+    loss_sum = jnp.where(present, stats.loss_sum, 1.0)
+    return jnp.where(present, (stats.shift + jnp.log(loss_sum / count)) / tau, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# The tilt.
+
+
+def _class_prior(count: jax.Array, class_weighting, dtype) -> jax.Array:
+    """``[C]`` prior ``pi`` normalised over the present classes (zero elsewhere, or all zero)."""
+    present = count > 0
+    if isinstance(class_weighting, str):
+        if class_weighting == "frequency":
+            raw = count.astype(dtype)
+        else:
+            raw = present.astype(dtype)
+    else:
+        raw = jnp.where(present, class_weighting.astype(dtype), 0.0)
+    return _normalise(raw)
+
+
+def _normalise(raw: jax.Array) -> jax.Array:
+    total = jnp.sum(raw)
+    return raw / jnp.where(total > 0, total, 1.0)
+
+
+def _tilted_weights(values: jax.Array, prior: jax.Array, t) -> jax.Array:
+    """``softmax_c(t values_c + log prior_c)`` over ``prior_c > 0`` (prior unnormalised is fine).
+
+    Zero outside the support, all zero when the support is empty.
+    """
+    support = prior > 0
+    scores = jnp.where(support, t * values + jnp.log(jnp.where(support, prior, 1.0)), -jnp.inf)
+    top = jnp.max(scores)
+    top = lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+    unnormalised = jnp.where(support, jnp.exp(scores - top), 0.0)
+    total = jnp.sum(unnormalised)
+    return unnormalised / jnp.where(total > 0, total, 1.0)
+
+
+def _tilted_mean(values: jax.Array, prior: jax.Array, t) -> jax.Array:
+    r"""``(1/t) log sum_c prior_c exp(t values_c)``; ``sum_c prior_c values_c`` at ``t = 0``.
+
+    ``prior`` is normalised over its support ``prior_c > 0`` (or all zero: the result is 0).
+    With the prior mean ``m`` and ``u_c = t (values_c - m)`` this is
+    ``m + log(sum_c prior_c e^{u_c}) / t``. While ``max u`` is moderate the log is evaluated as
+    ``log1p(sum_c prior_c expm1(u_c))``, which stays exact as ``t -> 0`` (no cancellation in
+    ``1/t``); beyond, as a max-shifted log-sum-exp, which cannot overflow for any ``t``. Every
+    branch is finite wherever it is not selected, so ``jnp.where`` passes no NaN gradient, and
+    ``t`` may be traced.
+    """
+    t = jnp.asarray(t, values.dtype)
+    support = prior > 0
+    mean = jnp.sum(prior * values)
+    u = t * jnp.where(support, values - mean, 0.0)
+    # >= 0 on a non-empty support (Jensen). Under stop_gradient, as in jax.nn.logsumexp: the
+    # shift cancels mathematically, and the gradient of max (a mask `u == max` divided by its
+    # count) can be 0/0 when XLA recomputes `u` with different rounding.
+    u_max = lax.stop_gradient(jnp.max(jnp.where(support, u, -jnp.inf)))
+    small = u_max <= _EXPM1_LIMIT  # also true for an empty support (-inf)
+    log_small = jnp.log1p(jnp.sum(prior * jnp.expm1(jnp.minimum(u, _EXPM1_LIMIT))))
+    shift = jnp.where(small, 0.0, u_max)
+    shifted_sum = jnp.sum(jnp.where(support, prior * jnp.exp(u - shift), 0.0))
+    log_large = shift + jnp.log(jnp.where(small, 1.0, shifted_sum))
+    log_moment = jnp.where(small, log_small, log_large)
+    is_zero = t == 0
+    return mean + jnp.where(is_zero, 0.0, log_moment / jnp.where(is_zero, 1.0, t))
+
+
+# ----------------------------------------------------------------------------------------------
+# Public losses.
+
+
+def tilted_ce(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    t: float | jax.Array,
+    tau: float = 0.0,
+    class_weighting: ClassWeighting = "frequency",
+    ignore_index: int | None = 255,
+    where: jax.typing.ArrayLike | None = None,
+    axis_name: AxisName | None = None,
+    return_aux: bool = False,
+) -> jax.Array | tuple[jax.Array, dict[str, jax.Array]]:
+    r"""Tilted cross-entropy: an exponentially tilted mean of the per-class losses.
+
+    .. math::
+      \mathrm{TCE}_t = \frac{1}{t} \log \sum_{c \in P} \pi_c \exp(t L_c), \qquad
+      \mathrm{TCE}_0 = \sum_{c \in P} \pi_c L_c,
+
+    over the classes ``P`` present (with a valid pixel) in the whole batch, with ``L_c`` the mean
+    pixel cross-entropy of class ``c`` (or its tilted mean for ``tau != 0``, see
+    :func:`class_losses`) and the prior ``pi`` chosen by ``class_weighting``. ``t = 0`` with
+    ``'frequency'`` is the mean pixel cross-entropy; ``t -> +inf`` tends to the worst class loss,
+    ``t -> -inf`` to the best; the value is non-decreasing in ``t``. The gradient is
+    ``sum_c w_c grad L_c`` with ``w = softmax_{c in P}(t L_c + log pi_c)``.
+
+    A batch without valid pixels gives 0 with a zero gradient. The pixel loss is float32 whatever
+    the logits' dtype (float64 for float64 logits); the tilt is evaluated in log space (no raw
+    ``exp(t L)``), finite for large ``|t|``.
+
+    Under ``jax.pmap`` pass ``axis_name``: every replica returns the global loss, and the exact
+    global parameter gradient is ``jax.lax.pmean(grads, axis_name)`` of the per-replica
+    gradients (the usual Flax recipe; not ``psum``). Under ``jit`` with sharded global arrays,
+    leave ``axis_name=None``. See the module docstring.
+
+    Args:
+      logits: ``[..., C]`` unnormalised log-probabilities (class axis last), any float dtype.
+      labels: ``[...]`` integer class ids, shape ``logits.shape[:-1]``.
+      t: class-level tilt; a Python float or a (traced) scalar. ``t > 0`` emphasises the worst
+        classes, ``t < 0`` the best.
+      tau: pixel-level tilt inside each class (hierarchical TERM); a Python float, 0 for the
+        mean. Small non-zero ``|tau|`` (below about 1e-3) loses float32 precision: use 0.
+      class_weighting: the prior ``pi``: ``'frequency'`` (``n_c / sum_P n``), ``'uniform'``
+        (``1/|P|``) or a ``[C]`` array of non-negative weights, renormalised over ``P``.
+      ignore_index: label of the pixels to ignore, or ``None``. Labels outside ``[0, C)`` are
+        ignored as well, and counted in ``aux['num_invalid']``.
+      where: optional ``[...]`` boolean mask; pixels where it is false are ignored.
+      axis_name: ``pmap``/``shard_map`` axis name(s) over which the batch is split.
+      return_aux: also return a dict of per-class diagnostics.
+
+    Returns:
+      A float32 scalar, or ``(loss, aux)`` with ``aux`` holding ``class_loss`` (``[C]``, 0 for
+      absent classes), ``class_count`` (``[C]`` int32), ``class_weight`` (``[C]`` tilted weights
+      ``w``, 0 for absent classes) and ``num_invalid`` (int32 scalar), all global.
+
+    Examples:
+      >>> import jax.numpy as jnp
+      >>> from tce_jax.losses import tilted_ce, cross_entropy
+      >>> logits = jnp.array([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0],
+      ...                     [3.0, 0.0, 0.0], [0.0, 0.0, -1.0]])
+      >>> labels = jnp.array([0, 1, 0, 2])
+      >>> print(f"{tilted_ce(logits, labels, t=0.0):.4f}")  # the mean pixel CE
+      0.6870
+      >>> print(f"{cross_entropy(logits, labels):.4f}")
+      0.6870
+      >>> print(f"{tilted_ce(logits, labels, t=1.0):.4f}")  # leans towards the worst class
+      0.9685
+      >>> loss, aux = tilted_ce(logits, labels, t=1.0, return_aux=True)
+      >>> print(aux["class_count"], jnp.round(aux["class_weight"], 3))
+      [2 1 1] [0.224 0.165 0.611]
+    """
+    logits, labels, where = _check_inputs(logits, labels, where)
+    t = _check_scalar("t", t)
+    tau = _check_scalar("tau", tau, allow_traced=False)
+    ignore_index = _check_ignore_index(ignore_index)
+    weighting = _check_class_weighting(class_weighting, logits.shape[-1])
+    stats = _statistics(
+        logits, labels, tau=tau, ignore_index=ignore_index, where=where, axis_name=axis_name
+    )
+    losses = _class_losses(stats, tau=tau)
+    prior = _class_prior(stats.count, weighting, losses.dtype)
+    loss = _tilted_mean(losses, prior, t)
+    if not return_aux:
+        return loss
+    aux = {
+        "class_loss": losses,
+        "class_count": stats.count,
+        "class_weight": _tilted_weights(losses, prior, t),
+        "num_invalid": stats.num_invalid,
+    }
+    return loss, aux
+
+
+def cross_entropy(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    ignore_index: int | None = 255,
+    where: jax.typing.ArrayLike | None = None,
+    axis_name: AxisName | None = None,
+) -> jax.Array:
+    r"""Multi-class cross-entropy (MCCE): the mean pixel loss over the valid pixels.
+
+    .. math::
+      \mathrm{MCCE} = \frac{1}{|V|} \sum_{i \in V} \big(\mathrm{logsumexp}(z_i) - z_{i, y_i}\big)
+
+    0 (with a zero gradient) when no pixel is valid. With ``axis_name`` the sums are taken over
+    the global batch; parallel conventions as for :func:`tilted_ce` (``pmean`` the gradients).
+
+    Args:
+      logits: ``[..., C]`` unnormalised log-probabilities, any float dtype (float32 inside).
+      labels: ``[...]`` integer class ids; ``ignore_index`` and labels outside ``[0, C)`` are
+        ignored.
+      ignore_index: the ignore label, or ``None``.
+      where: optional ``[...]`` boolean mask of the pixels to include.
+      axis_name: ``pmap``/``shard_map`` axis name(s) over which the batch is split.
+
+    Returns:
+      A float32 scalar.
+    """
+    logits, labels, where = _check_inputs(logits, labels, where)
+    ignore_index = _check_ignore_index(ignore_index)
+    z, safe_labels, valid, _ = _flat_pixels(logits, labels, where, ignore_index)
+    total = jnp.sum(jnp.where(valid, _pixel_losses(z, safe_labels), 0.0))
+    count = jnp.sum(valid, dtype=jnp.int32)
+    if axis_name is not None:
+        total = lax.psum(total, axis_name)
+        count = lax.psum(count, axis_name)
+    return total / jnp.maximum(count, 1).astype(total.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Stochastic TCE.
+
+
+def stochastic_tce_init(num_classes: int) -> StochasticTCEState:
+    """The initial :class:`StochasticTCEState` for ``num_classes`` classes: nothing seen yet."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer):
+        raise TypeError(f"num_classes must be a positive int, got {num_classes!r}.")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes}.")
+    return StochasticTCEState(
+        running_loss=jnp.zeros((num_classes,), jnp.float32),
+        running_freq=jnp.zeros((num_classes,), jnp.float32),
+        seen=jnp.zeros((num_classes,), bool),
+        step=jnp.zeros((), jnp.int32),
+    )
+
+
+def _check_state(state, num_classes: int) -> StochasticTCEState:
+    if not isinstance(state, StochasticTCEState):
+        raise TypeError(
+            f"state must be a StochasticTCEState (from stochastic_tce_init), got {type(state)}."
+        )
+    for name in ("running_loss", "running_freq", "seen"):
+        shape = jnp.shape(getattr(state, name))
+        if shape != (num_classes,):
+            raise ValueError(
+                f"state.{name} has shape {shape} but the logits have C = {num_classes} "
+                f"classes; create the state with stochastic_tce_init({num_classes})."
+            )
+    return jax.tree.map(lax.stop_gradient, state)
+
+
+def _state_prior(state: StochasticTCEState, weighting) -> jax.Array:
+    """The (unnormalised) running prior ``f``, zero for unseen classes."""
+    if isinstance(weighting, str):
+        if weighting == "frequency":
+            return jnp.where(state.seen, state.running_freq, 0.0)
+        return state.seen.astype(jnp.float32)
+    return jnp.where(state.seen, weighting, 0.0)
+
+
+def stochastic_tce(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    state: StochasticTCEState,
+    *,
+    t: float | jax.Array,
+    lam: float | jax.Array,
+    tau: float = 0.0,
+    class_weighting: ClassWeighting = "frequency",
+    ignore_index: int | None = 255,
+    where: jax.typing.ArrayLike | None = None,
+    axis_name: AxisName | None = None,
+) -> tuple[jax.Array, StochasticTCEState, dict[str, jax.Array]]:
+    r"""Stochastic TCE: batch class losses, tilted by running per-class estimates.
+
+    One step of DESIGN section 2 (all statistics global, reduced over ``axis_name``):
+
+    1. batch class losses ``L^B_c`` and counts ``n_c`` for the classes ``P_B`` of the batch;
+    2. ``R_c <- (1 - lam) R_c + lam L^B_c`` for ``c in P_B`` (``R_c <- L^B_c`` the first time
+       ``c`` is seen); absent classes keep ``R_c``. The running prior ``f``: for
+       ``'frequency'``, ``f_c <- (1 - lam) f_c + lam n_c / sum n`` for every class (a batch with
+       no valid pixel leaves it unchanged); for ``'uniform'`` ``f_c = 1`` on the seen classes;
+       for a vector, that vector on the seen classes;
+    3. the state's tilted weights ``w_c = softmax_c(t R_c + log f_c)`` over the seen classes;
+    4. the differentiable surrogate
+
+       .. math::
+         \ell = \frac{\sum_{c \in P_B} w_c L^B_c}{\sum_{c \in P_B} w_c}
+
+       with ``w`` under ``stop_gradient`` (evaluated in log space, so it stays finite when the
+       batch classes have tiny weights). With ``lam = 1`` its gradient is that of
+       :func:`tilted_ce` on the batch.
+
+    The state never receives gradients. Under ``pmap`` the new state is identical on every
+    replica; gradients follow the :func:`tilted_ce` convention (``pmean`` them).
+
+    Args:
+      logits: ``[..., C]`` unnormalised log-probabilities, any float dtype.
+      labels: ``[...]`` integer class ids, shape ``logits.shape[:-1]``.
+      state: the :class:`StochasticTCEState` of the previous step.
+      t: class-level tilt, Python float or traced scalar.
+      lam: the running-average rate in ``(0, 1]``; 1 forgets the past.
+      tau: pixel-level tilt (Python float), as in :func:`tilted_ce`.
+      class_weighting: ``'frequency'``, ``'uniform'`` or a ``[C]`` array of non-negative weights.
+      ignore_index: the ignore label, or ``None``.
+      where: optional ``[...]`` boolean mask of the pixels to include.
+      axis_name: ``pmap``/``shard_map`` axis name(s) over which the batch is split.
+
+    Returns:
+      ``(loss, new_state, aux)``: the float32 surrogate, the updated state, and ``aux`` with
+      ``objective`` (the running tilted risk ``(1/t) log sum_c f_c exp(t R_c)`` over the seen
+      classes, ``f`` normalised; the ``f``-weighted mean of ``R`` at ``t = 0``), ``class_loss``
+      and ``class_count`` of the batch, ``class_weight`` (the state weights ``w``) and
+      ``num_invalid``.
+    """
+    logits, labels, where = _check_inputs(logits, labels, where)
+    num_classes = logits.shape[-1]
+    t = _check_scalar("t", t)
+    lam = _check_scalar("lam", lam, low=0.0, low_open=True, high=1.0)
+    tau = _check_scalar("tau", tau, allow_traced=False)
+    ignore_index = _check_ignore_index(ignore_index)
+    weighting = _check_class_weighting(class_weighting, num_classes)
+    state = _check_state(state, num_classes)
+
+    stats = _statistics(
+        logits, labels, tau=tau, ignore_index=ignore_index, where=where, axis_name=axis_name
+    )
+    batch_losses = _class_losses(stats, tau=tau)
+    present = stats.count > 0
+    batch_estimate = lax.stop_gradient(batch_losses)
+
+    lam = jnp.asarray(lam, jnp.float32)
+    blended = jnp.where(
+        state.seen, (1.0 - lam) * state.running_loss + lam * batch_estimate, batch_estimate
+    )
+    running_loss = jnp.where(present, blended, state.running_loss).astype(
+        state.running_loss.dtype
+    )
+    seen = state.seen | present
+    if isinstance(weighting, str) and weighting == "frequency":
+        total = jnp.sum(stats.count)
+        freq = stats.count.astype(jnp.float32) / jnp.maximum(total, 1).astype(jnp.float32)
+        running_freq = jnp.where(
+            total > 0, (1.0 - lam) * state.running_freq + lam * freq, state.running_freq
+        )
+    elif isinstance(weighting, str):
+        running_freq = seen.astype(jnp.float32)
+    else:
+        running_freq = jnp.where(seen, weighting, 0.0)
+    running_freq = running_freq.astype(state.running_freq.dtype)
+    new_state = StochasticTCEState(running_loss, running_freq, seen, state.step + 1)
+
+    prior = _state_prior(new_state, weighting)
+    weights = _tilted_weights(running_loss, prior, t)
+    # The weights renormalised over the batch classes, computed in log space.
+    batch_weights = _tilted_weights(running_loss, jnp.where(present, prior, 0.0), t)
+    loss = jnp.sum(batch_weights * batch_losses)
+    aux = {
+        "objective": _tilted_mean(running_loss, _normalise(prior), t),
+        "class_loss": batch_estimate,
+        "class_count": stats.count,
+        "class_weight": weights,
+        "num_invalid": stats.num_invalid,
+    }
+    return loss, new_state, aux
+
+
+def class_sampling_probs(
+    state: StochasticTCEState,
+    *,
+    t: float | jax.Array,
+    mix: float | jax.Array,
+    class_weighting: ClassWeighting = "frequency",
+) -> jax.Array:
+    r"""Class probabilities for tilted class-aware sampling (DESIGN section 2, step 5).
+
+    .. math::
+      p_c = (1 - \mathrm{mix})\, w_c + \mathrm{mix} / C, \qquad
+      w_c = \mathrm{softmax}_{c\ \mathrm{seen}}(t R_c + \log f_c),
+
+    the state's tilted weights mixed with the uniform distribution; uniform before any class
+    has been seen. ``p`` sums to 1; for ``t > 0`` classes with a higher running loss are drawn
+    more often.
+
+    Args:
+      state: a :class:`StochasticTCEState`.
+      t: class-level tilt, Python float or traced scalar.
+      mix: weight of the uniform distribution, in ``[0, 1]``.
+      class_weighting: the prior used with ``state`` in :func:`stochastic_tce`.
+
+    Returns:
+      ``[C]`` float32 probabilities.
+    """
+    if not isinstance(state, StochasticTCEState):
+        raise TypeError(
+            f"state must be a StochasticTCEState (from stochastic_tce_init), got {type(state)}."
+        )
+    num_classes = jnp.shape(state.running_loss)[0]
+    state = _check_state(state, num_classes)
+    t = _check_scalar("t", t)
+    mix = _check_scalar("mix", mix, low=0.0, high=1.0)
+    weighting = _check_class_weighting(class_weighting, num_classes)
+    prior = _state_prior(state, weighting)
+    weights = _tilted_weights(state.running_loss, prior, t)
+    probs = (1.0 - mix) * weights + mix / num_classes
+    return jnp.where(jnp.any(prior > 0), probs, jnp.full((num_classes,), 1.0 / num_classes))
