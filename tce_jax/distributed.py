@@ -6,6 +6,8 @@ them and collectives span hosts.
 """
 
 import os
+import socket
+import time
 
 import jax
 import ml_collections
@@ -56,7 +58,18 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
         kwargs["num_processes"] = cfg.num_processes
     if cfg.process_id >= 0:
         kwargs["process_id"] = cfg.process_id
-    logging.info("jax.distributed.initialize(%s) (launcher: %s)", kwargs, launcher or "none")
+    logging.warning(
+        "jax.distributed.initialize(%s) (launcher: %s, timeout %d s). If this process then "
+        "aborts with DEADLINE_EXCEEDED or 'another task died', a peer did not arrive or died: "
+        "see the other processes' logs.",
+        kwargs,
+        launcher or "none",
+        cfg.initialization_timeout,
+    )
+    if cfg.coordinator_address and cfg.process_id > 0:
+        # JAX aborts the whole process (uncatchably) when the coordinator never answers, so
+        # check first that it can be reached, and fail with a message that says what to fix.
+        wait_for_coordinator(cfg.coordinator_address, cfg.initialization_timeout)
     try:
         jax.distributed.initialize(
             initialization_timeout=cfg.initialization_timeout,
@@ -71,6 +84,26 @@ def initialize(config: ml_collections.ConfigDict) -> bool:
             "from every host, and that num_processes matches the processes launched."
         ) from e
     return True
+
+
+def wait_for_coordinator(address: str, timeout: float) -> None:
+    """Waits until `address` (host:port) accepts TCP connections, or raises after `timeout` s."""
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, int(port)), timeout=2.0):
+                return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise DistributedInitError(
+                    f"Cannot reach the coordinator at {address} after {timeout:.0f} s ({e}). "
+                    "Start process 0 (which hosts the coordinator) with the same "
+                    "config.distributed.coordinator_address, check the host name and that the "
+                    "port is open between hosts, or raise config.distributed."
+                    "initialization_timeout."
+                ) from e
+            time.sleep(1.0)
 
 
 def log_topology() -> None:

@@ -1,0 +1,145 @@
+"""Train-step and input-pipeline throughput, as ratios measured in one process.
+
+    python benchmarks/train_step.py [--config=configs/default.py] [--steps=30] [--repeats=5]
+
+* steps/s of the TCE and Stochastic TCE train steps relative to the CE step (target >= 0.95):
+  the three compiled steps are timed in interleaved rounds so that machine load drifts cancel;
+* input-pipeline examples/s relative to what the CE train step consumes (target >= 2x).
+
+Writes a markdown table to benchmarks/results/train_step.md.
+"""
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+LOSSES = ("ce", "tce", "stochastic_tce")
+
+
+def load_config(path: str):
+    import importlib.util
+
+    file, _, arg = path.partition(":")
+    spec = importlib.util.spec_from_file_location("bench_config", os.path.join(ROOT, file))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg or None)
+
+
+def build_step(config, loss_name, parallel, num_classes):
+    import jax
+
+    from tce_jax import objectives, train
+
+    config = config.copy_and_resolve_references()
+    config.loss.name = loss_name
+    model = train.create_model(config, num_classes, parallel.axis_name)
+    tx = train.create_optimizer(config)
+    init = functools.partial(train.init_state, config, model, tx, num_classes)
+    state = parallel.device_state(parallel.compile_init(init)(jax.random.key(0)))
+    step = parallel.compile_train(
+        functools.partial(
+            train.train_step,
+            model=model,
+            tx=tx,
+            loss_fn=objectives.create_loss_fn(config),
+            axis_name=parallel.axis_name,
+        )
+    )
+    return state, step
+
+
+def time_steps(state, step, batch, n):
+    import jax
+
+    start = time.perf_counter()
+    for _ in range(n):
+        state, metrics = step(state, batch)
+    jax.block_until_ready((state, metrics))
+    return state, (time.perf_counter() - start) / n
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/default.py")
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed round")
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
+    parser.add_argument("--data_dir", default="")
+    args = parser.parse_args()
+
+    import jax
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    from tce_jax import config_lib, input_pipeline, train
+
+    config = load_config(args.config)
+    if args.data_dir:
+        config.data.data_dir = args.data_dir
+    config_lib.validate_config(config)
+    num_shards = config_lib.validate_layout(
+        config, num_devices=jax.device_count(), num_processes=jax.process_count()
+    )
+    layout = input_pipeline.Layout(num_shards, jax.process_index(), jax.process_count())
+    builder, spec = input_pipeline.load_builder(config)
+    parallel = train.create_parallel(config)
+    data = input_pipeline.train_iterator(builder, spec, config, layout)
+    batch = parallel.put_batch(next(data))
+
+    steps = {name: build_step(config, name, parallel, spec.num_classes) for name in LOSSES}
+    seconds = {name: [] for name in LOSSES}
+    for name, (state, step) in steps.items():  # compile and warm up
+        steps[name] = (time_steps(state, step, batch, 2)[0], step)
+    for _ in range(args.repeats):
+        for name, (state, step) in steps.items():
+            state, per_step = time_steps(state, step, batch, args.steps)
+            steps[name] = (state, step)
+            seconds[name].append(per_step)
+    median = {name: statistics.median(v) for name, v in seconds.items()}
+
+    # Input pipeline alone: examples/s once warmed up.
+    for _ in range(3):
+        next(data)
+    n_batches = max(args.steps, 20)
+    start = time.perf_counter()
+    for _ in range(n_batches):
+        next(data)
+    pipeline_rate = n_batches * config.global_batch_size / (time.perf_counter() - start)
+    consumed_rate = config.global_batch_size / median["ce"]
+
+    h, w = config.data.crop_size
+    lines = [
+        f"Config `{args.config}`: {config.model.name}, global batch {config.global_batch_size}"
+        f" of {h}x{w}, {jax.device_count()} {jax.devices()[0].platform} device(s), "
+        f"parallelism {config.parallelism}; median of {args.repeats} interleaved rounds of "
+        f"{args.steps} steps.",
+        "",
+        "| train step | ms/step | steps/s relative to CE | target |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name in LOSSES:
+        ratio = median["ce"] / median[name]
+        target = "" if name == "ce" else ">= 0.95"
+        lines.append(f"| {name} | {1000 * median[name]:.1f} | {ratio:.3f} | {target} |")
+    lines += [
+        "",
+        "| input pipeline | examples/s | relative to CE step consumption | target |",
+        "| --- | ---: | ---: | ---: |",
+        f"| train iterator | {pipeline_rate:.0f} | {pipeline_rate / consumed_rate:.2f}x | >= 2x |",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
+    with open(os.path.join(ROOT, "benchmarks", "results", "train_step.md"), "w") as f:
+        f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
