@@ -23,6 +23,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.data.crop_size = (64, 128)  # (H, W) of training crops
     config.data.min_scale = 0.75  # random resize ratio range before cropping
     config.data.max_scale = 1.5
+    # (short, long): first rescale each image, keeping its aspect ratio, to fit this size
+    # (mmsegmentation's `scale`), both for training (before the random ratio) and evaluation.
+    # () = keep the native size.
+    config.data.base_size = ()
     config.data.flip = True
     config.data.photometric = False  # brightness/contrast/saturation/hue jitter
     config.data.mean = (0.485, 0.456, 0.406)  # ImageNet normalisation (images in [0, 1])
@@ -32,6 +36,14 @@ def get_base_config() -> ml_collections.ConfigDict:
     # num_shards see identical data whatever their process count.
     config.data.num_shards = 0
     config.data.eval_batch_size = 16  # global
+    # Evaluation: whole images, or sliding windows of eval_window (H, W) every eval_stride;
+    # predictions are resized back to each label map's resolution. Images are padded into
+    # eval_canvas (H, W); () = the smallest one (a multiple of 32 if sizes vary) that holds
+    # every (rescaled) image of the split.
+    config.data.eval_mode = "whole"  # whole | sliding
+    config.data.eval_window = (512, 512)
+    config.data.eval_stride = (341, 341)
+    config.data.eval_canvas = ()
     config.data.prefetch = 2
     # Tilted class-aware sampling (Stochastic TCE, DESIGN §2 step 5).
     config.data.class_aware_sampling = False
@@ -107,6 +119,7 @@ OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("poly", "cosine", "constant")
 PARALLELISM = ("jit", "pmap")
 DISTRIBUTED_MODES = ("auto", "on", "off")
+EVAL_MODES = ("whole", "sliding")
 
 
 class ConfigError(ValueError):
@@ -180,6 +193,28 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         (data.min_scale, data.max_scale),
         "0 < min_scale <= max_scale",
     )
+    _check(
+        len(data.base_size) == 0
+        or (len(data.base_size) == 2 and 0 < data.base_size[0] <= data.base_size[1]),
+        "data.base_size",
+        data.base_size,
+        "() or (short, long) with 0 < short <= long",
+    )
+    _check(data.eval_mode in EVAL_MODES, "data.eval_mode", data.eval_mode, f"one of {EVAL_MODES}")
+    for field in ("eval_window", "eval_stride"):
+        _check(
+            len(data[field]) == 2 and all(s > 0 for s in data[field]),
+            f"data.{field}",
+            data[field],
+            "(height, width) with positive sizes",
+        )
+    _check(
+        len(data.eval_canvas) == 0
+        or (len(data.eval_canvas) == 2 and all(s > 0 for s in data.eval_canvas)),
+        "data.eval_canvas",
+        data.eval_canvas,
+        "() (automatic) or (height, width) with positive sizes",
+    )
     _check(data.num_shards >= 0, "data.num_shards", data.num_shards, "an integer >= 0")
     _check(
         0.0 <= data.sampling_mix <= 1.0,
@@ -198,6 +233,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "data.class_aware_sampling",
         data.class_aware_sampling,
         "False unless loss.name='stochastic_tce' (the sampler reads its running weights)",
+    )
+    _check(
+        not config.model.pretrained or config.model.name.startswith("deeplab"),
+        "model.pretrained",
+        config.model.pretrained,
+        "'' unless model.name is a DeepLabV3+ (only its ResNet backbone is pretrained)",
     )
 
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import zipfile
 from collections.abc import Callable, Iterator
 
 import jax
@@ -29,15 +30,19 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from tce_jax import datasets
+from tce_jax import datasets, sampling
+from tce_jax.datasets import ade20k, archives, cityscapes
+from tce_jax.datasets.archives import DatasetNotFoundError  # missing or corrupt data
 
 Batch = dict[str, np.ndarray]
 # Maps (shard, step) to the within-shard indices of the examples of that step.
 IndexFn = Callable[[int, int], np.ndarray]
 
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The dataset is not prepared and cannot be prepared from what is on disk."""
+# Checks of the official archives in the manual directory, run before TFDS prepares.
+_MANUAL_DIR_CHECKS = {
+    cityscapes.TFDS_NAME: cityscapes.check_manual_dir,
+    ade20k.TFDS_NAME: ade20k.check_manual_dir,
+}
 
 
 def load_builder(config: ml_collections.ConfigDict) -> tuple[tfds.core.DatasetBuilder, object]:
@@ -69,12 +74,22 @@ def load_builder(config: ml_collections.ConfigDict) -> tuple[tfds.core.DatasetBu
 
 def _prepare(builder, spec, config) -> None:
     manual_dir = config.data.manual_dir or None
+    check = _MANUAL_DIR_CHECKS.get(spec.tfds_name)
+    if check is not None:  # fail in seconds, naming the file, rather than deep inside TFDS
+        check(manual_dir or archives.default_manual_dir(builder))
     try:
         builder.download_and_prepare(
             file_format="array_record",
             download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
         )
-    except (AssertionError, FileNotFoundError, tfds.core.DatasetNotFoundError) as e:
+    except DatasetNotFoundError:
+        raise
+    except (
+        AssertionError,
+        FileNotFoundError,
+        zipfile.BadZipFile,
+        tfds.core.DatasetNotFoundError,
+    ) as e:
         raise DatasetNotFoundError(
             f"Could not prepare dataset {config.data.name!r} (TFDS {spec.tfds_name!r}) in "
             f"{builder.data_dir!s} from manual_dir={manual_dir!r}: {e}\n"
@@ -132,12 +147,49 @@ def epoch_index_fn(shard_sizes: dict[int, int], batch_per_shard: int, seed: int)
     return indices
 
 
+def class_index(builder, spec, split) -> sampling.ClassIndex:
+    """The class index of `split` (see `tce_jax.sampling`), cached next to the TFDS data.
+
+    In multi-process runs process 0 computes it first; the others then read the cache.
+    """
+    if jax.process_count() > 1:
+        if jax.process_index() == 0:
+            sampling.load_class_index(builder, spec, split)
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"class index {spec.tfds_name} {split}")
+    return sampling.load_class_index(builder, spec, split)
+
+
+def class_aware_sampler(
+    builder, spec, config: ml_collections.ConfigDict, layout: Layout
+) -> sampling.ClassAwareSampler:
+    """The tilted class-aware `IndexFn` of this process's shards of the training split.
+
+    The trainer posts its class probabilities (`ClassAwareSampler.post`) before it reads.
+    """
+    split = config.data.train_split
+    presence = class_index(builder, spec, split).presence
+    shards = {}
+    for s in layout.owned_shards:
+        shard_split = _shard_split(split, s, layout.num_shards)
+        shards[s] = presence[sampling.shard_positions(builder, split, shard_split)]
+    return sampling.ClassAwareSampler(
+        shards,
+        batch_per_shard=config.global_batch_size // layout.num_shards,
+        seed=config.seed,
+        refresh_steps=config.data.sampling_refresh_steps,
+        num_steps=config.num_train_steps,
+    )
+
+
 # ---------------------------------------------------------------------------------------------
 # tf.data transformations.
 
 
 def _decode(spec, image_bytes, label_bytes):
-    image = tf.io.decode_png(image_bytes, channels=3)
+    # PNG (Cityscapes, street scenes) or JPEG (ADE20K) images; PNG label maps.
+    image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     label = tf.io.decode_png(label_bytes, channels=1)
     if spec.label_map is not None:
         lut = tf.constant(np.asarray(spec.label_map, np.int32))
@@ -149,16 +201,42 @@ def _normalise(image, data_config):
     return (image - tf.constant(data_config.mean)) / tf.constant(data_config.std)
 
 
+def base_scale(hw, base_size):
+    """Factor that rescales an image of size `hw` (height, width), keeping its aspect ratio,
+    to fit `base_size` = (short, long): min(long / max(h, w), short / min(h, w)) (mmcv's
+    `rescale_size`); 1 for `base_size=()`. Works on TF tensors and numpy arrays (float32)."""
+    if not base_size:
+        return 1.0
+    short, long = (np.float32(v) for v in base_size)
+    if isinstance(hw, tf.Tensor):
+        h, w = hw[0], hw[1]
+        return tf.minimum(long / tf.maximum(h, w), short / tf.minimum(h, w))
+    hw = np.asarray(hw, np.float32)
+    h, w = hw[..., 0], hw[..., 1]
+    return np.minimum(long / np.maximum(h, w), short / np.minimum(h, w))
+
+
+def rescaled_size(hw, base_size) -> np.ndarray:
+    """int [..., 2]: the size evaluation resizes images of size `hw` to (numpy)."""
+    hw = np.asarray(hw, np.float32)
+    scale = np.asarray(base_scale(hw, base_size), np.float32)[..., None]
+    return np.maximum(np.round(hw * scale), 1).astype(np.int64)
+
+
 def train_augment(image, label, seed, data_config, ignore_index: int):
     """Random resize, pad (labels with `ignore_index`), crop, flip and photometric jitter.
 
     `image` float32 [H, W, 3] in [0, 1], `label` int32 [H, W, 1], `seed` int64 [2] for the
-    stateless random ops. Returns the normalised crop and its labels [h, w].
+    stateless random ops. The image is resized by `base_scale` (fit `data_config.base_size`)
+    times a random ratio in [min_scale, max_scale]. Returns the normalised crop and its labels
+    [h, w].
     """
     seeds = tf.random.experimental.stateless_split(seed, 4)
     crop_h, crop_w = data_config.crop_size
     scale = tf.random.stateless_uniform([], seeds[0], data_config.min_scale, data_config.max_scale)
-    size = tf.cast(tf.round(tf.cast(tf.shape(image)[:2], tf.float32) * scale), tf.int32)
+    hw = tf.cast(tf.shape(image)[:2], tf.float32)
+    scale = scale * base_scale(hw, tuple(data_config.base_size))
+    size = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), 1)
     image = tf.image.resize(image, size, method="bilinear")
     label = tf.image.resize(label, size, method="nearest")
     if data_config.photometric:
@@ -264,15 +342,87 @@ def num_eval_batches(builder, split: str, local_batch: int, process_count: int) 
     return math.ceil(largest / local_batch)
 
 
+@dataclasses.dataclass(frozen=True)
+class EvalGeometry:
+    """The static shapes of an evaluation split's batches.
+
+    Attributes:
+      canvas: (H, W) into which the (rescaled) images are padded, bottom and right.
+      label_shape: (H, W) into which the label maps are padded, with the ignore label.
+      resize: whether predictions need resizing to the label resolution (False when every
+        image has the canvas and label shape and is not rescaled: predictions are used as
+        they are).
+    """
+
+    canvas: tuple[int, int]
+    label_shape: tuple[int, int]
+    resize: bool
+
+
+def eval_geometry(builder, spec, config: ml_collections.ConfigDict, split) -> EvalGeometry:
+    """Canvas and label shapes that hold every example of `split` (one compilation per split).
+
+    Sizes come from the TFDS features when they are fixed (Cityscapes: 1024x2048), else from
+    the split's class index (ADE20K). The automatic canvas is the largest rescaled image,
+    rounded up to a multiple of 32 when sizes vary.
+    """
+    base_size = tuple(config.data.base_size)
+    shape = builder.info.features[spec.label_key].shape
+    if shape[0] is not None and shape[1] is not None:
+        sizes = np.array([shape[:2]], np.int64)
+    else:
+        sizes = class_index(builder, spec, split).sizes.astype(np.int64)
+    label_shape = tuple(int(v) for v in sizes.max(axis=0))
+    resized = rescaled_size(sizes, base_size) if base_size else sizes
+    largest = tuple(int(v) for v in resized.max(axis=0))
+    uniform = bool((resized == resized[0]).all())
+    if config.data.eval_canvas:
+        canvas = tuple(int(v) for v in config.data.eval_canvas)
+        if canvas[0] < largest[0] or canvas[1] < largest[1]:
+            raise ValueError(
+                f"config.data.eval_canvas={canvas} is smaller than the largest evaluation "
+                f"image of {split} ({largest[0]}x{largest[1]} after rescaling to "
+                f"base_size={base_size}): use () for the automatic canvas, or a larger one."
+            )
+    else:
+        canvas = largest if uniform else tuple(-(-v // 32) * 32 for v in largest)
+    resize = not (
+        uniform
+        and tuple(int(v) for v in resized[0]) == canvas == label_shape
+        and (sizes == sizes[0]).all()
+    )
+    return EvalGeometry(canvas=canvas, label_shape=label_shape, resize=resize)
+
+
+def _pad_to(x, shape, value):
+    """`x` [h, w, c] padded (bottom/right, with `value`) or cropped to `shape` (H, W)."""
+    x = x[: shape[0], : shape[1]]
+    pad = [[0, shape[0] - tf.shape(x)[0]], [0, shape[1] - tf.shape(x)[1]], [0, 0]]
+    x = tf.pad(x, pad, constant_values=value)
+    return tf.ensure_shape(x, [shape[0], shape[1], None])
+
+
 def eval_iterator(
-    builder, spec, config: ml_collections.ConfigDict, split: str, layout: Layout
+    builder,
+    spec,
+    config: ml_collections.ConfigDict,
+    split: str,
+    layout: Layout,
+    geometry: EvalGeometry | None = None,
 ) -> Iterator[Batch]:
     """Every example of `split` exactly once across processes, in whole images.
 
-    The last batches are padded with copies of an example whose `mask` is False and whose
-    labels are all `ignore_index`, so every process runs the same number of steps and no
-    example is dropped. Yields `image`, `label` and `mask` (bool [B]).
+    Images are rescaled to fit `config.data.base_size` (if set), normalised and padded into
+    `geometry.canvas`; label maps keep their resolution, padded into `geometry.label_shape`
+    with the ignore label. The last batches are padded with copies of an example whose `mask`
+    is False and whose labels are all `ignore_index`, so every process runs the same number
+    of steps and no example is dropped. Yields `image` [B, *canvas, 3], `label`
+    [B, *label_shape], `mask` (bool [B]), `image_size` and `label_size` (int32 [B, 2]: the
+    valid (height, width) of each image in the canvas and of each label map).
     """
+    if geometry is None:
+        geometry = eval_geometry(builder, spec, config, split)
+    base_size = tuple(config.data.base_size)
     local_batch = config.data.eval_batch_size // layout.process_count
     source = _data_source(
         builder, spec, _shard_split(split, layout.process_index, layout.process_count)
@@ -292,10 +442,19 @@ def eval_iterator(
     def transform(ex):
         image, label = _decode(spec, ex["image"], ex["label"])
         label = tf.where(ex["valid"], label, spec.ignore_index)
+        label_size = tf.shape(label)[:2]
+        image_size = tf.shape(image)[:2]
+        if base_size and geometry.resize:  # otherwise the rescaling is the identity
+            hw = tf.cast(image_size, tf.float32)
+            image_size = tf.maximum(tf.cast(tf.round(hw * base_scale(hw, base_size)), tf.int32), 1)
+            image = tf.image.resize(image, image_size, method="bilinear")
+        image = _pad_to(_normalise(image, config.data), geometry.canvas, 0.0)
         return {
-            "image": _normalise(image, config.data),
-            "label": label[..., 0],
+            "image": image,
+            "label": _pad_to(label, geometry.label_shape, spec.ignore_index)[..., 0],
             "mask": ex["valid"],
+            "image_size": tf.minimum(image_size, geometry.canvas),
+            "label_size": label_size,
         }
 
     return _as_numpy_batches(

@@ -32,7 +32,18 @@ from flax import jax_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from tce_jax import config_lib, input_pipeline, losses, metrics, models, objectives
+from tce_jax import (
+    config_lib,
+    datasets,
+    inference,
+    input_pipeline,
+    losses,
+    metrics,
+    models,
+    objectives,
+    pretrained,
+    sampling,
+)
 
 PMAP_AXIS = "batch"
 MESH_AXIS = "data"
@@ -47,6 +58,9 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     tce_state: losses.StochasticTCEState
+    # [2, C] class-sampling probabilities of the current and the next refresh period
+    # (tce_jax.sampling); used by tilted class-aware sampling, uniform otherwise.
+    sampling_probs: jax.Array
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,21 +114,52 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
     return optax.adamw(schedule, weight_decay=opt.weight_decay, mask=decay_mask)
 
 
-def init_state(config, model, tx, num_classes: int, rng: jax.Array) -> TrainState:
-    h, w = config.data.crop_size
-    variables = model.init(rng, jnp.zeros((1, h, w, 3), jnp.float32), train=False)
-    params = variables["params"]
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=variables.get("batch_stats", {}),
-        opt_state=tx.init(params),
-        tce_state=losses.stochastic_tce_init(num_classes),
+def class_sampling_probs(config, tce_state: losses.StochasticTCEState) -> jax.Array:
+    """[C] probabilities of tilted class-aware sampling from the Stochastic TCE state."""
+    return losses.class_sampling_probs(
+        tce_state,
+        t=config.loss.t,
+        mix=config.data.sampling_mix,
+        class_weighting=config.loss.class_weighting,
     )
 
 
-def train_step(state: TrainState, batch, *, model, tx, loss_fn: objectives.LossFn, axis_name=None):
-    """One optimisation step on the (global) batch; returns the new state and scalar metrics."""
+def init_state(config, model, tx, num_classes: int, rng: jax.Array, backbone=None) -> TrainState:
+    """A fresh state; `backbone` (pretrained ResNet variables, see `tce_jax.pretrained`)
+    replaces the randomly initialised backbone of a DeepLabV3+."""
+    h, w = config.data.crop_size
+    variables = model.init(rng, jnp.zeros((1, h, w, 3), jnp.float32), train=False)
+    params = variables["params"]
+    batch_stats = variables.get("batch_stats", {})
+    if backbone is not None:
+        params, batch_stats = pretrained.replace_backbone(params, batch_stats, backbone)
+    tce_state = losses.stochastic_tce_init(num_classes)
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=batch_stats,
+        opt_state=tx.init(params),
+        tce_state=tce_state,
+        sampling_probs=sampling.init_sampling_probs(class_sampling_probs(config, tce_state)),
+    )
+
+
+def train_step(
+    state: TrainState,
+    batch,
+    *,
+    model,
+    tx,
+    loss_fn: objectives.LossFn,
+    axis_name=None,
+    sampling_probs_fn=None,
+    refresh_steps: int = 0,
+):
+    """One optimisation step on the (global) batch; returns the new state and scalar metrics.
+
+    With `sampling_probs_fn` (tce_state -> [C]), the state's class-sampling probabilities move
+    on every `refresh_steps` steps (`tce_jax.sampling.advance_sampling_probs`).
+    """
 
     def objective(params):
         logits, updates = model.apply(
@@ -132,12 +177,18 @@ def train_step(state: TrainState, batch, *, model, tx, loss_fn: objectives.LossF
         # The loss is the global one on every replica; see tce_jax.losses.tilted_ce.
         grads = jax.lax.pmean(grads, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    probs = state.sampling_probs
+    if sampling_probs_fn is not None:
+        probs = sampling.advance_sampling_probs(
+            probs, state.step + 1, sampling_probs_fn(tce_state), refresh_steps
+        )
     new_state = TrainState(
         step=state.step + 1,
         params=optax.apply_updates(state.params, updates),
         batch_stats=batch_stats,
         opt_state=opt_state,
         tce_state=tce_state,
+        sampling_probs=probs,
     )
     step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     for key in ("objective", "class_loss", "class_weight", "num_invalid"):
@@ -146,14 +197,48 @@ def train_step(state: TrainState, batch, *, model, tx, loss_fn: objectives.LossF
     return new_state, step_metrics
 
 
-def eval_step(state: TrainState, batch, *, model, axis_name=None) -> jax.Array:
-    """Confusion matrix [C, C] (int32) of one evaluation batch, summed over devices."""
-    logits = model.apply(
-        {"params": state.params, "batch_stats": state.batch_stats}, batch["image"], train=False
+def eval_step(
+    state: TrainState,
+    batch,
+    *,
+    model,
+    num_classes: int,
+    axis_name=None,
+    mode: str = "whole",
+    window=None,
+    stride=None,
+    resize: bool = False,
+    ignore_index: int = 255,
+) -> jax.Array:
+    """Confusion matrix [C, C] (int32) of one evaluation batch, summed over devices.
+
+    Whole-image or sliding-window (`mode`) logits of the canvas; with `resize`, each image's
+    logits are resized to its label map's resolution before the argmax (`tce_jax.inference`).
+    """
+
+    def apply_fn(images):
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        return model.apply(variables, images, train=False)
+
+    sizes = {}
+    if resize:
+        sizes = {
+            "image_size": batch["image_size"],
+            "label_size": batch["label_size"],
+            "mask": batch["mask"],
+        }
+    predictions = inference.predict_labels(
+        apply_fn,
+        batch["image"],
+        label_shape=batch["label"].shape[-2:],
+        mode=mode,
+        window=window,
+        stride=stride,
+        **sizes,
     )
-    matrix = metrics.ConfusionMatrix.from_model_output(
-        logits=logits, labels=batch["label"], mask=batch["mask"]
-    ).matrix
+    matrix = metrics.confusion_matrix(
+        predictions, batch["label"], num_classes, mask=batch["mask"], ignore_index=ignore_index
+    )
     if axis_name is not None:
         matrix = jax.lax.psum(matrix, axis_name)
     return matrix
@@ -167,6 +252,7 @@ class MeshParallel:
     """`jax.jit` over a one-axis mesh of all devices: batch sharded, state replicated."""
 
     axis_name = None
+    eval_axis_name = MESH_AXIS  # evaluation runs per device (shard_map)
 
     def __init__(self):
         self.mesh = Mesh(np.asarray(jax.devices()), (MESH_AXIS,))
@@ -185,8 +271,14 @@ class MeshParallel:
         )
 
     def compile_eval(self, step_fn):
+        # Evaluation has no cross-device operation but the final psum (over `eval_axis_name`):
+        # under shard_map each device keeps its loops (sliding windows, per-example resizing
+        # to the label resolution) on its own examples, as under pmap.
+        per_device = jax.shard_map(
+            step_fn, mesh=self.mesh, in_specs=(P(), P(MESH_AXIS)), out_specs=P(), check_vma=False
+        )
         return jax.jit(
-            step_fn, in_shardings=(self.replicated, self.sharded), out_shardings=self.replicated
+            per_device, in_shardings=(self.replicated, self.sharded), out_shardings=self.replicated
         )
 
     def put_batch(self, batch):
@@ -218,6 +310,7 @@ class PmapParallel:
     """`jax.pmap(axis_name="batch")` over the local devices: state replicated per device."""
 
     axis_name = PMAP_AXIS
+    eval_axis_name = PMAP_AXIS
 
     def __init__(self):
         self.num_local = jax.local_device_count()
@@ -311,7 +404,7 @@ class Trainer:
         self.layout = input_pipeline.Layout(
             self.num_shards, jax.process_index(), jax.process_count()
         )
-        self.builder, self.spec = input_pipeline.load_builder(config)
+        self.spec = datasets.get_dataset_spec(config.data.name)
         self.num_classes = self.spec.num_classes
         self.parallel = create_parallel(config)
         self.model = create_model(config, self.num_classes, self.parallel.axis_name)
@@ -321,6 +414,12 @@ class Trainer:
         init = functools.partial(init_state, config, self.model, self.tx, self.num_classes)
         self._init = self.parallel.compile_init(init)
         self._abstract = jax.eval_shape(init, jax.random.key(0))
+        sampling_kwargs = {}
+        if config.data.class_aware_sampling:
+            sampling_kwargs = dict(
+                sampling_probs_fn=functools.partial(class_sampling_probs, config),
+                refresh_steps=config.data.sampling_refresh_steps,
+            )
         self._train_step = self.parallel.compile_train(
             functools.partial(
                 train_step,
@@ -328,21 +427,31 @@ class Trainer:
                 tx=self.tx,
                 loss_fn=self.loss_fn,
                 axis_name=self.parallel.axis_name,
+                **sampling_kwargs,
             )
         )
-        self._eval_step = self.parallel.compile_eval(
-            functools.partial(eval_step, model=self.model, axis_name=self.parallel.axis_name)
-        )
+        self._eval_steps: dict[bool, Any] = {}  # by EvalGeometry.resize
+        self._eval_geometry: dict[str, input_pipeline.EvalGeometry] = {}
         self.manager = create_checkpoint_manager(config, workdir)
         self.is_main = jax.process_index() == 0
+        # Fail fast, before any data preparation: the weights must exist and fit the model.
+        self.backbone = None
+        if config.model.pretrained and self.manager.latest_step() is None:
+            self.backbone = pretrained.load_for_model(
+                config.model.pretrained,
+                {"params": self._abstract.params, "batch_stats": self._abstract.batch_stats},
+                model=config.model.name,
+            )
+        self.builder, _ = input_pipeline.load_builder(config)
 
     # -- state -----------------------------------------------------------------------------
 
     def initial_state(self) -> TrainState:
-        """The latest checkpoint in the workdir if there is one, else a fresh state."""
+        """The latest checkpoint in the workdir if there is one, else a fresh state (with the
+        pretrained backbone of `config.model.pretrained`, if set)."""
         step = self.manager.latest_step()
         if step is None:
-            state = self._init(jax.random.key(self.config.seed))
+            state = self._init(jax.random.key(self.config.seed), self.backbone)
             return self.parallel.device_state(state)
         logging.info("Resuming from the checkpoint of step %d in %s", step, self.workdir)
         return self.restore(step)
@@ -364,13 +473,38 @@ class Trainer:
 
     # -- evaluation ------------------------------------------------------------------------
 
+    def _eval_step_for(self, geometry: input_pipeline.EvalGeometry):
+        if geometry.resize not in self._eval_steps:
+            data = self.config.data
+            self._eval_steps[geometry.resize] = self.parallel.compile_eval(
+                functools.partial(
+                    eval_step,
+                    model=self.model,
+                    num_classes=self.num_classes,
+                    axis_name=self.parallel.eval_axis_name,
+                    mode=data.eval_mode,
+                    window=tuple(data.eval_window),
+                    stride=tuple(data.eval_stride),
+                    resize=geometry.resize,
+                    ignore_index=self.spec.ignore_index,
+                )
+            )
+        return self._eval_steps[geometry.resize]
+
     def evaluate(self, state: TrainState, split: str) -> dict:
-        """Figures of DESIGN §5 over the whole split (every example once, padding masked)."""
+        """Figures of DESIGN §5 over the whole split (every example once, padding masked),
+        with predictions at the label maps' resolution."""
+        if split not in self._eval_geometry:
+            self._eval_geometry[split] = input_pipeline.eval_geometry(
+                self.builder, self.spec, self.config, split
+            )
+        geometry = self._eval_geometry[split]
+        step_fn = self._eval_step_for(geometry)
         matrix = np.zeros((self.num_classes, self.num_classes), np.int64)
         for batch in input_pipeline.eval_iterator(
-            self.builder, self.spec, self.config, split, self.layout
+            self.builder, self.spec, self.config, split, self.layout, geometry
         ):
-            batch_matrix = self._eval_step(state, self.parallel.put_batch(batch))
+            batch_matrix = step_fn(state, self.parallel.put_batch(batch))
             matrix += np.asarray(self.parallel.fetch(batch_matrix), np.int64)
         figures = metrics.segmentation_figures(matrix)
         figures["confusion"] = matrix
@@ -393,8 +527,18 @@ class Trainer:
             every_steps=config.log_every_steps,
             every_secs=None,
         )
+        sampler = None
+        if config.data.class_aware_sampling:
+            sampler = input_pipeline.class_aware_sampler(
+                self.builder, self.spec, config, self.layout
+            )
+            # [p_b, p_{b+1}] of the current period b, from the (restored) state.
+            probs = self.parallel.fetch(state.sampling_probs)
+            period = sampler.period(start)
+            sampler.post(period, probs[0])
+            sampler.post(period + 1, probs[1])
         data = input_pipeline.train_iterator(
-            self.builder, self.spec, config, self.layout, start_step=start
+            self.builder, self.spec, config, self.layout, start_step=start, index_fn=sampler
         )
         pending: list[dict] = []
         eval_figures = None
@@ -403,6 +547,9 @@ class Trainer:
             batch = self.parallel.put_batch(next(data))
             state, step_metrics = self._train_step(state, batch)
             pending.append(step_metrics)
+            if sampler is not None and step % sampler.refresh_steps == 0:
+                # The state after update b*R gives p_{b+1}, the next period's probabilities.
+                sampler.post(sampler.period(step) + 1, self.parallel.fetch(state.sampling_probs)[1])
             progress(step)
             if step % config.log_every_steps == 0 or step == config.num_train_steps:
                 scalars = self._log_train(writer, step, pending)
@@ -416,6 +563,8 @@ class Trainer:
                 self._log_eval(writer, step, config.data.eval_split, eval_figures)
             if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
                 self.save(state, step, eval_figures)
+        if sampler is not None:
+            sampler.close()  # the reader may be waiting for a period beyond the last step
         self.manager.wait_until_finished()
         writer.flush()
         return state

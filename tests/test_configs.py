@@ -13,6 +13,7 @@ from tce_jax import config_lib, objectives, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
+DEFAULT_CONFIG = os.path.join(ROOT, "configs", "default.py")
 
 
 def load_config_module(path):
@@ -60,7 +61,7 @@ def test_every_config_file_loads_validates_and_builds(path):
     ],
 )
 def test_bad_values_name_the_field(field, value, message):
-    config = load_config_module(CONFIG_FILES[0]).get_config("tiny")
+    config = load_config_module(DEFAULT_CONFIG).get_config("tiny")
     node = config
     *parents, leaf = field.split(".")
     for p in parents:
@@ -71,7 +72,7 @@ def test_bad_values_name_the_field(field, value, message):
 
 
 def test_batch_must_split_over_devices():
-    config = load_config_module(CONFIG_FILES[0]).get_config("tiny")
+    config = load_config_module(DEFAULT_CONFIG).get_config("tiny")
     config.global_batch_size = 6
     with pytest.raises(config_lib.ConfigError, match="multiple of the number of devices"):
         config_lib.validate_layout(config, num_devices=4, num_processes=1)
@@ -83,7 +84,7 @@ def test_batch_must_split_over_devices():
 
 def test_unknown_variant():
     with pytest.raises(ValueError, match="Unknown config variant 'cee'"):
-        load_config_module(CONFIG_FILES[0]).get_config("cee")
+        load_config_module(DEFAULT_CONFIG).get_config("cee")
 
 
 def run_main(*args, timeout=120):

@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from tce_jax.datasets import street_scenes
+from tce_jax.datasets import ade20k, cityscapes, street_scenes
 from tce_jax.datasets.street_scenes import CLASS_NAMES, StreetScenes
 
 __all__ = [
@@ -81,6 +81,30 @@ DATASETS: dict[str, DatasetSpec] = {
     "street_scenes": _STREET_SCENES,
     # The first 64/16/16 scenes, for tests and smoke runs.
     "street_scenes_small": dataclasses.replace(_STREET_SCENES, tfds_name="street_scenes/small"),
+    # TFDS's own builder; the official label ids are mapped to the 19 train ids when read.
+    "cityscapes": DatasetSpec(
+        tfds_name=cityscapes.TFDS_NAME,
+        num_classes=cityscapes.NUM_CLASSES,
+        class_names=cityscapes.CLASS_NAMES,
+        palette=cityscapes.PALETTE,
+        image_key=cityscapes.IMAGE_KEY,
+        label_key=cityscapes.LABEL_KEY,
+        splits={"train": "train", "validation": "validation", "test": "test"},
+        ignore_index=cityscapes.IGNORE_LABEL,
+        label_map=cityscapes.LABEL_MAP,
+    ),
+    # Our builder of ADEChallengeData2016; annotation 0 -> 255, k -> k - 1 when read.
+    "ade20k": DatasetSpec(
+        tfds_name=ade20k.TFDS_NAME,
+        num_classes=ade20k.NUM_CLASSES,
+        class_names=ade20k.CLASS_NAMES,
+        palette=ade20k.PALETTE,
+        image_key=ade20k.IMAGE_KEY,
+        label_key=ade20k.LABEL_KEY,
+        splits={"train": "train", "validation": "validation"},
+        ignore_index=ade20k.IGNORE_LABEL,
+        label_map=ade20k.LABEL_MAP,
+    ),
 }
 
 

@@ -1,0 +1,396 @@
+"""Tilted class-aware sampling (DESIGN §2, step 5) and the per-image class index it reads.
+
+* :class:`ClassIndex`: for every example of a split, the pixel count of each class (after the
+  dataset's label map) and the label map's size. Computed once by decoding every label map and
+  cached as ``tce_index-<split>.npz`` next to the prepared TFDS data (``builder.data_dir``);
+  the evaluation pipeline reads the sizes too.
+* :class:`ClassAwareSampler`: an ``IndexFn(shard, step) -> indices`` for the input pipeline.
+  Every example slot of a step draws a class ``c ~ p`` (among the classes present in the
+  shard), then, uniformly, an image of the shard that contains ``c``. The draw is a pure
+  function of ``(seed, shard, step, p)``.
+* ``p`` comes from the training state: ``p = (1 - mix) w + mix / C`` with the Stochastic TCE
+  weights ``w`` (:func:`tce_jax.losses.class_sampling_probs`). It is refreshed every
+  ``R = refresh_steps`` steps with a lag of one period, because tf.data reads ahead of
+  training: data step ``d`` (the batch of update ``d + 1``) uses ``p_b``, ``b = d // R``, where
+  ``p_0 = p_1`` come from the initial state and ``p_b`` (``b >= 2``) from the state after
+  ``(b - 1) R`` updates. The train state keeps ``[p_b, p_{b+1}]`` for its current period ``b``
+  (:func:`advance_sampling_probs`, checkpointed), so a resumed run draws the same batches.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import os
+import re
+import threading
+from collections.abc import Mapping, Sequence
+from concurrent import futures
+
+import jax.numpy as jnp
+import numpy as np
+
+from tce_jax.datasets import archives
+
+# A fixed key that separates the sampler's random stream from every other use of the seed.
+_SAMPLER_STREAM = 0x7CE5A
+_INDEX_FORMAT = 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The class index.
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassIndex:
+    """Per-example class statistics of one split, in the order of its data source.
+
+    Attributes:
+      counts: int32 ``[N, C]``, pixels of each train id in each example's label map.
+      sizes: int32 ``[N, 2]``, each label map's ``(height, width)``.
+    """
+
+    counts: np.ndarray
+    sizes: np.ndarray
+
+    @property
+    def presence(self) -> np.ndarray:
+        """bool ``[N, C]``: which classes each example contains."""
+        return self.counts > 0
+
+    @property
+    def num_examples(self) -> int:
+        return self.counts.shape[0]
+
+    def image_frequencies(self) -> np.ndarray:
+        """float64 ``[C]``: the fraction of examples that contain each class."""
+        return self.presence.mean(axis=0)
+
+
+def _decode_label(data, label_map: np.ndarray | None) -> np.ndarray:
+    """uint8 ``[H, W]`` train ids from PNG bytes (or an already decoded array)."""
+    if isinstance(data, bytes | np.bytes_):
+        from PIL import Image
+
+        with Image.open(io.BytesIO(bytes(data))) as image:
+            if image.mode != "L":
+                raise ValueError(f"expected an 8-bit grey label map, got PIL mode {image.mode}")
+            values = np.asarray(image)
+    else:
+        values = np.asarray(data)
+    if values.ndim == 3:
+        values = values[..., 0]
+    values = values.astype(np.uint8, copy=False)
+    return values if label_map is None else np.asarray(label_map, np.uint8)[values]
+
+
+def compute_class_index(
+    source: Sequence[Mapping],
+    label_key: str,
+    num_classes: int,
+    label_map: np.ndarray | None = None,
+    *,
+    describe=str,
+    num_threads: int = 8,
+) -> ClassIndex:
+    """Decodes every label map of ``source`` (a TFDS data source) and counts classes.
+
+    Args:
+      source: random-access examples; ``source[i][label_key]`` is PNG bytes or an array.
+      label_key: feature name of the label map.
+      num_classes: C; values ``>= C`` after ``label_map`` (ignore, 255) are not counted.
+      label_map: optional ``[256]`` look-up table from raw label values to train ids.
+      describe: ``describe(i)`` names example ``i`` in error messages.
+      num_threads: label maps are decoded in parallel (PNG decoding releases the GIL).
+
+    Raises:
+      DatasetNotFoundError: a label map does not decode; the message names the example.
+    """
+    n = len(source)
+    counts = np.zeros((n, num_classes), np.int32)
+    sizes = np.zeros((n, 2), np.int32)
+
+    def one(i: int, data) -> None:
+        try:
+            label = _decode_label(data, label_map)
+        except Exception as e:  # PIL raises several types for broken files.
+            raise archives.DatasetNotFoundError(
+                f"The label map of {describe(i)} does not decode ({type(e).__name__}: {e}). "
+                "The prepared data are corrupt: delete the prepared dataset directory and "
+                "prepare it again from the official archives."
+            ) from e
+        counts[i] = np.bincount(label.ravel(), minlength=256)[:num_classes]
+        sizes[i] = label.shape
+
+    # Records are read in this thread (in order); only the decoding runs in the pool.
+    with futures.ThreadPoolExecutor(max(1, num_threads)) as pool:
+        pending: list[futures.Future] = []
+        for i in range(n):
+            pending.append(pool.submit(one, i, source[i][label_key]))
+            if len(pending) > 4 * num_threads:
+                pending.pop(0).result()
+        for future in pending:
+            future.result()
+    return ClassIndex(counts=counts, sizes=sizes)
+
+
+def index_path(data_dir: str, split) -> str:
+    """Where the class index of ``split`` is cached: next to the prepared TFDS files."""
+    text = str(split)
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_")[:60]
+    digest = hashlib.sha1(text.encode()).hexdigest()[:8]
+    return os.path.join(os.fspath(data_dir), f"tce_index-{safe}-{digest}.npz")
+
+
+def _fingerprint(builder, spec, split, num_examples: int) -> str:
+    label_map = b"" if spec.label_map is None else np.asarray(spec.label_map, np.uint8).tobytes()
+    return "|".join(
+        [
+            f"format={_INDEX_FORMAT}",
+            f"tfds={spec.tfds_name}",
+            f"version={builder.info.version}",
+            f"split={split}",
+            f"n={num_examples}",
+            f"classes={spec.num_classes}",
+            f"label_map={hashlib.sha1(label_map).hexdigest()}",
+        ]
+    )
+
+
+def load_class_index(builder, spec, split, *, cache: bool = True) -> ClassIndex:
+    """The class index of ``split`` of a prepared dataset: from the cache, or computed once.
+
+    The cache file (see :func:`index_path`) holds a fingerprint of the dataset, split, label
+    map and number of classes; a stale or unreadable file is recomputed. If the data dir is
+    read-only the index is computed and kept in memory only.
+    """
+    from tensorflow_datasets import decode
+
+    source = builder.as_data_source(
+        split=split,
+        decoders={spec.image_key: decode.SkipDecoding(), spec.label_key: decode.SkipDecoding()},
+    )
+    fingerprint = _fingerprint(builder, spec, split, len(source))
+    path = index_path(builder.data_dir, split)
+    if cache and os.path.exists(path):
+        try:
+            with np.load(path) as f:
+                if str(f["fingerprint"]) == fingerprint:
+                    return ClassIndex(counts=f["counts"], sizes=f["sizes"])
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable or from another format: recompute
+
+    def describe(i: int) -> str:
+        example_id = ""
+        for key in ("image_id", "id"):
+            try:
+                example_id = f" ({source[i][key]!r})"
+                break
+            except Exception:  # noqa: BLE001 - only for the message
+                continue
+        return f"example {i}{example_id} of {spec.tfds_name} split {split} in {builder.data_dir}"
+
+    index = compute_class_index(
+        source, spec.label_key, spec.num_classes, spec.label_map, describe=describe
+    )
+    if cache:
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        try:
+            with open(tmp, "wb") as f:
+                np.savez(f, counts=index.counts, sizes=index.sizes, fingerprint=fingerprint)
+            os.replace(tmp, path)  # atomic: concurrent writers leave one complete file
+        except OSError:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return index
+
+
+def shard_positions(builder, split, shard_split) -> np.ndarray:
+    """int64 ``[n_shard]``: the position in ``split``'s data source of each example of
+    ``shard_split`` (a sub-split of it, e.g. from ``tfds.split_for_jax_process``).
+
+    Both data sources read their files' records in the order of their file instructions;
+    this matches the two instruction lists.
+    """
+    starts: dict[str, list[tuple[int, int, int]]] = {}
+    position = 0
+    for fi in builder.info.splits[split].file_instructions:
+        starts.setdefault(fi.filename, []).append((fi.skip, fi.take, position))
+        position += fi.take
+    out = []
+    for fi in builder.info.splits[shard_split].file_instructions:
+        for skip, take, start in starts.get(fi.filename, ()):
+            if skip <= fi.skip and fi.skip + fi.take <= skip + take:
+                out.append(np.arange(fi.take, dtype=np.int64) + start + fi.skip - skip)
+                break
+        else:
+            raise ValueError(f"{shard_split} is not a sub-split of {split}.")
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+# ---------------------------------------------------------------------------------------------
+# The sampler.
+
+
+def draw(
+    members: Sequence[np.ndarray], probs, *, seed: int, shard: int, step: int, batch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """One step's class-aware draw for one shard; a pure function of its arguments.
+
+    Args:
+      members: ``C`` arrays; ``members[c]`` holds the (shard-local) indices of the examples
+        that contain class ``c`` (possibly empty).
+      probs: ``[C]`` class probabilities ``p`` (any non-negative weights; renormalised over the
+        classes that have members; uniform over them if that leaves no mass).
+      seed, shard, step: select the random stream, ``default_rng([seed, K, shard, step])``.
+      batch: examples to draw.
+
+    Returns:
+      ``(classes, indices)``, int64 ``[batch]`` each: the class drawn for each slot and the
+      example drawn among those that contain it.
+    """
+    available = np.array([len(m) > 0 for m in members])
+    if not available.any():
+        raise ValueError("No example of the shard contains any class: nothing to sample.")
+    p = np.where(available, np.asarray(probs, np.float64), 0.0)
+    if not np.isfinite(p).all() or p.sum() <= 0:
+        p = available.astype(np.float64)
+    cdf = np.cumsum(p)
+    rng = np.random.default_rng([seed, _SAMPLER_STREAM, shard, step])
+    classes = np.searchsorted(cdf, rng.random(batch) * cdf[-1], side="right")
+    classes = np.minimum(classes, len(p) - 1)
+    # Rounding at the top of the cdf could land on a trailing class without members.
+    classes = np.where(available[classes], classes, np.flatnonzero(available)[-1])
+    picks = rng.random(batch)
+    indices = np.array(
+        [members[c][int(u * len(members[c]))] for c, u in zip(classes, picks, strict=True)],
+        np.int64,
+    )
+    return classes.astype(np.int64), indices
+
+
+class SamplerTimeoutError(RuntimeError):
+    """The input pipeline waited too long for the sampling probabilities of a period."""
+
+
+class ClassAwareSampler:
+    """``IndexFn(shard, step) -> indices`` drawing images by class (see the module docstring).
+
+    The trainer posts the probabilities of each refresh period with :meth:`post`; the input
+    pipeline's reader thread calls the sampler and blocks until the probabilities of the
+    step's period are there.
+
+    Args:
+      presence: bool ``[N_s, C]`` per owned shard ``s``: which classes each of its examples
+        contains (rows in the shard's data-source order).
+      batch_per_shard: examples drawn per shard and step.
+      seed: the run's seed.
+      refresh_steps: ``R``, the refresh period in steps.
+      num_steps: steps that training will consume; the reader may run ahead of it, and draws
+        for later steps (never used) do not wait for probabilities.
+      timeout: seconds :meth:`probs` waits before raising `SamplerTimeoutError`.
+    """
+
+    def __init__(
+        self,
+        presence: Mapping[int, np.ndarray],
+        *,
+        batch_per_shard: int,
+        seed: int,
+        refresh_steps: int,
+        num_steps: int | None = None,
+        timeout: float = 3600.0,
+    ):
+        self.members = {
+            shard: [np.flatnonzero(p[:, c]) for c in range(p.shape[1])]
+            for shard, p in presence.items()
+        }
+        for shard, members in self.members.items():
+            if not any(len(m) for m in members):
+                raise ValueError(
+                    f"Shard {shard} has no labelled pixel of any class: class-aware sampling "
+                    "cannot draw from it."
+                )
+        self.num_classes = len(next(iter(self.members.values())))
+        self.batch_per_shard = batch_per_shard
+        self.seed = seed
+        self.refresh_steps = refresh_steps
+        self.num_steps = num_steps
+        self.timeout = timeout
+        self._probs: dict[int, np.ndarray] = {}
+        self._closed = False
+        self._cond = threading.Condition()
+
+    def period(self, step: int) -> int:
+        return step // self.refresh_steps
+
+    def post(self, period: int, probs) -> None:
+        """Makes ``probs`` (``[C]``) the class probabilities of refresh period ``period``."""
+        probs = np.array(probs, np.float64)
+        with self._cond:
+            self._probs[period] = probs
+            for old in [k for k in self._probs if k < period - 2]:
+                del self._probs[old]
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        """Stops waiting: from now on, unposted periods draw classes uniformly. Call when
+        training ends, so that a reader thread running ahead is not left blocked."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+
+    def probs(self, period: int) -> np.ndarray:
+        """The posted probabilities of ``period``; waits for them if need be (uniform after
+        :meth:`close`)."""
+        with self._cond:
+            ready = self._cond.wait_for(
+                lambda: period in self._probs or self._closed, timeout=self.timeout
+            )
+            if ready and period not in self._probs:
+                return np.ones(self.num_classes)
+            if not ready:
+                raise SamplerTimeoutError(
+                    f"No class-sampling probabilities for refresh period {period} after "
+                    f"{self.timeout:.0f} s (posted: {sorted(self._probs)}); the trainer must "
+                    "post them (ClassAwareSampler.post) before the input pipeline needs them."
+                )
+            return self._probs[period]
+
+    def __call__(self, shard: int, step: int) -> np.ndarray:
+        if self.num_steps is not None and step >= self.num_steps:
+            probs = np.ones(self.num_classes)  # read ahead past the end: never used
+        else:
+            probs = self.probs(self.period(step))
+        _, indices = draw(
+            self.members[shard],
+            probs,
+            seed=self.seed,
+            shard=shard,
+            step=step,
+            batch=self.batch_per_shard,
+        )
+        return indices
+
+
+# ---------------------------------------------------------------------------------------------
+# The probabilities in the train state.
+
+
+def init_sampling_probs(probs: jnp.ndarray) -> jnp.ndarray:
+    """``[2, C]`` ``[p_0, p_1]`` for a fresh run: both from the initial state."""
+    return jnp.stack([probs, probs]).astype(jnp.float32)
+
+
+def advance_sampling_probs(
+    sampling_probs: jnp.ndarray, new_step, fresh_probs: jnp.ndarray, refresh_steps: int
+) -> jnp.ndarray:
+    """The train state's ``[p_b, p_{b+1}]`` after the update that made the step ``new_step``.
+
+    When ``new_step`` starts period ``b = new_step / R``, the pair moves on: ``p_b`` is the old
+    ``p_{b+1}`` and the new ``p_{b+1}`` is ``fresh_probs``, computed from the state after this
+    update. Otherwise nothing changes. Pure JAX; runs inside the train step.
+    """
+    rolled = jnp.stack([sampling_probs[1], fresh_probs.astype(sampling_probs.dtype)])
+    return jnp.where(new_step % refresh_steps == 0, rolled, sampling_probs)

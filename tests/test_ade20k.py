@@ -1,0 +1,159 @@
+"""ADE20K (ADEChallengeData2016) through our TFDS builder, from a fake official archive:
+splits, the 0 -> 255 / k -> k-1 label map, archive checks, augmentation and evaluation of
+images of many sizes, and a few training steps of the small config."""
+
+import json
+import os
+
+import fake_archives
+import numpy as np
+import pytest
+
+from configs import ade20k as ade_config
+from tce_jax import datasets, input_pipeline, sampling, train
+from tce_jax.datasets import ade20k
+
+IGNORE = 255
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ade20k")
+    manual_dir = str(root / "manual")
+    raw = fake_archives.write_ade20k(manual_dir)
+    config = ade_config.get_config("runlocal")
+    config.data.data_dir = str(root / "tfds")
+    config.data.manual_dir = manual_dir
+    builder, spec = input_pipeline.load_builder(config)
+    return config, builder, spec, raw
+
+
+def test_label_map_names_and_palette():
+    lut = ade20k.LABEL_MAP
+    assert lut[0] == IGNORE
+    np.testing.assert_array_equal(lut[1:151], np.arange(150))
+    assert (lut[151:] == IGNORE).all()
+    spec = datasets.get_dataset_spec("ade20k")
+    assert spec.num_classes == 150 and spec.tfds_name == "ade20k"
+    assert spec.class_names[:4] == ("wall", "building", "sky", "floor")
+    assert spec.class_names[-1] == "flag" and len(set(spec.class_names)) == 150
+    assert ade20k.OBJECT_INFO_NAMES[12].startswith("person, individual")
+    assert spec.palette[0] == (120, 120, 120) and len(set(spec.palette)) > 140
+
+
+def test_splits_and_examples_are_the_released_files(prepared):
+    _, builder, spec, raw = prepared
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == {
+        "train": 4, "validation": 2,
+    }  # fmt: skip
+    source = builder.as_data_source(split="train")
+    by_id = {source[i]["image_id"].decode(): source[i] for i in range(len(source))}
+    assert sorted(by_id) == [f"ADE_train_0000000{k}" for k in range(1, 5)]
+    for image_id, example in by_id.items():
+        annotation = example[spec.label_key][..., 0]
+        np.testing.assert_array_equal(annotation, raw[image_id])  # stored as released
+        assert example[spec.image_key].shape == (*annotation.shape, 3)
+    assert builder.info.metadata["class_names"][0] == "wall"
+
+
+def test_pipeline_labels_and_evaluation_geometry(prepared):
+    config, builder, spec, raw = prepared
+    geometry = input_pipeline.eval_geometry(builder, spec, config, "validation")
+    # 48x72 -> 64x96 and 60x40 -> 96x64 (short side 64): canvas 96x96, labels up to 60x72.
+    assert geometry == input_pipeline.EvalGeometry((96, 96), (60, 72), resize=True)
+    config = config.copy_and_resolve_references()
+    config.data.eval_batch_size = 4  # 2 examples, 2 padding
+    layout = input_pipeline.Layout(1, 0, 1)
+    (batch,) = list(input_pipeline.eval_iterator(builder, spec, config, "validation", layout))
+    np.testing.assert_array_equal(batch["mask"], [True, True, False, False])
+    np.testing.assert_array_equal(batch["image_size"][:2], [[64, 96], [96, 64]])
+    np.testing.assert_array_equal(batch["label_size"][:2], [[48, 72], [60, 40]])
+    for k, image_id in enumerate(["ADE_val_00000001", "ADE_val_00000002"]):
+        h, w = raw[image_id].shape
+        np.testing.assert_array_equal(batch["label"][k, :h, :w], ade20k.LABEL_MAP[raw[image_id]])
+        assert (batch["label"][k, h:] == IGNORE).all() and (
+            batch["label"][k, :, w:] == IGNORE
+        ).all()
+    assert (batch["label"][2:] == IGNORE).all()
+    assert (batch["image"][0, 64:] == 0).all()  # canvas padding: the mean colour
+
+
+def test_augmentation_invariants(prepared):
+    config, builder, spec, _ = prepared
+    config = config.copy_and_resolve_references()
+    config.data.crop_size = (64, 64)
+    layout = input_pipeline.Layout(1, 0, 1)
+    iterator = input_pipeline.train_iterator(builder, spec, config, layout)
+    batches = [next(iterator) for _ in range(3)]
+    for batch in batches:
+        assert batch["label"].shape == (8, 64, 64) and batch["image"].shape == (8, 64, 64, 3)
+        assert set(np.unique(batch["label"])) <= set(range(150)) | {IGNORE}
+    labels = np.concatenate([b["label"] for b in batches])
+    assert {0, 2, 12, 20, 149} <= set(np.unique(labels))  # raw 1, 3, 13, 21, 150
+    # At ratio 0.5 every image is at most 43 pixels high: 64x64 crops are padded with 255.
+    config.data.min_scale = config.data.max_scale = 0.5
+    config.data.flip = False
+    batch = next(input_pipeline.train_iterator(builder, spec, config, layout))
+    assert (batch["label"][:, 48:] == IGNORE).all()
+    assert (batch["image"][:, 48:] == 0).all()  # the mean colour once normalised
+
+
+def test_archive_checks_name_the_path_and_the_fix(tmp_path):
+    how = "ADEChallengeData2016.zip"
+    with pytest.raises(input_pipeline.DatasetNotFoundError, match="does not exist") as e:
+        ade20k.check_manual_dir(str(tmp_path / "nowhere"))
+    assert "sceneparsing" in str(e.value)
+
+    dropped = ade20k.annotation_path("training", "ADE_train_00000003")
+    fake_archives.write_ade20k(str(tmp_path / "incomplete"), drop=dropped)
+    with pytest.raises(input_pipeline.DatasetNotFoundError, match=dropped) as e:
+        ade20k.check_manual_dir(str(tmp_path / "incomplete"))
+    assert how in str(e.value)
+
+    corrupt = ade20k.annotation_path("validation", "ADE_val_00000002")
+    fake_archives.write_ade20k(str(tmp_path / "corrupt"), corrupt=corrupt)
+    with pytest.raises(input_pipeline.DatasetNotFoundError, match=corrupt) as e:
+        ade20k.check_manual_dir(str(tmp_path / "corrupt"))
+    assert "8-bit grey PNG" in str(e.value) and how in str(e.value)
+
+
+def test_a_corrupt_jpeg_fails_preparation_with_its_path(tmp_path):
+    # The header looks like a JPEG: only decoding (during preparation) finds the damage.
+    corrupt = ade20k.image_path("training", "ADE_train_00000002")
+    fake_archives.write_ade20k(str(tmp_path / "manual"), corrupt=corrupt)
+    config = ade_config.get_config("runlocal")
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.data.manual_dir = str(tmp_path / "manual")
+    with pytest.raises(input_pipeline.DatasetNotFoundError, match=corrupt) as e:
+        input_pipeline.load_builder(config)
+    assert "decodable JPEG" in str(e.value)
+
+
+def test_class_index_of_the_training_split(prepared):
+    _, builder, spec, raw = prepared
+    index = input_pipeline.class_index(builder, spec, "train")
+    source = builder.as_data_source(split="train")
+    for i in range(len(source)):
+        mapped = ade20k.LABEL_MAP[raw[source[i]["image_id"].decode()]]
+        np.testing.assert_array_equal(
+            index.counts[i], np.bincount(mapped.ravel(), minlength=256)[:150]
+        )
+        np.testing.assert_array_equal(index.sizes[i], mapped.shape)
+    assert os.path.exists(sampling.index_path(builder.data_dir, "train"))
+
+
+def test_small_config_trains_and_evaluates_at_label_resolution(prepared, tmp_path):
+    config = ade_config.get_config("ce,runlocal")
+    config.data.data_dir = prepared[0].data.data_dir
+    results = train.train_and_evaluate(config, str(tmp_path))
+    confusion = results["validation"]["confusion"]
+    raw = prepared[3]
+    labelled = sum(
+        int((ade20k.LABEL_MAP[raw[k]] != IGNORE).sum())
+        for k in ("ADE_val_00000001", "ADE_val_00000002")
+    )
+    assert confusion.shape == (150, 150) and confusion.sum() == labelled
+    with open(tmp_path / "train_metrics.jsonl") as f:
+        lines = [json.loads(x) for x in f]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    assert all(np.isfinite(x["train/loss"]) for x in lines)

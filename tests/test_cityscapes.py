@@ -1,0 +1,155 @@
+"""Cityscapes through TFDS from fake official archives: splits, the official label table,
+archive checks, evaluation at full resolution, and a few training steps of the small config."""
+
+import json
+import os
+import shutil
+
+import fake_archives
+import numpy as np
+import pytest
+from cityscapesscripts.helpers import labels as cs_labels
+
+from configs import cityscapes as cs_config
+from tce_jax import datasets, input_pipeline, train
+from tce_jax.datasets import cityscapes
+
+IGNORE = 255
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    """Fake archives in a manual dir, prepared by TFDS's cityscapes builder."""
+    root = tmp_path_factory.mktemp("cityscapes")
+    manual_dir = str(root / "manual")
+    raw = fake_archives.write_cityscapes(manual_dir)
+    config = cs_config.get_config("runlocal")
+    config.data.data_dir = str(root / "tfds")
+    config.data.manual_dir = manual_dir
+    builder, spec = input_pipeline.load_builder(config)
+    return config, builder, spec, raw
+
+
+def test_label_map_is_the_official_table():
+    lut = cityscapes.LABEL_MAP
+    assert lut.shape == (256,) and lut.dtype == np.uint8
+    for label in cs_labels.labels:
+        if label.id < 0:
+            continue  # license plate: id -1, not a value of the label PNGs
+        expected = label.trainId if 0 <= label.trainId < IGNORE else IGNORE
+        assert lut[label.id] == expected, label.name
+    assert (lut[34:] == IGNORE).all()
+    assert sorted(set(lut.tolist()) - {IGNORE}) == list(range(19))
+    assert cityscapes.CLASS_NAMES[:3] == ("road", "sidewalk", "building")
+    assert cityscapes.CLASS_NAMES[-1] == "bicycle" and len(cityscapes.CLASS_NAMES) == 19
+    assert cityscapes.PALETTE[0] == (128, 64, 128)
+    spec = datasets.get_dataset_spec("cityscapes")
+    assert spec.tfds_name == "cityscapes/semantic_segmentation"
+    assert spec.class_names == cityscapes.CLASS_NAMES and spec.palette == cityscapes.PALETTE
+
+
+def test_splits_and_examples(prepared):
+    _, builder, spec, raw = prepared
+    assert {k: v.num_examples for k, v in builder.info.splits.items()} == {
+        "train": 2, "validation": 1, "test": 1,
+    }  # fmt: skip
+    source = builder.as_data_source(split="validation")
+    example = source[0]
+    assert example["image_id"].decode() == "frankfurt_000000_000294"
+    assert example[spec.image_key].shape == (1024, 2048, 3)
+    np.testing.assert_array_equal(example[spec.label_key][..., 0], raw["frankfurt_000000_000294"])
+
+
+def test_labels_are_train_ids_of_the_official_table(prepared):
+    config, builder, spec, raw = prepared
+    layout = input_pipeline.Layout(1, 0, 1)
+    config = config.copy_and_resolve_references()
+    config.data.eval_batch_size = 1
+    (batch,) = list(input_pipeline.eval_iterator(builder, spec, config, "validation", layout))
+    label = batch["label"][0]
+    ids = raw["frankfurt_000000_000294"]
+    assert label.shape == ids.shape == (1024, 2048)  # full resolution, not the 128x256 canvas
+    expected = np.vectorize(
+        lambda i: (
+            cs_labels.id2label[i].trainId if 0 <= cs_labels.id2label[i].trainId < 255 else IGNORE
+        )
+    )(np.arange(34))
+    np.testing.assert_array_equal(label, expected[ids])
+    assert set(np.unique(label)) == set(range(19)) | {IGNORE}
+    assert batch["image"].shape == (1, 128, 256, 3)  # rescaled to base_size (128, 256)
+    np.testing.assert_array_equal(batch["image_size"][0], (128, 256))
+    np.testing.assert_array_equal(batch["label_size"][0], (1024, 2048))
+
+
+def test_training_crops_hold_train_ids_and_ignore_padding(prepared):
+    config, builder, spec, _ = prepared
+    config = config.copy_and_resolve_references()
+    config.data.min_scale = config.data.max_scale = 0.25  # 32x64 images, 64x128 crops
+    config.data.flip = False
+    batch = next(
+        input_pipeline.train_iterator(builder, spec, config, input_pipeline.Layout(1, 0, 1))
+    )
+    labels = batch["label"]
+    assert labels.shape == (8, 64, 128)
+    assert set(np.unique(labels)) <= set(range(19)) | {IGNORE}
+    assert (labels[:, 32:] == IGNORE).all() and (labels[:, :, 64:] == IGNORE).all()
+    assert (batch["image"][:, 32:] == 0).all()  # padded with the mean colour (0 once normalised)
+    assert len(set(np.unique(labels[:, :32, :64])) - {IGNORE}) >= 3
+
+
+def test_archive_checks_name_the_path_and_the_fix(tmp_path):
+    how = "cityscapes-dataset.com"
+    with pytest.raises(input_pipeline.DatasetNotFoundError, match="does not exist") as e:
+        cityscapes.check_manual_dir(str(tmp_path / "nowhere"))
+    assert how in str(e.value) and "leftImg8bit_trainvaltest.zip" in str(e.value)
+
+    only_images = tmp_path / "only_images"
+    fake_archives.write_cityscapes(str(only_images))
+    os.remove(only_images / "gtFine_trainvaltest.zip")
+    os.makedirs(only_images / "gtFine_trainvaltest")
+    with pytest.raises(input_pipeline.DatasetNotFoundError) as e:
+        cityscapes.check_manual_dir(str(only_images))
+    message = str(e.value)
+    assert str(only_images / "gtFine_trainvaltest.zip") in message and how in message
+    assert "extracted folder" in message
+
+    member = "leftImg8bit/train/bochum/bochum_000000_000313_leftImg8bit.png"
+    corrupt = tmp_path / "corrupt"
+    fake_archives.write_cityscapes(str(corrupt), corrupt=member)
+    with pytest.raises(input_pipeline.DatasetNotFoundError) as e:
+        cityscapes.check_manual_dir(str(corrupt))
+    message = str(e.value)
+    assert member in message and "2048x1024 8-bit RGB PNG" in message and how in message
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(corrupt, truncated)
+    with open(truncated / "gtFine_trainvaltest.zip", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(input_pipeline.DatasetNotFoundError, match="not a readable zip"):
+        cityscapes.check_manual_dir(str(truncated))
+
+
+def test_load_builder_fails_fast_on_a_wrong_manual_dir(tmp_path):
+    config = cs_config.get_config("runlocal")
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.data.manual_dir = str(tmp_path)
+    with pytest.raises(input_pipeline.DatasetNotFoundError, match="it holds nothing"):
+        input_pipeline.load_builder(config)
+    assert not os.path.exists(tmp_path / "tfds" / "cityscapes" / "semantic_segmentation")
+
+
+def test_small_config_trains_with_sampling_and_sliding_evaluation(prepared, tmp_path):
+    config, *_ = prepared
+    config = cs_config.get_config("stochastic_tce,sampling,slide,runlocal")
+    config.data.data_dir, config.data.manual_dir = prepared[0].data.data_dir, "/nonexistent"
+    results = train.train_and_evaluate(config, str(tmp_path))
+    figures = results["validation"]
+    assert figures["confusion"].shape == (19, 19)
+    # Every labelled pixel of the full-resolution validation label map was counted.
+    label = fake_archives.cityscapes_label_ids("frankfurt")
+    assert figures["confusion"].sum() == (cityscapes.LABEL_MAP[label] != IGNORE).sum()
+    with open(tmp_path / "train_metrics.jsonl") as f:
+        lines = [json.loads(x) for x in f]
+    assert [x["step"] for x in lines] == [1, 2, 3]
+    assert all(np.isfinite(x["train/loss"]) for x in lines)
+    assert os.path.exists(tmp_path / "report.md")

@@ -1,0 +1,169 @@
+"""Tilted class-aware sampling: the cached class index, the draw's frequencies and determinism,
+the probability hand-over between trainer and reader, and an exactly resumable run."""
+
+import dataclasses
+import os
+import shutil
+import threading
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import default
+from tce_jax import input_pipeline, sampling, train
+
+
+@pytest.fixture(scope="module")
+def prepared(small_data_dir):
+    config = default.get_config("tiny")
+    config.data.data_dir = small_data_dir
+    builder, spec = input_pipeline.load_builder(config)
+    return config, builder, spec
+
+
+def test_class_index_counts_every_class_of_every_example_and_is_cached(prepared, monkeypatch):
+    _, builder, spec = prepared
+    index = sampling.load_class_index(builder, spec, "validation")
+    source = builder.as_data_source(split="validation")
+    assert index.counts.shape == (len(source), spec.num_classes)
+    for i in range(len(source)):
+        label = np.asarray(source[i][spec.label_key])[..., 0]
+        np.testing.assert_array_equal(
+            index.counts[i], np.bincount(label.ravel(), minlength=256)[: spec.num_classes]
+        )
+        np.testing.assert_array_equal(index.sizes[i], label.shape)
+    np.testing.assert_array_equal(index.presence, index.counts > 0)
+    path = sampling.index_path(builder.data_dir, "validation")
+    assert os.path.dirname(path) == os.fspath(builder.data_dir) and os.path.exists(path)
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed although cached")
+
+    monkeypatch.setattr(sampling, "compute_class_index", fail)
+    cached = sampling.load_class_index(builder, spec, "validation")
+    np.testing.assert_array_equal(cached.counts, index.counts)
+    # A different label map makes the cache stale.
+    remapped = dataclasses.replace(spec, label_map=np.roll(np.arange(256, dtype=np.uint8), 1))
+    with pytest.raises(AssertionError, match="recomputed"):
+        sampling.load_class_index(builder, remapped, "validation")
+
+
+def test_shard_positions_point_at_the_same_examples(prepared):
+    _, builder, _ = prepared
+    full = builder.as_data_source(split="train")
+    seen = []
+    for shard in range(3):
+        shard_split = tfds.split_for_jax_process("train", process_index=shard, process_count=3)
+        positions = sampling.shard_positions(builder, "train", shard_split)
+        part = builder.as_data_source(split=shard_split)
+        assert len(positions) == len(part)
+        for i in (0, len(part) - 1):
+            assert part[i]["id"] == full[int(positions[i])]["id"]
+        seen.extend(positions.tolist())
+    assert sorted(seen) == list(range(len(full)))
+
+
+def _members():
+    """5 classes over 40 images: class 0 everywhere, 1 in 10 images, 2 in 3, 3 in 1, 4 none."""
+    presence = np.zeros((40, 5), bool)
+    presence[:, 0] = True
+    presence[::4, 1] = True
+    presence[[5, 17, 33], 2] = True
+    presence[22, 3] = True
+    return presence, [np.flatnonzero(presence[:, c]) for c in range(5)]
+
+
+def test_draw_follows_the_class_probabilities_and_is_deterministic():
+    presence, members = _members()
+    p = np.array([0.1, 0.2, 0.3, 0.25, 0.15])  # class 4 has no image: renormalised away
+    classes, indices = [], []
+    for step in range(500):
+        c, i = sampling.draw(members, p, seed=3, shard=0, step=step, batch=8)
+        classes.append(c)
+        indices.append(i)
+    classes, indices = np.concatenate(classes), np.concatenate(indices)
+    assert presence[indices, classes].all()  # every image contains its class
+    expected = np.append(p[:4] / p[:4].sum(), 0.0)
+    frequency = np.bincount(classes, minlength=5) / len(classes)
+    sigma = np.sqrt(expected * (1 - expected) / len(classes))
+    assert (np.abs(frequency - expected) <= 5 * sigma + 1e-12).all(), (frequency, expected)
+    # Within class 1, its 10 images are drawn uniformly.
+    images = np.bincount(indices[classes == 1], minlength=40)[members[1]]
+    assert images.min() > 0.5 * images.mean()
+    # A pure function of (seed, shard, step, p).
+    a = sampling.draw(members, p, seed=3, shard=0, step=7, batch=8)
+    b = sampling.draw(members, p.astype(np.float32), seed=3, shard=0, step=7, batch=8)
+    np.testing.assert_array_equal(a[1], b[1])
+    for other in (dict(seed=4, shard=0, step=7), dict(seed=3, shard=1, step=7),
+                  dict(seed=3, shard=0, step=8)):  # fmt: skip
+        assert not np.array_equal(a[1], sampling.draw(members, p, batch=8, **other)[1])
+
+
+def test_sampler_waits_for_the_trainer_and_stops_waiting_when_closed():
+    presence, _ = _members()
+    sampler = sampling.ClassAwareSampler(
+        {0: presence}, batch_per_shard=4, seed=0, refresh_steps=2, num_steps=6, timeout=30
+    )
+    uniform = np.full(5, 0.2)
+    sampler.post(0, uniform)
+    sampler.post(1, uniform)
+    first = [sampler(0, step) for step in range(4)]
+    assert all(len(x) == 4 for x in first)
+    result = {}
+    reader = threading.Thread(target=lambda: result.setdefault("x", sampler(0, 4)))
+    reader.start()
+    reader.join(0.2)
+    assert reader.is_alive()  # waiting for period 2
+    only_class_3 = np.array([0, 0, 0, 1.0, 0])
+    sampler.post(2, only_class_3)
+    reader.join(10)
+    np.testing.assert_array_equal(result["x"], [22, 22, 22, 22])
+    assert len(sampler(0, 6)) == 4  # past num_steps: never used, does not wait
+    sampler.timeout = 0.05
+    with pytest.raises(sampling.SamplerTimeoutError, match="refresh period 3"):
+        sampler.probs(3)
+    sampler.close()  # training ended: a reader running ahead must not block
+    np.testing.assert_array_equal(sampler.probs(3), np.ones(5))
+
+
+def test_advance_sampling_probs_moves_on_at_period_starts():
+    probs = jnp.stack([jnp.full(3, 1 / 3), jnp.array([0.2, 0.3, 0.5])])
+    fresh = jnp.array([0.6, 0.3, 0.1])
+    unchanged = sampling.advance_sampling_probs(probs, 3, fresh, 4)
+    np.testing.assert_array_equal(unchanged, probs)
+    rolled = sampling.advance_sampling_probs(probs, 8, fresh, 4)
+    np.testing.assert_array_equal(rolled, jnp.stack([probs[1], fresh]))
+
+
+def _final_state(workdir):
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
+    manager.close()
+    return state
+
+
+def test_class_aware_training_resumes_exactly(small_data_dir, tmp_path):
+    config = default.get_config("stochastic_tce,tiny")
+    config.data.data_dir = small_data_dir
+    config.data.class_aware_sampling = True
+    config.data.sampling_refresh_steps = 2
+    config.data.final_eval_splits = ("validation",)
+    config.num_train_steps = 4
+    config.checkpoint_every_steps = 2
+    config.eval_every_steps = 4
+    full = str(tmp_path / "full")
+    train.train_and_evaluate(config, full)
+    resumed = str(tmp_path / "resumed")
+    shutil.copytree(full, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
+    train.train_and_evaluate(config, resumed)
+    a, b = _final_state(full), _final_state(resumed)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    probs = np.asarray(a["sampling_probs"])
+    assert probs.shape == (2, 11) and np.allclose(probs.sum(axis=1), 1.0)
+    assert not np.allclose(probs[1], 1 / 11)  # refreshed from the Stochastic TCE weights
