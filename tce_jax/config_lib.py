@@ -270,3 +270,64 @@ def validate_layout(
         f"a multiple of data.num_shards ({num_shards})",
     )
     return num_shards
+
+
+RECIPE_VARIANTS = ("sampling", "r50", "r101", "bf16", "slide", "runlocal", "tiny")
+
+
+def get_recipe_config() -> ml_collections.ConfigDict:
+    """The standard DeepLabV3+ recipe of the real-dataset configs (mmsegmentation's R-101-D8).
+
+    SGD lr 0.01, momentum 0.9, weight decay 5e-4, poly decay (power 0.9), no warm-up; random
+    resize by a ratio in [0.5, 2.0], crops padded with the ignore label, flip, photometric
+    distortion; whole-image evaluation on the validation split. The dataset configs set the
+    dataset, sizes, batch and budget.
+    """
+    config = get_base_config()
+    # The test labels of both benchmarks are not public: report validation only.
+    config.data.final_eval_splits = ("validation",)
+    config.data.min_scale = 0.5
+    config.data.max_scale = 2.0
+    config.data.flip = True
+    config.data.photometric = True
+    config.data.eval_mode = "whole"
+    config.model.name = "deeplabv3plus_resnet101"
+    config.model.output_stride = 8
+    opt = config.optimizer
+    opt.name, opt.learning_rate, opt.momentum, opt.weight_decay = "sgd", 0.01, 0.9, 5e-4
+    opt.schedule, opt.poly_power, opt.warmup_steps = "poly", 0.9, 0
+    config.log_every_steps = 50
+    return config
+
+
+def apply_recipe_variants(
+    config: ml_collections.ConfigDict, arg: str | None, *, runlocal: dict
+) -> ml_collections.ConfigDict:
+    """Variants of the real-dataset configs: the losses, `sampling` (tilted class-aware
+    sampling), `r50`/`r101`, `bf16`, `slide` (sliding-window evaluation) and `runlocal` (alias
+    `tiny`: three steps of a small U-Net on tiny crops; `runlocal` gives the dataset's sizes:
+    crop_size, base_size, eval_window, eval_stride)."""
+    variants = [v for v in (arg or "").split(",") if v]
+    for variant in variants:
+        if variant == "sampling":
+            config.data.class_aware_sampling = True
+        elif variant in ("r50", "r101"):
+            config.model.name = f"deeplabv3plus_resnet{variant[1:]}"
+        elif variant == "bf16":
+            config.mixed_precision = True
+        elif variant == "slide":
+            config.data.eval_mode = "sliding"
+        elif variant not in LOSSES + RECIPE_VARIANTS:
+            raise ValueError(
+                f"Unknown config variant {variant!r}; use any of "
+                f"{', '.join(LOSSES + RECIPE_VARIANTS)}, comma-separated."
+            )
+    if {"runlocal", "tiny"} & set(variants):
+        for field, value in runlocal.items():
+            config.data[field] = value
+        config.data.sampling_refresh_steps = 2
+        config.model.name = "unet_small"
+        config.global_batch_size = config.data.eval_batch_size = 8
+        config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = 3
+        config.log_every_steps = 1
+    return apply_variants(config, ",".join(v for v in variants if v in LOSSES))
