@@ -1,6 +1,7 @@
 """Datasets: TFDS builders we own and the registry the input pipeline reads.
 
-Importing this package registers the ``street_scenes`` TFDS builder. ``get_dataset_spec(name)``
+Importing this package registers our TFDS builders (``street_scenes``, ``ade20k``); Cityscapes
+uses TFDS's own ``cityscapes`` builder with the official label table. ``get_dataset_spec(name)``
 tells the input pipeline which TFDS dataset to load, which features hold the image and the label
 map, how raw label values map to train ids, and the class names and colours for reports.
 """
