@@ -1,0 +1,105 @@
+"""Trains one sweep run: ``python experiments/train_run.py RUN_DIR``.
+
+``RUN_DIR/run_spec.json`` (written by ``experiments/sweep.py``) names the config file
+(``path[:variants]``, relative to the repository root or absolute) and the overrides, dotted
+field -> value. The config is built exactly as ``tce_jax.main`` builds it from
+``--config=path:variants --config.field=value ...``, then ``train.train_and_evaluate`` runs in
+``RUN_DIR``, resuming from its latest checkpoint if there is one. Re-running a finished run
+retrains nothing beyond the last step and rewrites the final reports.
+
+Overrides of fields the config does not have fail, as with the locked command-line config —
+except the loss hyper-parameters of the baselines (``objectives.OPTIONAL_LOSS_FIELDS``), which
+are added to ``config.loss`` when the config file does not define them yet.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import sys
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def load_config(config: str):
+    """``'path/to/config.py[:variants]'`` -> the ConfigDict of its ``get_config``."""
+    path, _, variants = config.partition(":")
+    if not os.path.isabs(path):
+        path = os.path.join(ROOT, path)
+    module_spec = importlib.util.spec_from_file_location("_run_config", path)
+    if module_spec is None or module_spec.loader is None or not os.path.exists(path):
+        raise FileNotFoundError(f"Config file {path!r} not found.")
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(variants) if variants else module.get_config()
+
+
+def apply_overrides(config, overrides: dict[str, Any]):
+    """Sets dotted fields, with the types of the config's existing values."""
+    from tce_jax import objectives
+
+    for key, value in overrides.items():
+        *parents, leaf = key.split(".")
+        node = config
+        for i, part in enumerate(parents):
+            if part not in node:
+                raise KeyError(f"Config has no field {'.'.join(parents[: i + 1])!r} ({key}).")
+            node = node[part]
+        if leaf not in node:
+            if parents == ["loss"] and leaf in objectives.OPTIONAL_LOSS_FIELDS:
+                with node.unlocked():
+                    node[leaf] = value
+                continue
+            raise KeyError(
+                f"Config has no field {key!r}; check the spelling in the grid "
+                f"(optional loss fields: {sorted(objectives.OPTIONAL_LOSS_FIELDS)})."
+            )
+        current = node[leaf]
+        if isinstance(current, tuple) and isinstance(value, list):
+            value = tuple(value)
+        elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        node[leaf] = value
+    return config
+
+
+def build_config(spec: dict[str, Any]):
+    return apply_overrides(load_config(spec["config"]), spec.get("overrides", {}))
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print(__doc__, file=sys.stderr)
+        return 2
+    workdir = os.path.abspath(argv[1])
+    with open(os.path.join(workdir, "run_spec.json")) as f:
+        spec = json.load(f)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from absl import logging
+
+    # Orbax and TFDS log every step at INFO; keep the log for the progress lines.
+    logging.set_verbosity(logging.WARNING)
+    config = build_config(spec)
+
+    from tce_jax import config_lib, distributed
+
+    config_lib.validate_config(config)
+    distributed.initialize(config)  # before any other JAX call
+    import tensorflow as tf
+
+    # TensorFlow only feeds data: keep it off the accelerators JAX uses.
+    tf.config.set_visible_devices([], "GPU")
+    from tce_jax import train
+
+    print(f"=== {spec.get('arm', '?')} seed {spec.get('seed', '?')}: {spec['config']} "
+          f"{json.dumps(spec.get('overrides', {}), sort_keys=True)}", flush=True)
+    train.train_and_evaluate(config, workdir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
