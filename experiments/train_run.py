@@ -7,9 +7,7 @@ field -> value. The config is built exactly as ``tce_jax.main`` builds it from
 ``RUN_DIR``, resuming from its latest checkpoint if there is one. Re-running a finished run
 retrains nothing beyond the last step and rewrites the final reports.
 
-Overrides of fields the config does not have fail, as with the locked command-line config —
-except the loss hyper-parameters of the baselines (``objectives.OPTIONAL_LOSS_FIELDS``), which
-are added to ``config.loss`` when the config file does not define them yet.
+Overrides of fields the config does not have fail, as with the locked command-line config.
 """
 
 from __future__ import annotations
@@ -40,8 +38,6 @@ def load_config(config: str):
 
 def apply_overrides(config, overrides: dict[str, Any]):
     """Sets dotted fields, with the types of the config's existing values."""
-    from tce_jax import objectives
-
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
         node = config
@@ -50,14 +46,7 @@ def apply_overrides(config, overrides: dict[str, Any]):
                 raise KeyError(f"Config has no field {'.'.join(parents[: i + 1])!r} ({key}).")
             node = node[part]
         if leaf not in node:
-            if parents == ["loss"] and leaf in objectives.OPTIONAL_LOSS_FIELDS:
-                with node.unlocked():
-                    node[leaf] = value
-                continue
-            raise KeyError(
-                f"Config has no field {key!r}; check the spelling in the grid "
-                f"(optional loss fields: {sorted(objectives.OPTIONAL_LOSS_FIELDS)})."
-            )
+            raise KeyError(f"Config has no field {key!r}; check the spelling in the grid.")
         current = node[leaf]
         if isinstance(current, tuple) and isinstance(value, list):
             value = tuple(value)

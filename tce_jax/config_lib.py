@@ -5,7 +5,7 @@ import math
 
 import ml_collections
 
-from tce_jax.objectives import LOSSES
+from tce_jax.objectives import LOSSES, parse_class_weights
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -56,11 +56,15 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.model.pretrained = ""  # local file with backbone weights (DeepLabV3+ only)
 
     config.loss = ml_collections.ConfigDict()
-    config.loss.name = "tce"  # ce | tce | stochastic_tce
+    config.loss.name = "tce"  # ce | tce | stochastic_tce | weighted_ce | focal | lovasz
     config.loss.t = 1.0  # class-level tilt
     config.loss.tau = 0.0  # pixel-level tilt (hierarchical TERM)
     config.loss.class_weighting = "frequency"  # frequency | uniform
     config.loss.lam = 0.1  # Stochastic TCE running-estimate rate
+    # weighted_ce: inverse_frequency | median_frequency | enet (from the global batch's class
+    # counts), or one weight per class, comma-separated ("1,2.5,...").
+    config.loss.class_weights = "inverse_frequency"
+    config.loss.focal_gamma = 2.0  # focal
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "adamw"  # sgd | adamw
@@ -152,6 +156,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         config.loss.class_weighting,
         "'frequency' or 'uniform'",
     )
+    _check(
+        isinstance(config.loss.focal_gamma, int | float) and config.loss.focal_gamma >= 0,
+        "loss.focal_gamma",
+        config.loss.focal_gamma,
+        "a number >= 0",
+    )
+    try:
+        parse_class_weights(config.loss.class_weights)
+    except ValueError as e:
+        raise ConfigError(
+            f"{e} Fix it in the config file or with --config.loss.class_weights=..."
+        ) from None
     opt = config.optimizer
     _check(opt.name in OPTIMIZERS, "optimizer.name", opt.name, f"one of {OPTIMIZERS}")
     _check(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, f"one of {SCHEDULES}")

@@ -38,16 +38,6 @@ LossFn = Callable[..., tuple[jax.Array, losses.StochasticTCEState, dict]]
 
 LOSSES = ("ce", "tce", "stochastic_tce", "weighted_ce", "focal", "lovasz")
 
-DEFAULT_CLASS_WEIGHTS = "inverse_frequency"
-DEFAULT_FOCAL_GAMMA = 2.0
-# Hyper-parameters of the baseline losses, read with `config.loss.get(field, default)` so that
-# configs without these fields get the defaults.
-OPTIONAL_LOSS_FIELDS: dict[str, object] = {
-    "class_weights": DEFAULT_CLASS_WEIGHTS,
-    "focal_gamma": DEFAULT_FOCAL_GAMMA,
-}
-
-
 def parse_class_weights(value) -> str | np.ndarray:
     """`config.loss.class_weights`: a scheme name, or numbers (a sequence or "1,2.5,...")."""
     if isinstance(value, str) and value in losses.CLASS_WEIGHT_SCHEMES:
@@ -69,7 +59,7 @@ def parse_class_weights(value) -> str | np.ndarray:
 
 
 def _focal_gamma(config_loss) -> float:
-    gamma = config_loss.get("focal_gamma", DEFAULT_FOCAL_GAMMA)
+    gamma = config_loss.focal_gamma
     if isinstance(gamma, bool) or not isinstance(gamma, int | float) or not gamma >= 0:
         raise ValueError(
             f"config.loss.focal_gamma={gamma!r} is invalid: expected a number >= 0."
@@ -98,7 +88,7 @@ def create_loss_fn(config: ml_collections.ConfigDict) -> LossFn:
 
         return ce
     if cfg.name == "weighted_ce":
-        class_weights = parse_class_weights(cfg.get("class_weights", DEFAULT_CLASS_WEIGHTS))
+        class_weights = parse_class_weights(cfg.class_weights)
 
         def weighted_ce(logits, labels, tce_state, axis_name):
             loss, aux = losses.weighted_cross_entropy(

@@ -58,6 +58,8 @@ def test_every_config_file_loads_validates_and_builds(path):
         ("parallelism", "tpu", "config.parallelism"),
         ("global_batch_size", 0, "config.global_batch_size"),
         ("data.crop_size", (0, 4), "config.data.crop_size"),
+        ("loss.focal_gamma", -1.0, "config.loss.focal_gamma=-1.0 is invalid"),
+        ("loss.class_weights", "inverse_typo", "config.loss.class_weights='inverse_typo'"),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):
