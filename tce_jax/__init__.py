@@ -10,38 +10,8 @@ Training, data and models live in submodules (``tce_jax.train``, ``tce_jax.input
 ``tce_jax.models``, ...), imported explicitly because they pull in TensorFlow and Flax.
 """
 
-from tce_jax.losses import (
-    CLASS_WEIGHT_SCHEMES,
-    ClassStatistics,
-    StochasticTCEState,
-    class_balancing_weights,
-    class_losses,
-    class_sampling_probs,
-    class_statistics,
-    cross_entropy,
-    lovasz_softmax,
-    softmax_focal_loss,
-    stochastic_tce,
-    stochastic_tce_init,
-    tilted_ce,
-    weighted_cross_entropy,
-)
+from tce_jax import losses as _losses
+from tce_jax.losses import *  # noqa: F403 (the public API is exactly losses.__all__)
 
 __version__ = "0.1.0"
-
-__all__ = [
-    "CLASS_WEIGHT_SCHEMES",
-    "ClassStatistics",
-    "StochasticTCEState",
-    "class_balancing_weights",
-    "class_losses",
-    "class_sampling_probs",
-    "class_statistics",
-    "cross_entropy",
-    "lovasz_softmax",
-    "softmax_focal_loss",
-    "stochastic_tce",
-    "stochastic_tce_init",
-    "tilted_ce",
-    "weighted_cross_entropy",
-]
+__all__ = list(_losses.__all__)

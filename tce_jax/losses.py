@@ -209,6 +209,26 @@ def _check_inputs(logits, labels, where):
     return logits, labels, where
 
 
+def _check_weight_vector(name: str, vec, num_classes: int) -> jax.Array:
+    """A ``[C]`` vector of non-negative, finite weights, not all zero, as float32."""
+    if not (_is_traced(vec) or isinstance(vec, jax.Array)):
+        vec = np.asarray(vec)
+        if not (np.issubdtype(vec.dtype, np.number) and vec.dtype != bool):
+            raise TypeError(f"{name} must be a [C] array of class weights, got {vec!r}.")
+    if jnp.shape(vec) != (num_classes,):
+        raise ValueError(
+            f"{name} has shape {jnp.shape(vec)} but the logits have C = {num_classes} classes; "
+            f"pass one non-negative weight per class, shape ({num_classes},)."
+        )
+    if not _is_traced(vec):
+        host = np.asarray(vec, dtype=np.float64)
+        if not np.all(np.isfinite(host)) or np.any(host < 0) or not np.any(host > 0):
+            raise ValueError(
+                f"{name} must be finite, non-negative and not all zero, got {host}."
+            )
+    return jnp.asarray(vec, jnp.float32)
+
+
 def _check_class_weighting(class_weighting, num_classes: int):
     """Returns 'frequency', 'uniform' or a float32 [C] vector."""
     if isinstance(class_weighting, str):
@@ -218,28 +238,7 @@ def _check_class_weighting(class_weighting, num_classes: int):
                 f"class weights, got {class_weighting!r}."
             )
         return class_weighting
-    if _is_traced(class_weighting) or isinstance(class_weighting, jax.Array):
-        vec = class_weighting
-    else:
-        vec = np.asarray(class_weighting)
-        if not (np.issubdtype(vec.dtype, np.number) and vec.dtype != bool):
-            raise TypeError(
-                f"class_weighting must be 'frequency', 'uniform' or a [C] array of class "
-                f"weights, got {class_weighting!r} of type {type(class_weighting)}."
-            )
-    if vec.shape != (num_classes,):
-        raise ValueError(
-            f"class_weighting has shape {vec.shape} but the logits have C = {num_classes} "
-            f"classes; pass one non-negative weight per class, shape ({num_classes},)."
-        )
-    if not _is_traced(vec):
-        host = np.asarray(vec, dtype=np.float64)
-        if not np.all(np.isfinite(host)) or np.any(host < 0) or not np.any(host > 0):
-            raise ValueError(
-                f"class_weighting weights must be finite, non-negative and not all zero, "
-                f"got {host}."
-            )
-    return jnp.asarray(vec, jnp.float32)
+    return _check_weight_vector("class_weighting", class_weighting, num_classes)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -794,26 +793,6 @@ def class_sampling_probs(
 # (pmap/shard_map; every replica returns the global loss, `pmean` the gradients).
 
 CLASS_WEIGHT_SCHEMES = ("inverse_frequency", "median_frequency", "enet")
-
-
-def _check_weight_vector(name: str, vec, num_classes: int) -> jax.Array:
-    """A ``[C]`` vector of non-negative, finite weights, not all zero, as float32."""
-    if not (_is_traced(vec) or isinstance(vec, jax.Array)):
-        vec = np.asarray(vec)
-        if not (np.issubdtype(vec.dtype, np.number) and vec.dtype != bool):
-            raise TypeError(f"{name} must be a [C] array of class weights, got {vec!r}.")
-    if jnp.shape(vec) != (num_classes,):
-        raise ValueError(
-            f"{name} has shape {jnp.shape(vec)} but the logits have C = {num_classes} classes; "
-            f"pass one non-negative weight per class, shape ({num_classes},)."
-        )
-    if not _is_traced(vec):
-        host = np.asarray(vec, dtype=np.float64)
-        if not np.all(np.isfinite(host)) or np.any(host < 0) or not np.any(host > 0):
-            raise ValueError(
-                f"{name} must be finite, non-negative and not all zero, got {host}."
-            )
-    return jnp.asarray(vec, jnp.float32)
 
 
 def class_balancing_weights(
