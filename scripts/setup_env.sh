@@ -2,6 +2,11 @@
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
+if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+  echo "tce_jax needs Python >= 3.11; '$PYTHON' is $("$PYTHON" --version 2>&1)." \
+       "Run with PYTHON=/path/to/python3.11 (or newer)." >&2
+  exit 1
+fi
 if [ ! -x "$ROOT/.venv/bin/python" ]; then
   "$PYTHON" -m venv "$ROOT/.venv"
 fi
