@@ -107,15 +107,16 @@ def wait_for_coordinator(address: str, timeout: float) -> None:
 
 
 def log_topology() -> None:
-    """Logs, once per process, its index, its local devices and the global device count."""
-    logging.info(
-        "Process %d of %d: %d local devices %s; %d devices in all (%s).",
-        jax.process_index(),
-        jax.process_count(),
-        jax.local_device_count(),
-        [d.id for d in jax.local_devices()],
-        jax.device_count(),
-        jax.devices()[0].platform,
+    """Prints, once per process, its index, its local devices and the global device count.
+
+    Printed rather than logged: the CLI keeps absl logging at WARNING (Orbax and TFDS log every
+    step at INFO), and a multi-host launch should show every process's view of the mesh.
+    """
+    print(
+        f"[process {jax.process_index()} of {jax.process_count()}] "
+        f"{jax.local_device_count()} local devices {[d.id for d in jax.local_devices()]}; "
+        f"{jax.device_count()} devices in all ({jax.devices()[0].platform}).",
+        flush=True,
     )
 
 

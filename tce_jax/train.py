@@ -453,7 +453,8 @@ class Trainer:
         if step is None:
             state = self._init(jax.random.key(self.config.seed), self.backbone)
             return self.parallel.device_state(state)
-        logging.info("Resuming from the checkpoint of step %d in %s", step, self.workdir)
+        if self.is_main:
+            print(f"Resuming from the checkpoint of step {step} in {self.workdir}", flush=True)
         return self.restore(step)
 
     def restore(self, step: int) -> TrainState:
