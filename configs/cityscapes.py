@@ -25,15 +25,8 @@ and photometric distortion; evaluation on the validation split at full resolutio
 
 from tce_jax import config_lib
 
-VARIANTS = (
-    "",
-    "ce",
-    "tce",
-    "stochastic_tce,sampling",
-    "r50,bf16,slide",
-    "runlocal",
-    "stochastic_tce,sampling,slide,runlocal",
-)
+# The variant combinations tests/test_configs.py builds.
+VARIANTS = config_lib.RECIPE_TEST_VARIANTS
 
 
 def get_config(arg: str | None = None):

@@ -289,6 +289,16 @@ def validate_layout(
 
 
 RECIPE_VARIANTS = ("sampling", "r50", "r101", "bf16", "slide", "runlocal", "tiny")
+# Combinations that exercise every recipe variant (built by tests/test_configs.py).
+RECIPE_TEST_VARIANTS = (
+    "",
+    "ce",
+    "tce",
+    "stochastic_tce,sampling",
+    "r50,bf16,slide",
+    "runlocal",
+    "stochastic_tce,sampling,slide,runlocal",
+)
 
 
 def get_recipe_config() -> ml_collections.ConfigDict:
