@@ -30,3 +30,15 @@ def small_data_dir(tmp_path_factory):
     config.data.data_dir = data_dir
     input_pipeline.load_builder(config)
     return data_dir
+
+
+@pytest.fixture(scope="module")
+def prepared(small_data_dir):
+    """(tiny config, prepared TFDS builder, DatasetSpec) of the small embedded dataset."""
+    from configs import default
+    from tce_jax import input_pipeline
+
+    config = default.get_config("tiny")
+    config.data.data_dir = small_data_dir
+    builder, spec = input_pipeline.load_builder(config)
+    return config, builder, spec

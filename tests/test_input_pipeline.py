@@ -4,18 +4,9 @@ and evaluation covering every example exactly once."""
 import numpy as np
 import pytest
 
-from configs import default
 from tce_jax import input_pipeline
 
 IGNORE = 255
-
-
-@pytest.fixture(scope="module")
-def prepared(small_data_dir):
-    config = default.get_config("tiny")
-    config.data.data_dir = small_data_dir
-    builder, spec = input_pipeline.load_builder(config)
-    return config, builder, spec
 
 
 def take(iterator, n):

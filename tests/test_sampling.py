@@ -14,15 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default
-from tce_jax import input_pipeline, sampling, train
-
-
-@pytest.fixture(scope="module")
-def prepared(small_data_dir):
-    config = default.get_config("tiny")
-    config.data.data_dir = small_data_dir
-    builder, spec = input_pipeline.load_builder(config)
-    return config, builder, spec
+from tce_jax import sampling, train
 
 
 def test_class_index_counts_every_class_of_every_example_and_is_cached(prepared, monkeypatch):

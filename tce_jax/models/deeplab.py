@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tce_jax.models.resnet import ResNet50, ResNet101, conv_kernel_init
+from tce_jax.models.resnet import ResNet50, ResNet101, conv_and_norm
 from tce_jax.models.unet import ConvBNReLU
 
 ModuleDef = Any
@@ -107,14 +107,7 @@ class DeepLabV3Plus(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
         rates = self.aspp_rates
-        conv = functools.partial(
-            nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=conv_kernel_init,
-        )
-        norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-            dtype=self.dtype, param_dtype=self.param_dtype, axis_name=self.bn_axis_name,
-        )
+        conv, norm = conv_and_norm(self, train=train)
         low, high = self.backbone_cls(
             output_stride=self.output_stride, dtype=self.dtype, param_dtype=self.param_dtype,
             bn_axis_name=self.bn_axis_name, name="backbone",

@@ -43,6 +43,24 @@ ModuleDef = Any
 conv_kernel_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 
 
+def conv_and_norm(module: nn.Module, *, train: bool, **conv_kwargs):
+    """The bias-free conv and the BatchNorm every model here uses, as partials.
+
+    Both take the module's `dtype` / `param_dtype`; BatchNorm (momentum 0.9, eps 1e-5, as
+    torchvision) uses running statistics unless `train`, and the module's `bn_axis_name` so
+    that its statistics are global under `pmap`.
+    """
+    conv = functools.partial(
+        nn.Conv, use_bias=False, dtype=module.dtype, param_dtype=module.param_dtype,
+        kernel_init=conv_kernel_init, **conv_kwargs,
+    )
+    norm = functools.partial(
+        nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
+        dtype=module.dtype, param_dtype=module.param_dtype, axis_name=module.bn_axis_name,
+    )
+    return conv, norm
+
+
 def _pad(p: int) -> tuple[tuple[int, int], tuple[int, int]]:
     """Symmetric explicit padding, as torch's ``padding=p`` (XLA 'SAME' pads stride-2 convs
     asymmetrically, which would shift every feature map by half a pixel vs torchvision)."""
@@ -127,14 +145,7 @@ class ResNet(nn.Module):
     def __call__(self, x: jax.Array, *, train: bool) -> tuple[jax.Array, jax.Array]:
         if self.output_stride not in (8, 16, 32):
             raise ValueError(f"output_stride must be 8, 16 or 32, got {self.output_stride}.")
-        conv = functools.partial(
-            nn.Conv, use_bias=False, padding="VALID", dtype=self.dtype,
-            param_dtype=self.param_dtype, kernel_init=conv_kernel_init,
-        )
-        norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-            dtype=self.dtype, param_dtype=self.param_dtype, axis_name=self.bn_axis_name,
-        )
+        conv, norm = conv_and_norm(self, train=train, padding="VALID")
 
         x = conv(self.num_filters, (7, 7), strides=(2, 2), padding=_pad(3), name="conv_init")(x)
         x = nn.relu(norm(name="bn_init")(x))

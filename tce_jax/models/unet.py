@@ -10,7 +10,6 @@ Variable names: ``enc{i}/conv{1,2}/{conv,bn}``, ``up{i}``, ``dec{i}/conv{1,2}/{c
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from tce_jax.models.resnet import conv_kernel_init
+from tce_jax.models.resnet import conv_and_norm
 
 ModuleDef = Any
 
@@ -85,14 +84,7 @@ class UNet(nn.Module):
                 f"UNet with {len(self.features)} levels needs NHWC input with H and W divisible "
                 f"by {factor}; got shape {x.shape}. Crop or pad the images, or use fewer levels."
             )
-        conv = functools.partial(
-            nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-            kernel_init=conv_kernel_init,
-        )
-        norm = functools.partial(
-            nn.BatchNorm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
-            dtype=self.dtype, param_dtype=self.param_dtype, axis_name=self.bn_axis_name,
-        )
+        conv, norm = conv_and_norm(self, train=train)
 
         skips = []
         for i, f in enumerate(self.features):
