@@ -1,68 +1,33 @@
-"""Segmentation metrics: a CLU confusion-matrix metric, per-class IoU and fairness figures.
+"""Segmentation metrics: confusion matrix, per-class IoU and fairness figures.
 
 The evaluation accumulates one ``[C, C]`` confusion matrix (rows = true class, columns =
 predicted class) over the *whole* split, then derives every figure from it on the host:
 
-* :class:`ConfusionMatrix` — a ``clu.metrics.Metric`` built inside the jitted eval step;
-  ``merge`` adds matrices (steps), ``reduce`` sums a leading axis (devices, after an
-  ``all_gather``), :meth:`ConfusionMatrix.psum` all-reduces inside ``pmap``/``shard_map``.
+* :func:`confusion_matrix` — inside the jitted eval step, from integer predictions and labels;
 * :func:`segmentation_figures` — pixel/mean-class accuracy, per-class IoU, mIoU and the fairness
-  figures (IoU std, worst-class IoU, worst-25% mIoU, max-min gap), in float64 numpy.
+  figures (IoU std, worst-class IoU, worst-25% mIoU, max-min gap), in float64 numpy;
 * :func:`flatten_figures`, :func:`write_report`, :func:`format_table` — scalars for metric
   writers, ``report.md``/``per_class.csv`` for a workdir, a CE-vs-TCE comparison table.
 
-Usage with ``jax.jit`` over a device mesh (batch sharded on the data axis): call
-``ConfusionMatrix.from_model_output`` once on the global batch; XLA reduces across devices::
-
-    @jax.jit
-    def eval_step(params, batch):
-        logits = model.apply(params, batch["image"])
-        return ConfusionMatrix.from_model_output(
-            logits=logits, labels=batch["label"], mask=batch["mask"])
-
-    metric = ConfusionMatrix.empty(num_classes)
-    for batch in eval_batches:  # the padded last batch is masked, never dropped
-        metric = metric.merge(eval_step(params, batch))
-    figures = metric.compute()
-
-Usage with ``jax.pmap(axis_name="batch")``: build the per-device metric, then all-reduce it so
-that every device holds the global matrix, and take one replica outside::
-
-    def eval_step(params, batch):
-        logits = model.apply(params, batch["image"])
-        return ConfusionMatrix.from_model_output(
-            logits=logits, labels=batch["label"], mask=batch["mask"]).psum("batch")
-
-    metric = metric.merge(flax.jax_utils.unreplicate(jax.pmap(eval_step, "batch")(p, b)))
-
-Inside a ``clu.metrics.Collection`` use ``ConfusionMatrix.with_num_classes(C)`` as the field type
-(so ``Collection.empty()`` works); ``Collection.gather_from_model_output(axis_name="batch", ...)``
-then does the same all-gather + ``reduce`` under ``pmap``. A Collection hands the same ``mask`` to
-every metric, so there pass a per-example ``[B]`` mask (which CLU's ``Average`` accepts too) and
-put per-pixel exclusions into the labels as ``ignore_index``.
-
-Counts are int32 and exact up to 2**31 - 1 pixels per cell (float32 counts would lose exactness
-past 2**24 = 16.7M pixels, i.e. about eight 1024x2048 Cityscapes images). For longer
-accumulations merge on the host: ``ConfusionMatrix.merge`` switches to int64 numpy as soon as one
-side is a numpy array, e.g. ``ConfusionMatrix.empty(C, host=True).merge(jax.device_get(update))``.
+This module needs only JAX and numpy. With ``jax.jit`` over a device mesh (batch sharded on the
+data axis) call :func:`confusion_matrix` on the global batch and XLA reduces across devices;
+under ``jax.pmap``/``shard_map`` add ``jax.lax.psum(matrix, axis_name)``. Sum the per-batch
+matrices on the host in int64 (``np.asarray(m, np.int64)``): the device counts are int32, exact
+up to 2**31 - 1 pixels per cell, i.e. per batch (float32 counts would lose exactness past
+2**24 = 16.7M pixels, about eight 1024x2048 Cityscapes images).
 """
 
 import csv
-import functools
 import math
 import os
 from collections.abc import Mapping, Sequence
-from typing import Any, ClassVar
+from typing import Any
 
-import clu.metrics
-import clu.values
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
-    "ConfusionMatrix",
     "confusion_matrix",
     "segmentation_figures",
     "flatten_figures",
@@ -128,6 +93,12 @@ def confusion_matrix(
         raise ValueError(
             f"predictions {predictions.shape} and labels {labels.shape} must have the same shape."
         )
+    for name, x in (("predictions", predictions), ("labels", labels)):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(
+                f"{name} must be integers (class ids), got {x.dtype}; pass "
+                "logits.argmax(-1) as predictions."
+            )
     num_classes = int(num_classes)
     # Cast before any arithmetic: uint8 labels would wrap in `label * C`.
     labels = labels.astype(jnp.int32)
@@ -153,172 +124,6 @@ def _broadcast_mask(mask: jax.Array, shape: tuple[int, ...]) -> jax.Array:
         )
     mask = mask.astype(bool).reshape(mask.shape + (1,) * (len(shape) - mask.ndim))
     return jnp.broadcast_to(mask, shape)
-
-
-def _is_host_array(x: Any) -> bool:
-    return isinstance(x, np.ndarray)
-
-
-def _is_tracer(x: Any) -> bool:
-    return isinstance(x, jax.core.Tracer)
-
-
-@flax.struct.dataclass
-class ConfusionMatrix(clu.metrics.Metric):
-    """CLU metric holding a ``[C, C]`` confusion matrix (rows = true class, cols = predicted).
-
-    ``matrix`` is int32 (exact to 2**31 - 1 per cell) when built on device; a host-side
-    accumulation (numpy) is int64. ``compute()`` returns the dict of
-    :func:`segmentation_figures`; ``compute_value()`` (used by ``Collection.compute_values``)
-    returns the mIoU as a ``clu.values.Scalar``.
-
-    ``num_classes`` is a class-level default for :meth:`empty`, set by :meth:`with_num_classes`
-    (``clu.metrics.Collection.empty()`` calls ``empty()`` without arguments).
-    """
-
-    matrix: jax.Array
-
-    num_classes: ClassVar[int | None] = None
-
-    @classmethod
-    def with_num_classes(cls, num_classes: int) -> type["ConfusionMatrix"]:
-        """Returns a subclass whose ``empty()`` needs no argument, for use in a ``Collection``.
-
-        The subclass is cached, so the same ``num_classes`` gives the same class (and the same
-        pytree type: no recompilation of jitted steps that return it).
-        """
-        if int(num_classes) < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}.")
-        if cls.num_classes == int(num_classes):
-            return cls
-        return _bound_confusion_class(cls, int(num_classes))
-
-    @classmethod
-    def from_model_output(
-        cls,
-        *,
-        logits: jax.Array,
-        labels: jax.Array,
-        mask: jax.Array | None = None,
-        ignore_index: int | None = 255,
-        **_: Any,
-    ) -> "ConfusionMatrix":
-        """Confusion matrix of ``argmax(logits, -1)`` against ``labels``.
-
-        Args:
-          logits: ``[..., C]`` (e.g. ``[B, H, W, C]``); C is read from the last axis.
-          labels: ``[...]`` integer labels (e.g. ``[B, H, W]``), any integer dtype.
-          mask: optional; ``[B]`` per example (padding of the last eval batch) or
-            ``[B, H, W]`` per pixel; False excludes the example/pixel.
-          ignore_index: label excluded from the counts (default 255). Labels outside
-            ``[0, C)`` are excluded as well.
-          **_: other model outputs (a ``Collection`` passes every output to every metric).
-
-        Returns:
-          A ``ConfusionMatrix`` with an int32 ``[C, C]`` matrix. Works under ``jit`` (on the
-          global, sharded batch) and inside ``pmap`` (per device; then :meth:`psum`).
-        """
-        logits = jnp.asarray(logits)
-        labels = jnp.asarray(labels)
-        if logits.ndim < 1 or logits.shape[:-1] != labels.shape:
-            raise ValueError(
-                f"logits {logits.shape} must be labels {labels.shape} plus a trailing class "
-                "axis (e.g. logits [B, H, W, C] with labels [B, H, W]); squeeze a trailing "
-                "label axis of size 1 first."
-            )
-        if not jnp.issubdtype(labels.dtype, jnp.integer):
-            raise ValueError(f"labels must be integers, got dtype {labels.dtype}.")
-        num_classes = logits.shape[-1]
-        if cls.num_classes is not None and cls.num_classes != num_classes:
-            raise ValueError(
-                f"{cls.__name__} is bound to {cls.num_classes} classes but the logits have "
-                f"{num_classes}."
-            )
-        predictions = jnp.argmax(logits, axis=-1)
-        return cls(
-            matrix=confusion_matrix(
-                predictions, labels, num_classes, mask=mask, ignore_index=ignore_index
-            )
-        )
-
-    @classmethod
-    def empty(cls, num_classes: int | None = None, *, host: bool = False) -> "ConfusionMatrix":
-        """All-zero matrix: ``empty(C).merge(m) == m``.
-
-        Args:
-          num_classes: C; defaults to the class-level ``num_classes`` (see
-            :meth:`with_num_classes`).
-          host: if True, an int64 numpy matrix, so that merges accumulate on the host without
-            the int32 limit.
-        """
-        if num_classes is None:
-            num_classes = cls.num_classes
-        if num_classes is None:
-            raise ValueError(
-                "ConfusionMatrix.empty() needs the number of classes: call "
-                "ConfusionMatrix.empty(num_classes), or use "
-                "ConfusionMatrix.with_num_classes(num_classes) as the Collection field type."
-            )
-        shape = (int(num_classes), int(num_classes))
-        if host:
-            return cls(matrix=np.zeros(shape, np.int64))
-        return cls(matrix=jnp.zeros(shape, jnp.int32))
-
-    def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
-        """Adds the two matrices (accumulation over eval steps).
-
-        If either matrix is a numpy array and neither is traced, the sum is an int64 numpy
-        array (host-side accumulation); otherwise a jax array of the operands' dtype.
-        """
-        a, b = self.matrix, other.matrix
-        if np.shape(a) != np.shape(b):
-            raise ValueError(
-                f"Cannot merge confusion matrices of shapes {np.shape(a)} and {np.shape(b)} "
-                "(different numbers of classes, or a per-device axis not reduced)."
-            )
-        if (_is_host_array(a) or _is_host_array(b)) and not (_is_tracer(a) or _is_tracer(b)):
-            return type(self)(matrix=np.asarray(a, np.int64) + np.asarray(b, np.int64))
-        return type(self)(matrix=jnp.asarray(a) + jnp.asarray(b))
-
-    def reduce(self) -> "ConfusionMatrix":
-        """Sums over the leading axis, e.g. the device axis after ``jax.lax.all_gather``."""
-        if np.ndim(self.matrix) != 3:
-            raise ValueError(
-                f"reduce() expects a stacked [N, C, C] matrix, got shape {np.shape(self.matrix)}."
-            )
-        return type(self)(matrix=self.matrix.sum(axis=0))
-
-    def psum(self, axis_name: str = "batch") -> "ConfusionMatrix":
-        """All-reduces the matrix over a named axis (inside ``pmap``/``shard_map``).
-
-        Cheaper than ``all_gather`` + :meth:`reduce` (no ``[devices, C, C]`` intermediate);
-        afterwards every device holds the global matrix.
-        """
-        return type(self)(matrix=jax.lax.psum(self.matrix, axis_name))
-
-    def compute(self) -> dict[str, Any]:
-        """Fetches the matrix to the host and returns :func:`segmentation_figures` of it."""
-        matrix = np.asarray(jax.device_get(self.matrix))
-        if matrix.ndim != 2:
-            raise ValueError(
-                f"compute() needs one [C, C] matrix, got shape {matrix.shape}: reduce the "
-                "device axis first (psum/all_gather + reduce inside pmap, then unreplicate)."
-            )
-        return segmentation_figures(matrix)
-
-    def compute_value(self) -> clu.values.Value:
-        """The mIoU as a scalar (``Collection.compute_values``); see :func:`flatten_figures`."""
-        return clu.values.Scalar(self.compute()["miou"])
-
-
-@functools.cache
-def _bound_confusion_class(base: type[ConfusionMatrix], num_classes: int) -> type:
-    sub = type(
-        f"{base.__name__}{num_classes}",
-        (base,),
-        {"num_classes": num_classes, "__module__": base.__module__},
-    )
-    return flax.struct.dataclass(sub)
 
 
 # --------------------------------------------------------------------------------------------

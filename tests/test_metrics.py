@@ -3,8 +3,6 @@
 import csv
 import math
 
-import clu.metrics
-import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,17 +68,21 @@ def _mask(kind, example_mask, pixel_mask):
 
 
 # ----------------------------------------------------------------------------------------------
-# ConfusionMatrix
+# confusion_matrix
 # ----------------------------------------------------------------------------------------------
 
 
+def _confusion(logits, labels, mask=None, ignore_index=IGNORE, num_classes=C):
+    return metrics.confusion_matrix(
+        jnp.asarray(logits).argmax(-1), labels, num_classes, mask=mask, ignore_index=ignore_index
+    )
+
+
 def test_tiny_case_against_python_loops():
-    logits = np.zeros((1, 2, 3, 3), np.float32)
     preds = np.array([[[0, 1, 2], [2, 2, 0]]])
-    np.put_along_axis(logits, preds[..., None], 1.0, axis=-1)
     labels = np.array([[[0, 1, 255], [2, 5, 1]]], np.int32)
     valid = np.array([[[1, 1, 0], [1, 0, 1]]], bool)
-    got = metrics.ConfusionMatrix.from_model_output(logits=logits, labels=labels).matrix
+    got = metrics.confusion_matrix(preds, labels, 3)
     np.testing.assert_array_equal(got, _reference_confusion_loops(preds, labels, 3, valid))
     np.testing.assert_array_equal(got, [[1, 0, 0], [1, 1, 0], [0, 0, 1]])
 
@@ -89,14 +91,11 @@ def test_tiny_case_against_python_loops():
 def test_matches_numpy_reference(batch, mask_kind):
     logits, labels, example_mask, pixel_mask = batch
     mask = _mask(mask_kind, example_mask, pixel_mask)
-    step = jax.jit(
-        lambda lg, y, m: metrics.ConfusionMatrix.from_model_output(logits=lg, labels=y, mask=m)
-    )
-    got = step(logits, labels, mask)
-    assert got.matrix.shape == (C, C)
-    assert got.matrix.dtype == jnp.int32
+    got = jax.jit(_confusion)(logits, labels, mask)
+    assert got.shape == (C, C)
+    assert got.dtype == jnp.int32
     expected = _reference_confusion(logits, labels, C, mask)
-    np.testing.assert_array_equal(got.matrix, expected)
+    np.testing.assert_array_equal(got, expected)
     # Loop reference on the same data agrees with the np.add.at reference.
     preds = logits.argmax(-1)
     valid = (labels != IGNORE) & (labels >= 0) & (labels < C)
@@ -112,61 +111,26 @@ def test_uint8_labels_do_not_wrap():
     logits = rng.normal(size=(2, 8, 8, num_classes)).astype(np.float32)
     labels = rng.integers(0, num_classes, size=(2, 8, 8)).astype(np.uint8)
     labels[0, 0] = IGNORE
-    got = metrics.ConfusionMatrix.from_model_output(logits=logits, labels=jnp.asarray(labels))
-    np.testing.assert_array_equal(got.matrix, _reference_confusion(logits, labels, num_classes))
+    got = _confusion(logits, jnp.asarray(labels), num_classes=num_classes)
+    np.testing.assert_array_equal(got, _reference_confusion(logits, labels, num_classes))
 
 
 def test_custom_ignore_index_and_bf16_logits(batch):
     logits, labels, _, _ = batch
     labels = np.where(labels == IGNORE, 0, labels)  # 255 is now just out of range
-    got = metrics.ConfusionMatrix.from_model_output(
-        logits=jnp.asarray(logits, jnp.bfloat16), labels=labels, ignore_index=2
-    )
+    got = _confusion(jnp.asarray(logits, jnp.bfloat16), labels, ignore_index=2)
     lg = np.asarray(jnp.asarray(logits, jnp.bfloat16).astype(jnp.float32))
-    np.testing.assert_array_equal(got.matrix, _reference_confusion(lg, labels, C, ignore_index=2))
+    np.testing.assert_array_equal(got, _reference_confusion(lg, labels, C, ignore_index=2))
 
 
-def test_merge_of_batches_equals_one_batch(batch):
+def test_sum_of_batches_equals_one_batch(batch):
     logits, labels, example_mask, pixel_mask = batch
     mask = pixel_mask & example_mask[:, None, None]
-    whole = metrics.ConfusionMatrix.from_model_output(logits=logits, labels=labels, mask=mask)
-    acc = metrics.ConfusionMatrix.empty(C)
+    whole = _confusion(logits, labels, mask)
+    total = np.zeros((C, C), np.int64)  # the host accumulation of the eval loop
     for sl in (slice(0, 3), slice(3, 5), slice(5, 8)):
-        acc = acc.merge(
-            metrics.ConfusionMatrix.from_model_output(
-                logits=logits[sl], labels=labels[sl], mask=mask[sl]
-            )
-        )
-    np.testing.assert_array_equal(acc.matrix, whole.matrix)
-    assert acc.matrix.dtype == jnp.int32
-    # Merging inside jit (the usual eval loop) gives the same.
-    jitted = jax.jit(lambda a, b: a.merge(b))(metrics.ConfusionMatrix.empty(C), whole)
-    np.testing.assert_array_equal(jitted.matrix, whole.matrix)
-
-
-def test_host_accumulation_is_int64(batch):
-    logits, labels, _, _ = batch
-    update = metrics.ConfusionMatrix.from_model_output(logits=logits, labels=labels)
-    host = metrics.ConfusionMatrix.empty(C, host=True).merge(update).merge(update)
-    assert isinstance(host.matrix, np.ndarray) and host.matrix.dtype == np.int64
-    np.testing.assert_array_equal(host.matrix, 2 * np.asarray(update.matrix))
-    big = metrics.ConfusionMatrix(matrix=np.full((C, C), 2**31 - 1, np.int64))
-    assert int(big.merge(big).matrix[0, 0]) == 2**32 - 2  # past int32, still exact
-
-
-def test_reduce_sums_leading_axis(batch):
-    logits, labels, _, _ = batch
-    parts = [
-        metrics.ConfusionMatrix.from_model_output(
-            logits=logits[i : i + 2], labels=labels[i : i + 2]
-        )
-        for i in range(0, 8, 2)
-    ]
-    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *parts)
-    whole = metrics.ConfusionMatrix.from_model_output(logits=logits, labels=labels)
-    np.testing.assert_array_equal(stacked.reduce().matrix, whole.matrix)
-    with pytest.raises(ValueError, match="compute"):
-        stacked.compute()
+        total += np.asarray(_confusion(logits[sl], labels[sl], mask[sl]), np.int64)
+    np.testing.assert_array_equal(total, whole)
 
 
 @pytest.mark.parametrize("mask_kind", ["example", "pixel"])
@@ -177,116 +141,45 @@ def test_jit_on_sharded_global_arrays_matches_one_device(batch, mask_kind):
     sharded = NamedSharding(mesh, PartitionSpec("data"))
     args = [jax.device_put(x, sharded) for x in (logits, labels, mask)]
     assert len(args[0].sharding.device_set) == 4
-
-    def step(lg, y, m):
-        return metrics.ConfusionMatrix.from_model_output(logits=lg, labels=y, mask=m)
-
-    got = jax.jit(step)(*args)
-    one_device = jax.jit(step)(
+    got = jax.jit(_confusion)(*args)
+    one_device = jax.jit(_confusion)(
         *(jax.device_put(x, jax.devices()[0]) for x in (logits, labels, mask))
     )
-    np.testing.assert_array_equal(got.matrix, one_device.matrix)
-    np.testing.assert_array_equal(got.matrix, _reference_confusion(logits, labels, C, mask))
-
-
-def _pmap_inputs(batch, n_dev=4):
-    logits, labels, example_mask, pixel_mask = batch
-    mask = pixel_mask & example_mask[:, None, None]
-    split = [x.reshape((n_dev, -1) + x.shape[1:]) for x in (logits, labels, example_mask, mask)]
-    expected = _reference_confusion(logits, labels, C, mask)
-    return split, expected
+    np.testing.assert_array_equal(got, one_device)
+    np.testing.assert_array_equal(got, _reference_confusion(logits, labels, C, mask))
 
 
 def test_pmap_psum_matches_one_device(batch):
-    (logits, labels, example_mask, mask), expected = _pmap_inputs(batch)
+    logits, labels, example_mask, pixel_mask = batch
+    mask = pixel_mask & example_mask[:, None, None]
+    split = [x.reshape((4, -1) + x.shape[1:]) for x in (logits, labels, example_mask, mask)]
 
     def step(lg, y, em, pm):
-        # Per-example and per-pixel masks together: the per-example one is redundant here.
-        m = metrics.ConfusionMatrix.from_model_output(logits=lg, labels=y, mask=em)
-        m = m.merge(metrics.ConfusionMatrix.from_model_output(logits=lg, labels=y, mask=pm))
-        m = m.merge(metrics.ConfusionMatrix.from_model_output(logits=lg, labels=y, mask=~em))
-        return m.psum("batch")
-
-    out = jax.pmap(step, axis_name="batch", devices=jax.devices()[:4])(
-        logits, labels, example_mask, mask
-    )
-    assert out.matrix.shape == (4, C, C)
-    no_mask = _reference_confusion(
-        logits.reshape(-1, *logits.shape[2:]), labels.reshape(-1, *labels.shape[2:]), C
-    )
-    for d in range(4):  # every device holds the global matrix
-        np.testing.assert_array_equal(out.matrix[d], no_mask + expected)
-    one = flax.jax_utils.unreplicate(out)
-    np.testing.assert_array_equal(one.matrix, no_mask + expected)
-
-
-@flax.struct.dataclass
-class _EvalMetrics(clu.metrics.Collection):
-    confusion: metrics.ConfusionMatrix.with_num_classes(C)
-    loss: clu.metrics.Average.from_output("loss")
-
-
-def test_pmap_collection_gather_matches_one_device(batch):
-    # In a Collection every metric gets the same `mask`: a per-example one suits both the
-    # Average and the confusion matrix (per-pixel exclusions go into the labels as ignore).
-    logits, labels, example_mask, _ = batch
-    split = [x.reshape((4, -1) + x.shape[1:]) for x in (logits, labels, example_mask)]
-    expected = _reference_confusion(logits, labels, C, example_mask)
-
-    def step(lg, y, m):
-        loss = jnp.ones(lg.shape[0])
-        return _EvalMetrics.gather_from_model_output(
-            axis_name="batch", logits=lg, labels=y, mask=m, loss=loss
-        )
+        # Per-example and per-pixel masks; with ~em the two per-example halves cover all.
+        m = _confusion(lg, y, em) + _confusion(lg, y, pm) + _confusion(lg, y, ~em)
+        return jax.lax.psum(m, "batch")
 
     out = jax.pmap(step, axis_name="batch", devices=jax.devices()[:4])(*split)
-    collection = _EvalMetrics.empty().merge(out.unreplicate())
-    np.testing.assert_array_equal(collection.confusion.matrix, expected)
-    computed = collection.compute()
-    assert computed["loss"] == pytest.approx(1.0)
-    np.testing.assert_allclose(
-        computed["confusion"]["miou"], metrics.segmentation_figures(expected)["miou"]
+    assert out.shape == (4, C, C)
+    expected = _reference_confusion(logits, labels, C) + _reference_confusion(
+        logits, labels, C, mask
     )
-    values = collection.compute_values()
-    assert isinstance(values["confusion"], clu.values.Scalar)
-
-
-def test_collection_single_from_model_output(batch):
-    logits, labels, example_mask, _ = batch
-    acc = _EvalMetrics.empty()
-    for sl in (slice(0, 4), slice(4, 8)):
-        acc = acc.merge(
-            _EvalMetrics.single_from_model_output(
-                logits=logits[sl], labels=labels[sl], mask=example_mask[sl], loss=jnp.ones(4)
-            )
-        )
-    np.testing.assert_array_equal(
-        acc.confusion.matrix, _reference_confusion(logits, labels, C, example_mask)
-    )
-
-
-def test_with_num_classes_is_cached_and_checked():
-    bound = metrics.ConfusionMatrix.with_num_classes(3)
-    assert bound is metrics.ConfusionMatrix.with_num_classes(3)
-    assert bound.with_num_classes(3) is bound
-    np.testing.assert_array_equal(bound.empty().matrix, np.zeros((3, 3)))
-    with pytest.raises(ValueError, match="bound to 3 classes"):
-        bound.from_model_output(logits=np.zeros((1, 2, 2, 4)), labels=np.zeros((1, 2, 2), int))
+    for d in range(4):  # every device holds the global matrix
+        np.testing.assert_array_equal(out[d], expected)
 
 
 def test_bad_inputs_raise_clear_errors():
-    logits = np.zeros((2, 3, 3, C), np.float32)
+    preds = np.zeros((2, 3, 3), np.int32)
     labels = np.zeros((2, 3, 3), np.int32)
-    with pytest.raises(ValueError, match="empty"):
-        metrics.ConfusionMatrix.empty()
     with pytest.raises(ValueError, match="per-example mask"):
-        metrics.ConfusionMatrix.from_model_output(logits=logits, labels=labels, mask=np.ones(3))
-    with pytest.raises(ValueError, match="trailing class"):
-        metrics.ConfusionMatrix.from_model_output(logits=logits, labels=labels[..., None])
+        metrics.confusion_matrix(preds, labels, C, mask=np.ones(3))
+    with pytest.raises(ValueError, match="same shape"):
+        metrics.confusion_matrix(preds, labels[..., None], C)
     with pytest.raises(ValueError, match="integers"):
-        metrics.ConfusionMatrix.from_model_output(logits=logits, labels=labels.astype(float))
-    with pytest.raises(ValueError, match="Cannot merge"):
-        metrics.ConfusionMatrix.empty(3).merge(metrics.ConfusionMatrix.empty(4))
+        metrics.confusion_matrix(preds, labels.astype(float), C)
+    with pytest.raises(ValueError, match="argmax"):
+        logits = np.zeros((2, 3, 3, C), np.float32)
+        metrics.confusion_matrix(logits, labels[..., None].repeat(C, -1), C)
     with pytest.raises(ValueError, match="square"):
         metrics.segmentation_figures(np.zeros((2, 3)))
     with pytest.raises(ValueError, match="non-negative"):
@@ -401,15 +294,6 @@ def test_flatten_figures():
     assert all(type(v) is float for v in flat.values())
     with pytest.raises(ValueError, match="class_names"):
         metrics.flatten_figures(f, ["road", "pole"])
-
-
-def test_compute_returns_figures(batch):
-    logits, labels, _, _ = batch
-    m = metrics.ConfusionMatrix.from_model_output(logits=logits, labels=labels)
-    f = m.compute()
-    ref = metrics.segmentation_figures(_reference_confusion(logits, labels, C))
-    np.testing.assert_allclose(f["iou"], ref["iou"])
-    assert f["miou"] == pytest.approx(ref["miou"])
 
 
 # ----------------------------------------------------------------------------------------------
