@@ -16,7 +16,7 @@ fi
 STAMP="$ROOT/.venv/.tce_jax_installed"
 if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   python -m pip install --quiet --upgrade pip
-  python -m pip install --quiet -e "$ROOT[test]"
+  python -m pip install --quiet -e "$ROOT[train,test]"
   touch "$STAMP"
 fi
 cd "$ROOT"
