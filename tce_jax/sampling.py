@@ -1,4 +1,4 @@
-"""Tilted class-aware sampling (DESIGN §2, step 5) and the per-image class index it reads.
+"""Tilted class-aware sampling (docs/maths.md) and the per-image class index it reads.
 
 * :class:`ClassIndex`: for every example of a split, the pixel count of each class (after the
   dataset's label map) and the label map's size. Computed once by decoding every label map and
