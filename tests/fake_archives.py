@@ -10,7 +10,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import struct
 import zipfile
+import zlib
+from collections.abc import Callable
 
 import numpy as np
 from PIL import Image
@@ -48,6 +51,62 @@ def jpeg_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def _png_chunks(png: bytes):
+    """``(offset, data length, type)`` of each chunk of a PNG file."""
+    pos = len(b"\x89PNG\r\n\x1a\n")
+    while pos < len(png):
+        (length,) = struct.unpack(">I", png[pos : pos + 4])
+        yield pos, length, png[pos + 4 : pos + 8]
+        pos += 12 + length  # length, type, data, CRC
+
+
+def _first_idat(png: bytes) -> tuple[int, int]:
+    return next((pos, n) for pos, n, kind in _png_chunks(png) if kind == b"IDAT")
+
+
+def damage_png_body(png: bytes) -> bytes:
+    """Overwrites 16 bytes in the middle of the image data and fixes the chunk's CRC.
+
+    The header and every chunk CRC stay valid: only inflating the image data fails (as in a
+    file damaged before it was packed, whose zip CRC-32 matches the damaged bytes).
+    """
+    png = bytearray(png)
+    pos, n = _first_idat(png)
+    start = pos + 8 + n // 2
+    png[start : start + min(16, n // 4)] = b"\xff" * min(16, n // 4)
+    png[pos + 8 + n : pos + 12 + n] = struct.pack(">I", zlib.crc32(png[pos + 4 : pos + 8 + n]))
+    return bytes(png)
+
+
+def break_png_crc(png: bytes) -> bytes:
+    """Flips the CRC of the image data chunk: PIL still decodes the file, TensorFlow refuses."""
+    png = bytearray(png)
+    pos, n = _first_idat(png)
+    png[pos + 8 + n] ^= 0xFF
+    return bytes(png)
+
+
+def truncate(data: bytes) -> bytes:
+    """The first half of a file (a cut-off image)."""
+    return data[: len(data) // 2]
+
+
+def flip_stored_byte(zip_path: str, member: str) -> None:
+    """Changes one byte of ``member`` inside the zip file (stored uncompressed), in place: the
+    member's bytes no longer match the CRC-32 the zip recorded (damage in transit)."""
+    with zipfile.ZipFile(zip_path) as archive:
+        info = archive.getinfo(member)
+    assert info.compress_type == zipfile.ZIP_STORED
+    with open(zip_path, "r+b") as f:
+        f.seek(info.header_offset)
+        header = f.read(30)  # the local file header; the data follow its name and extra field
+        name_length, extra_length = struct.unpack("<HH", header[26:30])
+        f.seek(info.header_offset + 30 + name_length + extra_length + info.file_size // 2)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0xFF]))
+
+
 def cityscapes_label_ids(city: str) -> np.ndarray:
     """uint8 [1024, 2048] official label ids of one fake image."""
     ids = np.zeros((CS_H, CS_W), np.uint8)  # 0 = unlabeled
@@ -79,11 +138,20 @@ def cityscapes_image(ids: np.ndarray) -> np.ndarray:
     return image.astype(np.uint8)
 
 
-def write_cityscapes(manual_dir: str, *, corrupt: str | None = None) -> dict[str, np.ndarray]:
+def write_cityscapes(
+    manual_dir: str,
+    *,
+    corrupt: str | None = None,
+    damage: dict[str, Callable[[bytes], bytes]] | None = None,
+    mirror: bool = False,
+) -> dict[str, np.ndarray]:
     """Writes leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip into `manual_dir`.
 
     Args:
       corrupt: optional member name (of either zip) whose content is replaced by garbage.
+      damage: optional ``{member name: function}``: the member's bytes pass through the
+        function before they are packed (e.g. `damage_png_body`).
+      mirror: mirror every image and label map left-right (another release of the data).
 
     Returns:
       image id -> label ids, for every image written.
@@ -99,6 +167,8 @@ def write_cityscapes(manual_dir: str, *, corrupt: str | None = None) -> dict[str
         for split, city, seq, frame in CITYSCAPES_IMAGES:
             stem = f"{city}_{seq}_{frame}"
             ids = cityscapes_label_ids(city)
+            if mirror:
+                ids = np.ascontiguousarray(ids[:, ::-1])
             labels[stem] = ids
             members = {
                 (zi, f"leftImg8bit/{split}/{city}/{stem}_leftImg8bit.png"): png_bytes(
@@ -116,6 +186,7 @@ def write_cityscapes(manual_dir: str, *, corrupt: str | None = None) -> dict[str
                 ).encode(),
             }
             for (archive, name), data in members.items():
+                data = (damage or {}).get(name, lambda x: x)(data)
                 archive.writestr(name, b"not a png at all" if name == corrupt else data)
     return labels
 
@@ -148,13 +219,21 @@ def ade20k_image(ann: np.ndarray, grey: bool = False) -> np.ndarray:
 
 
 def write_ade20k(
-    manual_dir: str, *, corrupt: str | None = None, drop: str | None = None
+    manual_dir: str,
+    *,
+    corrupt: str | None = None,
+    drop: str | None = None,
+    damage: dict[str, Callable[[bytes], bytes]] | None = None,
+    mirror: bool = False,
 ) -> dict[str, np.ndarray]:
     """Writes ADEChallengeData2016.zip into `manual_dir`.
 
     Args:
       corrupt: optional member name whose content is replaced by garbage.
       drop: optional member name left out of the archive.
+      damage: optional ``{member name: function}``: the member's bytes pass through the
+        function before they are packed.
+      mirror: mirror every image and annotation left-right (another release of the data).
 
     Returns:
       image id -> raw annotation.
@@ -172,12 +251,15 @@ def write_ade20k(
         archive.writestr(f"{root}/sceneCategories.txt", "ADE_train_00000001 airport_terminal\n")
         for k, (folder, image_id, h, w, values) in enumerate(ADE20K_IMAGES):
             ann = ade20k_annotation(h, w, values)
+            if mirror:
+                ann = np.ascontiguousarray(ann[:, ::-1])
             annotations[image_id] = ann
             members = {
                 ade20k.image_path(folder, image_id): jpeg_bytes(ade20k_image(ann, grey=k == 1)),
                 ade20k.annotation_path(folder, image_id): png_bytes(ann),
             }
             for name, data in members.items():
+                data = (damage or {}).get(name, lambda x: x)(data)
                 if name != drop:
                     archive.writestr(name, b"\xff\xd8\xff garbage" if name == corrupt else data)
     return annotations

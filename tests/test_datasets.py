@@ -1,15 +1,24 @@
-"""Tests for tce_jax.datasets: the street_scenes TFDS builder and the dataset registry."""
+"""Tests for tce_jax.datasets: the street_scenes TFDS builder, the dataset registry, and the
+verification of official archives (every file decoded; damaged files named)."""
 
 from __future__ import annotations
 
 import hashlib
+import io
+import os
+import re
 import socket
+import zipfile
 
+import fake_archives
 import numpy as np
 import pytest
+import tensorflow as tf
 import tensorflow_datasets as tfds
+from PIL import Image
 
 import tce_jax.datasets as datasets
+from tce_jax.datasets import archives
 from tce_jax.datasets import street_scenes as ss
 
 C = ss.NUM_CLASSES
@@ -166,3 +175,105 @@ def test_registry_unknown_name():
 def test_spec_validates_its_fields():
     with pytest.raises(ValueError, match="num_classes=3"):
         datasets.DatasetSpec("x", 3, ("a", "b"), ((0, 0, 0),) * 2, "image", "label", {})
+
+
+# --- archives: every file decoded as training decodes it, damaged ones named ---------------
+
+
+def _zip(path, members: dict[str, bytes]) -> str:
+    with zipfile.ZipFile(path, "w") as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return str(path)
+
+
+def _pictures():
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (20, 30, 3), np.uint8)
+    label = rng.integers(0, 19, (20, 30), np.uint8)
+    return image, label
+
+
+def test_verify_members_decodes_every_file(tmp_path):
+    image, label = _pictures()
+    path = _zip(
+        tmp_path / "a.zip",
+        {
+            "x/image.png": fake_archives.png_bytes(image),
+            "x/photo.jpg": fake_archives.jpeg_bytes(image),
+            "x/label.png": fake_archives.png_bytes(label),
+        },
+    )
+    members = [("x/image.png", "image"), ("x/photo.jpg", "image"), ("x/label.png", "label")]
+    shapes = archives.verify_members(path, members, "https://example.org", workers=2)
+    assert shapes == dict.fromkeys(["x/image.png", "x/photo.jpg", "x/label.png"], (20, 30))
+    seen = {}
+
+    def keep(member, array):
+        seen[member] = array
+
+    archives.verify_members(path, members, "https://example.org", check=keep)
+    np.testing.assert_array_equal(seen["x/image.png"], image)  # the pixels, decoded by TF
+    np.testing.assert_array_equal(seen["x/label.png"][..., 0], label)
+    with pytest.raises(archives.DatasetNotFoundError, match="x/label.png is too dark; the arch"):
+        archives.verify_members(
+            path, members, "src", check=lambda m, a: "is too dark" if m == "x/label.png" else None
+        )
+
+
+def test_pil_reads_a_png_whose_chunk_crc_tensorflow_refuses():
+    # Why preparation decodes with TensorFlow: PIL does not check chunk CRCs.
+    broken = fake_archives.break_png_crc(fake_archives.png_bytes(_pictures()[1]))
+    with Image.open(io.BytesIO(broken)) as image:
+        image.load()
+    with pytest.raises(tf.errors.InvalidArgumentError, match="Invalid PNG data"):
+        tf.io.decode_png(broken)
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (fake_archives.damage_png_body, r"is not a decodable PNG \(Invalid PNG data"),
+        (fake_archives.break_png_crc, r"is not a decodable PNG \(Invalid PNG data"),
+        (None, r"fails the zip's CRC-32 check"),
+    ],
+    ids=["png-body", "png-chunk-crc", "zip-crc"],
+)
+def test_verify_members_names_the_damaged_file_and_the_fix(tmp_path, damage, problem):
+    image, label = _pictures()
+    good, bad = fake_archives.png_bytes(image), fake_archives.png_bytes(label)
+    path = _zip(
+        tmp_path / "data.zip",
+        {"d/a.png": good, "d/b.png": damage(bad) if damage else bad, "d/c.png": good},
+    )
+    if damage is None:
+        fake_archives.flip_stored_byte(path, "d/b.png")
+    members = [("d/a.png", "image"), ("d/b.png", "label"), ("d/c.png", "image")]
+    with pytest.raises(archives.DatasetNotFoundError) as e:
+        archives.verify_members(path, members, "https://example.org/data.zip", workers=2)
+    message = str(e.value)
+    assert re.match(rf"data\.zip: d/b\.png {problem}", message), message
+    assert message.endswith(
+        f"; the archive is damaged: download it again from https://example.org/data.zip and "
+        f"replace {path}"
+    )
+    assert "\n" not in message
+
+
+def test_verify_members_names_a_cut_off_jpeg(tmp_path):
+    photo = fake_archives.truncate(fake_archives.jpeg_bytes(_pictures()[0]))
+    path = _zip(tmp_path / "p.zip", {"p/photo.jpg": photo})
+    with pytest.raises(archives.DatasetNotFoundError, match=r"p/photo.jpg is not a decodable JPEG"):
+        archives.verify_members(path, [("p/photo.jpg", "image")], "src")
+
+
+def test_archive_fingerprint_follows_the_contents_not_the_file(tmp_path):
+    image, label = _pictures()
+    members = {"a.png": fake_archives.png_bytes(image), "b.png": fake_archives.png_bytes(label)}
+    first = archives.archive_fingerprint(_zip(tmp_path / "1.zip", members))
+    again = _zip(tmp_path / "2.zip", members)
+    os.utime(again, (0, 0))  # another download of the same release
+    assert archives.archive_fingerprint(again) == first
+    members["b.png"] = fake_archives.png_bytes(label[:, ::-1].copy())
+    changed = archives.archive_fingerprint(_zip(tmp_path / "3.zip", members))
+    assert changed["sha256"] != first["sha256"] and changed["members"] == first["members"] == 2

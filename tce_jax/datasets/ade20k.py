@@ -34,9 +34,10 @@ ROOT = "ADEChallengeData2016"
 SPLITS = {"train": "training", "validation": "validation"}  # TFDS split -> folder
 OFFICIAL_COUNTS = {"training": 20210, "validation": 2000}
 
+DOWNLOAD_URL = "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip"
 HOW_TO_GET = (
     "Download ADEChallengeData2016.zip (923 MB) from the MIT Scene Parsing benchmark, "
-    "http://data.csail.mit.edu/places/ADEchallenge/ADEChallengeData2016.zip (linked from "
+    f"{DOWNLOAD_URL} (linked from "
     "http://sceneparsing.csail.mit.edu/), and put the zip file, as downloaded (not extracted), "
     "in the manual directory (config.data.manual_dir)."
 )
@@ -181,9 +182,14 @@ def list_examples(archive: zipfile.ZipFile, archive_path: str) -> dict[str, list
     return {folder: sorted(found) for folder, found in ids.items()}
 
 
-def check_manual_dir(manual_dir: str) -> dict[str, int]:
+def check_manual_dir(manual_dir: str, *, decode: bool = True) -> dict[str, int]:
     """Checks ``ADEChallengeData2016.zip`` before preparation: present, a zip, the official
     layout, and a JPEG/grey-PNG header on every image/annotation.
+
+    With ``decode``, every image and annotation is also read in full (checking the zip's
+    CRC-32) and decoded with TensorFlow's decoders, in parallel (`archives.verify_members`),
+    and each annotation is checked against its image: the same height and width, values
+    ``0..150``. Preparation then stores the files without decoding them again.
 
     Returns:
       The number of images per folder (``training``, ``validation``).
@@ -198,17 +204,40 @@ def check_manual_dir(manual_dir: str) -> dict[str, int]:
         for folder, found in ids.items():
             for image_id in found:
                 _check_heads(archive, path, folder, image_id)
+    if decode:
+        _verify_examples(path, ids)
     return {folder: len(found) for folder, found in ids.items()}
 
 
+def _check_annotation_values(member: str, array: np.ndarray) -> str | None:
+    if member.endswith(".png") and array.max(initial=0) > NUM_CLASSES:
+        return f"holds the value {int(array.max())} (annotations are 0..{NUM_CLASSES})"
+    return None
+
+
+def _verify_examples(path: str, ids: dict[str, list[str]]) -> None:
+    pairs = [
+        (image_path(folder, image_id), annotation_path(folder, image_id))
+        for folder, found in ids.items()
+        for image_id in found
+    ]
+    members = []
+    for image, annotation in pairs:
+        members += [(image, archives.IMAGE), (annotation, archives.LABEL)]
+    shapes = archives.verify_members(path, members, DOWNLOAD_URL, check=_check_annotation_values)
+    for image, annotation in pairs:
+        if shapes[annotation] != shapes[image]:
+            (h, w), (image_h, image_w) = shapes[annotation], shapes[image]
+            raise archives.damaged_member_error(
+                path,
+                annotation,
+                f"is {w}x{h} but its image {image} is {image_w}x{image_h}",
+                DOWNLOAD_URL,
+            )
+
+
 def _read(archive: zipfile.ZipFile, archive_path: str, member: str, size: int = -1) -> bytes:
-    try:
-        with archive.open(member) as f:
-            return f.read(size)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise archives.corrupt_member_error(
-            archive_path, member, "a readable zip member", f"an unreadable one ({e})", HOW_TO_GET
-        ) from e
+    return archives.read_member(archive, archive_path, member, DOWNLOAD_URL, size)
 
 
 def _check_heads(archive, archive_path: str, folder: str, image_id: str) -> None:
@@ -220,7 +249,7 @@ def _check_heads(archive, archive_path: str, folder: str, image_id: str) -> None
             member,
             "a JPEG image",
             f"no JPEG header (first bytes {head[:8]!r})",
-            HOW_TO_GET,
+            DOWNLOAD_URL,
         )
     member = annotation_path(folder, image_id)
     head = _read(archive, archive_path, member, 64)
@@ -231,67 +260,34 @@ def _check_heads(archive, archive_path: str, folder: str, image_id: str) -> None
             member,
             "an 8-bit grey PNG annotation",
             archives.describe_png(header, head),
-            HOW_TO_GET,
+            DOWNLOAD_URL,
         )
 
 
-def decode_example(
+def read_example(
     archive: zipfile.ZipFile, archive_path: str, folder: str, image_id: str
 ) -> tuple[bytes, bytes]:
-    """The image and annotation bytes of one example, fully decoded once to verify them.
+    """The image and annotation bytes of one example, as they are stored.
 
-    Returns the bytes to store: the released JPEG (re-encoded only when it is not RGB or grey,
-    e.g. CMYK, which TensorFlow's decoder does not read) and the released PNG.
+    The released JPEG and PNG, verified by `check_manual_dir` (not decoded again here),
+    except that a JPEG that is neither RGB nor grey (e.g. CMYK) is converted to an RGB JPEG
+    with PIL, so that every stored image is RGB or grey.
     """
     from PIL import Image
 
-    image_member, label_member = image_path(folder, image_id), annotation_path(folder, image_id)
+    image_member = image_path(folder, image_id)
     image_bytes = _read(archive, archive_path, image_member)
-    label_bytes = _read(archive, archive_path, label_member)
+    label_bytes = _read(archive, archive_path, annotation_path(folder, image_id))
     try:
-        with Image.open(io.BytesIO(image_bytes)) as image:
-            image.load()
-            image_size, mode = image.size, image.mode
-            if mode not in ("RGB", "L"):
+        with Image.open(io.BytesIO(image_bytes)) as image:  # reads the header only
+            if image.mode not in ("RGB", "L"):
                 buffer = io.BytesIO()
                 image.convert("RGB").save(buffer, format="JPEG", quality=100)
                 image_bytes = buffer.getvalue()
     except OSError as e:
-        raise archives.corrupt_member_error(
-            archive_path,
-            image_member,
-            "a decodable JPEG image",
-            f"a broken one ({e})",
-            HOW_TO_GET,
+        raise archives.damaged_member_error(
+            archive_path, image_member, f"is not a decodable JPEG ({e})", DOWNLOAD_URL
         ) from e
-    try:
-        with Image.open(io.BytesIO(label_bytes)) as label:
-            label.load()
-            values = np.asarray(label)
-    except OSError as e:
-        raise archives.corrupt_member_error(
-            archive_path,
-            label_member,
-            "a decodable PNG annotation",
-            f"a broken one ({e})",
-            HOW_TO_GET,
-        ) from e
-    if values.ndim != 2 or values.shape[::-1] != image_size:
-        raise archives.corrupt_member_error(
-            archive_path,
-            label_member,
-            f"a {image_size[0]}x{image_size[1]} single-channel annotation (the image's size)",
-            f"an array of shape {values.shape}",
-            HOW_TO_GET,
-        )
-    if values.max(initial=0) > NUM_CLASSES:
-        raise archives.corrupt_member_error(
-            archive_path,
-            label_member,
-            f"annotation values 0..{NUM_CLASSES}",
-            f"the value {int(values.max())}",
-            HOW_TO_GET,
-        )
     return image_bytes, label_bytes
 
 
@@ -331,12 +327,12 @@ class Ade20k(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager: tfds.download.DownloadManager):
         manual_dir = os.fspath(dl_manager.manual_dir)
-        check_manual_dir(manual_dir)
+        check_manual_dir(manual_dir)  # decodes every file once: generation stores the bytes
         path = os.path.join(manual_dir, ARCHIVE)
         return {split: self._generate_examples(path, folder) for split, folder in SPLITS.items()}
 
     def _generate_examples(self, path: str, folder: str):
         with archives.open_zip(path, HOW_TO_GET) as archive:
             for image_id in list_examples(archive, path)[folder]:
-                image, annotation = decode_example(archive, path, folder, image_id)
+                image, annotation = read_example(archive, path, folder, image_id)
                 yield image_id, {"image_id": image_id, "image": image, "annotation": annotation}

@@ -61,6 +61,7 @@ IMAGES_ZIP = "leftImg8bit_trainvaltest.zip"
 LABELS_ZIP = "gtFine_trainvaltest.zip"
 ARCHIVES = (IMAGES_ZIP, LABELS_ZIP)
 
+DOWNLOADS_PAGE = "https://www.cityscapes-dataset.com/downloads/"
 HOW_TO_GET = (
     "Cityscapes needs a free account: register and log in at "
     "https://www.cityscapes-dataset.com/login/, then download leftImg8bit_trainvaltest.zip "
@@ -80,12 +81,16 @@ def label_path(split_folder: str, city: str, stem: str) -> str:
     return f"gtFine/{split_folder}/{city}/{stem}_gtFine_labelIds.png"
 
 
-def check_manual_dir(manual_dir: str) -> dict[str, int]:
+def check_manual_dir(manual_dir: str, *, decode: bool = True) -> dict[str, int]:
     """Checks the two official archives before TFDS extracts and reads them.
 
-    Checks that both zips exist and open, that every ``leftImg8bit/{train,val,test}/<city>/
-    <city>_<seq>_<frame>_leftImg8bit.png`` has its ``gtFine/.../*_gtFine_labelIds.png``, and
-    reads the PNG header of each: 2048x1024 8-bit RGB images, 2048x1024 8-bit grey labels.
+    TFDS's builder stores the files as they are, without decoding them, so this is where a
+    damaged file is caught. Checks that both zips exist and open, that every
+    ``leftImg8bit/{train,val,test}/<city>/<city>_<seq>_<frame>_leftImg8bit.png`` has its
+    ``gtFine/.../*_gtFine_labelIds.png``, and reads the PNG header of each: 2048x1024 8-bit
+    RGB images, 2048x1024 8-bit grey labels. With ``decode``, every image and label map is
+    then read in full (checking the zip's CRC-32) and decoded with TensorFlow's PNG decoder,
+    in parallel (`archives.verify_members`): one decode per file.
 
     Returns:
       The number of images per split folder (``train``, ``val``, ``test``).
@@ -100,13 +105,23 @@ def check_manual_dir(manual_dir: str) -> dict[str, int]:
         archives.open_zip(images_path, HOW_TO_GET) as images,
         archives.open_zip(labels_path, HOW_TO_GET) as labels,
     ):
-        counts = _check_pairs(images, images_path, labels, labels_path)
+        pairs = _check_pairs(images, images_path, labels, labels_path)
+    if decode:
+        # Labels first: the smaller archive, so a damaged one is found within seconds.
+        label_members = [(label, archives.LABEL) for _, label in pairs]
+        archives.verify_members(labels_path, label_members, DOWNLOADS_PAGE)
+        image_members = [(image, archives.IMAGE) for image, _ in pairs]
+        archives.verify_members(images_path, image_members, DOWNLOADS_PAGE)
+    counts = dict.fromkeys(OFFICIAL_COUNTS, 0)
+    for image, _ in pairs:
+        counts[image.split("/")[1]] += 1
     return counts
 
 
 def _check_pairs(
     images: zipfile.ZipFile, images_path: str, labels: zipfile.ZipFile, labels_path: str
-) -> dict[str, int]:
+) -> list[tuple[str, str]]:
+    """``(image member, label member)`` of every image, after the layout and header checks."""
     label_names = set(labels.namelist())
     counts = dict.fromkeys(OFFICIAL_COUNTS, 0)
     pairs = []
@@ -121,7 +136,7 @@ def _check_pairs(
                 "only leftImg8bit/{train,val,test}/<city>/<city>_<seq>_<frame>_leftImg8bit.png "
                 "files under leftImg8bit/",
                 "a file with another name",
-                HOW_TO_GET,
+                DOWNLOADS_PAGE,
             )
         split, city, stem = match.group(1), match.group(2), match.group(3)
         label = label_path(split, city, stem)
@@ -146,16 +161,11 @@ def _check_pairs(
     for image_name, label_name in pairs:
         _check_png(images, images_path, image_name, colours=(2, 6), what="RGB")
         _check_png(labels, labels_path, label_name, colours=(0,), what="grey (label ids)")
-    return counts
+    return pairs
 
 
 def _check_png(archive, archive_path: str, member: str, *, colours, what: str) -> None:
-    try:
-        head = archives.read_head(archive, member)
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        raise archives.corrupt_member_error(
-            archive_path, member, "a readable zip member", f"an unreadable one ({e})", HOW_TO_GET
-        ) from e
+    head = archives.read_member(archive, archive_path, member, DOWNLOADS_PAGE, 64)
     header = archives.png_header(head)
     if header is None or header[:3] != (WIDTH, HEIGHT, 8) or header[3] not in colours:
         raise archives.corrupt_member_error(
@@ -163,5 +173,5 @@ def _check_png(archive, archive_path: str, member: str, *, colours, what: str) -
             member,
             f"a {WIDTH}x{HEIGHT} 8-bit {what} PNG",
             archives.describe_png(header, head),
-            HOW_TO_GET,
+            DOWNLOADS_PAGE,
         )
