@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import zipfile
 from collections.abc import Callable, Iterator
 
 import jax
@@ -30,72 +29,16 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from tce_jax import datasets, sampling
-from tce_jax.datasets import ade20k, archives, cityscapes
-from tce_jax.datasets.archives import DatasetNotFoundError  # missing or corrupt data
+from tce_jax import sampling
+
+# Re-exported for callers: the error for missing or corrupt data, and dataset preparation
+# (which lives in tce_jax.datasets.preparation).
+from tce_jax.datasets.archives import DatasetNotFoundError  # noqa: F401
+from tce_jax.datasets.preparation import load_builder  # noqa: F401
 
 Batch = dict[str, np.ndarray]
 # Maps (shard, step) to the within-shard indices of the examples of that step.
 IndexFn = Callable[[int, int], np.ndarray]
-
-# Checks of the official archives in the manual directory, run before TFDS prepares.
-_MANUAL_DIR_CHECKS = {
-    cityscapes.TFDS_NAME: cityscapes.check_manual_dir,
-    ade20k.TFDS_NAME: ade20k.check_manual_dir,
-}
-
-
-def load_builder(config: ml_collections.ConfigDict) -> tuple[tfds.core.DatasetBuilder, object]:
-    """Returns the prepared TFDS builder and the `DatasetSpec` of `config.data.name`.
-
-    Prepares the dataset (in ArrayRecord format) if needed: the embedded dataset is generated,
-    real datasets are built from the archives in `config.data.manual_dir`. In multi-process
-    runs, process 0 prepares while the others wait.
-    """
-    spec = datasets.get_dataset_spec(config.data.name)
-    data_dir = config.data.data_dir or None
-    builder = tfds.builder(spec.tfds_name, data_dir=data_dir, file_format="array_record")
-    if not builder.is_prepared():
-        if jax.process_index() == 0:
-            _prepare(builder, spec, config)
-        if jax.process_count() > 1:
-            from jax.experimental import multihost_utils
-
-            multihost_utils.sync_global_devices(f"prepare {spec.tfds_name}")
-            builder = tfds.builder(spec.tfds_name, data_dir=data_dir, file_format="array_record")
-            if not builder.is_prepared():
-                raise DatasetNotFoundError(
-                    f"Process {jax.process_index()} cannot see the dataset that process 0 "
-                    f"prepared under {builder.data_dir!s}: put config.data.data_dir on a "
-                    "file system shared by every host, or prepare it on each host first."
-                )
-    return builder, spec
-
-
-def _prepare(builder, spec, config) -> None:
-    manual_dir = config.data.manual_dir or None
-    check = _MANUAL_DIR_CHECKS.get(spec.tfds_name)
-    if check is not None:  # fail in seconds, naming the file, rather than deep inside TFDS
-        check(manual_dir or archives.default_manual_dir(builder))
-    try:
-        builder.download_and_prepare(
-            file_format="array_record",
-            download_config=tfds.download.DownloadConfig(manual_dir=manual_dir),
-        )
-    except DatasetNotFoundError:
-        raise
-    except (
-        AssertionError,
-        FileNotFoundError,
-        zipfile.BadZipFile,
-        tfds.core.DatasetNotFoundError,
-    ) as e:
-        raise DatasetNotFoundError(
-            f"Could not prepare dataset {config.data.name!r} (TFDS {spec.tfds_name!r}) in "
-            f"{builder.data_dir!s} from manual_dir={manual_dir!r}: {e}\n"
-            "See the README section on datasets for which archives to download and where to "
-            "put them (config.data.manual_dir)."
-        ) from e
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,9 +1,12 @@
 """ADE20K (ADEChallengeData2016) through our TFDS builder, from a fake official archive:
-splits, the 0 -> 255 / k -> k-1 label map, archive checks, augmentation and evaluation of
+splits, the 0 -> 255 / k -> k-1 label map, archive checks (every file decoded, damaged files
+named, replaced archives detected), augmentation and evaluation of
 images of many sizes, and a few training steps of the small config."""
 
 import json
 import os
+import re
+import shutil
 
 import fake_archives
 import numpy as np
@@ -157,3 +160,79 @@ def test_small_config_trains_and_evaluates_at_label_resolution(prepared, tmp_pat
         lines = [json.loads(x) for x in f]
     assert [x["step"] for x in lines] == [1, 2, 3]
     assert all(np.isfinite(x["train/loss"]) for x in lines)
+
+
+def _other_shape_png(data: bytes) -> bytes:
+    return fake_archives.png_bytes(np.zeros((8, 8), np.uint8))
+
+
+def _value_151(data: bytes) -> bytes:
+    return fake_archives.png_bytes(np.full((48, 64), 151, np.uint8))
+
+
+TRAIN_IMAGE = ade20k.image_path("training", "ADE_train_00000001")  # 48x64
+TRAIN_ANNOTATION = ade20k.annotation_path("training", "ADE_train_00000001")
+
+
+@pytest.mark.parametrize(
+    "member, damage, problem",
+    [
+        (TRAIN_IMAGE, fake_archives.truncate, r"is not a decodable JPEG \("),
+        (TRAIN_ANNOTATION, fake_archives.damage_png_body, r"is not a decodable PNG \(Invalid PNG"),
+        # PIL reads this annotation (it ignores chunk CRCs); training's decoder does not.
+        (TRAIN_ANNOTATION, fake_archives.break_png_crc, r"is not a decodable PNG \(Invalid PNG"),
+        (TRAIN_ANNOTATION, "zip", r"fails the zip's CRC-32 check"),
+        (TRAIN_ANNOTATION, _other_shape_png, rf"is 8x8 but its image {TRAIN_IMAGE} is 64x48"),
+        (TRAIN_ANNOTATION, _value_151, r"holds the value 151 \(annotations are 0\.\.150\)"),
+    ],
+    ids=["jpeg-cut-off", "png-body", "png-chunk-crc", "zip-crc", "shape", "value"],
+)
+def test_a_damaged_file_is_named_with_the_fix(tmp_path, member, damage, problem):
+    manual_dir = str(tmp_path / "manual")
+    if damage == "zip":
+        fake_archives.write_ade20k(manual_dir)
+        fake_archives.flip_stored_byte(os.path.join(manual_dir, ade20k.ARCHIVE), member)
+    else:
+        fake_archives.write_ade20k(manual_dir, damage={member: damage})
+    with pytest.raises(input_pipeline.DatasetNotFoundError) as e:
+        ade20k.check_manual_dir(manual_dir)
+    message = str(e.value)
+    assert re.match(rf"ADEChallengeData2016\.zip: {re.escape(member)} {problem}", message), message
+    assert message.endswith(
+        f"; the archive is damaged: download it again from {ade20k.DOWNLOAD_URL} and replace "
+        f"{os.path.join(manual_dir, ade20k.ARCHIVE)}"
+    )
+    assert "\n" not in message
+    if damage != "zip":  # (reading a small member's first bytes may already check its CRC)
+        assert ade20k.check_manual_dir(manual_dir, decode=False)  # quick checks cannot tell
+
+
+def _annotations(builder, spec, split) -> dict[str, np.ndarray]:
+    source = builder.as_data_source(split=split)
+    return {
+        source[i]["image_id"].decode(): source[i][spec.label_key][..., 0]
+        for i in range(len(source))
+    }
+
+
+def test_a_dataset_prepared_from_another_archive_is_refused(tmp_path):
+    config = ade_config.get_config("runlocal")
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.data.manual_dir = manual_dir = str(tmp_path / "manual")
+    fake_archives.write_ade20k(manual_dir)
+    builder, _ = input_pipeline.load_builder(config)
+    data_dir = str(builder.data_dir)
+    fake_archives.write_ade20k(manual_dir)  # the same release, downloaded again
+    input_pipeline.load_builder(config)  # accepted: same contents
+    raw = fake_archives.write_ade20k(manual_dir, mirror=True)  # another release
+    with pytest.raises(input_pipeline.DatasetNotFoundError) as e:
+        input_pipeline.load_builder(config)
+    message = str(e.value)
+    assert f"{data_dir} was prepared from another {ade20k.ARCHIVE}" in message
+    assert f"delete {data_dir}" in message and os.path.join(manual_dir, ade20k.ARCHIVE) in message
+    assert "\n" not in message
+    shutil.rmtree(data_dir)  # as the message says
+    builder, spec = input_pipeline.load_builder(config)
+    annotations = _annotations(builder, spec, "validation")
+    for image_id, annotation in annotations.items():
+        np.testing.assert_array_equal(annotation, raw[image_id])  # the new release's data

@@ -1,13 +1,16 @@
 """Cityscapes through TFDS from fake official archives: splits, the official label table,
-archive checks, evaluation at full resolution, and a few training steps of the small config."""
+archive checks (damaged files named, replaced archives extracted again), evaluation at full
+resolution, and a few training steps of the small config."""
 
 import json
 import os
+import re
 import shutil
 
 import fake_archives
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from cityscapesscripts.helpers import labels as cs_labels
 
 from configs import cityscapes as cs_config
@@ -153,3 +156,93 @@ def test_small_config_trains_with_sampling_and_sliding_evaluation(prepared, tmp_
     assert [x["step"] for x in lines] == [1, 2, 3]
     assert all(np.isfinite(x["train/loss"]) for x in lines)
     assert os.path.exists(tmp_path / "report.md")
+
+
+VAL_STEM = "frankfurt_000000_000294"
+VAL_IMAGE = f"leftImg8bit/val/frankfurt/{VAL_STEM}_leftImg8bit.png"
+VAL_LABEL = cityscapes.label_path("val", "frankfurt", VAL_STEM)
+
+
+def _config(tmp_path):
+    config = cs_config.get_config("runlocal")
+    config.data.data_dir = str(tmp_path / "tfds")
+    config.data.manual_dir = str(tmp_path / "manual")
+    return config
+
+
+def _extracted(tmp_path) -> list[str]:
+    extracted = tmp_path / "tfds" / "downloads" / "extracted"
+    return sorted(os.listdir(extracted)) if extracted.is_dir() else []
+
+
+@pytest.mark.parametrize(
+    "zip_name, member, damage, problem",
+    [
+        (
+            cityscapes.LABELS_ZIP,
+            VAL_LABEL,
+            fake_archives.damage_png_body,
+            r"is not a decodable PNG \(Invalid PNG data",
+        ),
+        (
+            cityscapes.IMAGES_ZIP,
+            VAL_IMAGE,
+            fake_archives.break_png_crc,  # PIL reads this file; TensorFlow does not
+            r"is not a decodable PNG \(Invalid PNG data",
+        ),
+        (cityscapes.IMAGES_ZIP, VAL_IMAGE, "zip", r"fails the zip's CRC-32 check"),
+        # Not an image or label TFDS stores, but TFDS extracts it: its bad CRC is named too.
+        (
+            cityscapes.LABELS_ZIP,
+            f"gtFine/val/frankfurt/{VAL_STEM}_gtFine_polygons.json",
+            "zip",
+            r"fails the zip's CRC-32 check",
+        ),
+    ],
+    ids=["label-png-body", "image-png-chunk-crc", "image-zip-crc", "json-zip-crc"],
+)
+def test_a_damaged_file_fails_preparation_naming_it(tmp_path, zip_name, member, damage, problem):
+    config = _config(tmp_path)
+    manual_dir = config.data.manual_dir
+    if damage == "zip":  # damaged in transit: the bytes no longer match the zip's CRC-32
+        fake_archives.write_cityscapes(manual_dir)
+        fake_archives.flip_stored_byte(os.path.join(manual_dir, zip_name), member)
+    else:  # damaged before packing: the zip's CRC-32 matches, the PNG does not decode
+        fake_archives.write_cityscapes(manual_dir, damage={member: damage})
+    with pytest.raises(input_pipeline.DatasetNotFoundError) as e:
+        input_pipeline.load_builder(config)
+    message = str(e.value)
+    assert re.match(rf"{re.escape(zip_name)}: {re.escape(member)} {problem}", message), message
+    assert message.endswith(
+        "; the archive is damaged: download it again from "
+        f"https://www.cityscapes-dataset.com/downloads/ and replace "
+        f"{os.path.join(manual_dir, zip_name)}"
+    )
+    assert "\n" not in message
+    builder = tfds.builder(cityscapes.TFDS_NAME, data_dir=config.data.data_dir)
+    assert not builder.is_prepared()
+    assert _extracted(tmp_path) == []  # no extracted copy left behind, complete or not
+
+
+def test_a_replaced_archive_is_extracted_again(tmp_path):
+    config = _config(tmp_path)
+    manual_dir = config.data.manual_dir
+    fake_archives.write_cityscapes(manual_dir, damage={VAL_LABEL: fake_archives.damage_png_body})
+    with pytest.raises(input_pipeline.DatasetNotFoundError, match=re.escape(VAL_LABEL)):
+        input_pipeline.load_builder(config)
+    assert _extracted(tmp_path) == []  # checked before TFDS extracts anything
+    # Earlier versions (or a preparation that crashed after extracting) left TFDS's extraction
+    # of the damaged archives, under the archives' file names only.
+    downloads = tmp_path / "tfds" / "downloads"
+    tfds.download.DownloadManager(download_dir=downloads).extract(
+        [os.path.join(manual_dir, name) for name in cityscapes.ARCHIVES]
+    )
+    assert _extracted(tmp_path) == [f"ZIP.{name}" for name in sorted(cityscapes.ARCHIVES)]
+    # The user downloads the archives again; this release differs (mirrored) in every file.
+    raw = fake_archives.write_cityscapes(manual_dir, mirror=True)
+    builder, spec = input_pipeline.load_builder(config)
+    example = builder.as_data_source(split="validation")[0]
+    np.testing.assert_array_equal(example[spec.label_key][..., 0], raw[VAL_STEM])
+    expected_image = fake_archives.cityscapes_image(raw[VAL_STEM])
+    np.testing.assert_array_equal(example[spec.image_key], expected_image)
+    assert _extracted(tmp_path) == []  # the extracted copy (as large as the zips) is removed

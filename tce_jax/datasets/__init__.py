@@ -40,6 +40,8 @@ class DatasetSpec:
       ignore_index: the train id of unlabelled pixels.
       label_map: ``uint8 [256]`` look-up table from raw label values to train ids
         (``ignore_index`` for void), or ``None`` when raw values already are train ids.
+      archives: the official archives the dataset is prepared from (file names in the manual
+        directory); empty for generated datasets.
     """
 
     tfds_name: str
@@ -51,6 +53,7 @@ class DatasetSpec:
     splits: dict[str, str]
     ignore_index: int = 255
     label_map: np.ndarray | None = None
+    archives: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if len(self.class_names) != self.num_classes or len(self.palette) != self.num_classes:
@@ -93,6 +96,7 @@ DATASETS: dict[str, DatasetSpec] = {
         splits={"train": "train", "validation": "validation", "test": "test"},
         ignore_index=cityscapes.IGNORE_LABEL,
         label_map=cityscapes.LABEL_MAP,
+        archives=cityscapes.ARCHIVES,
     ),
     # Our builder of ADEChallengeData2016; annotation 0 -> 255, k -> k - 1 when read.
     "ade20k": DatasetSpec(
@@ -105,6 +109,7 @@ DATASETS: dict[str, DatasetSpec] = {
         splits={"train": "train", "validation": "validation"},
         ignore_index=ade20k.IGNORE_LABEL,
         label_map=ade20k.LABEL_MAP,
+        archives=(ade20k.ARCHIVE,),
     ),
 }
 
