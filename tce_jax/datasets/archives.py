@@ -232,6 +232,8 @@ def verify_members(
     Raises:
       DatasetNotFoundError: one line naming the archive, the member, the problem and the fix.
     """
+    import tensorflow as tf  # here, not in the worker threads
+
     workers = workers or default_workers()
     local = threading.local()
     opened: list[zipfile.ZipFile] = []
@@ -245,12 +247,10 @@ def verify_members(
         return local.archive
 
     def verify(member: str, kind: str) -> tuple[int, int]:
-        import tensorflow as tf
-
         data = read_member(archive_of_this_thread(), archive_path, member, source)
         try:
             array = _decode(kind, data)
-        except (tf.errors.InvalidArgumentError, tf.errors.DataLossError) as e:
+        except tf.errors.OpError as e:  # InvalidArgumentError for every broken file seen
             problem = f"is not a decodable {_format_name(member)} ({_tf_reason(e)})"
             raise damaged_member_error(archive_path, member, problem, source) from e
         problem = check(member, array) if check is not None else None
