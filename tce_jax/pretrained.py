@@ -6,6 +6,10 @@
   (``resnet50-*.pth`` / ``resnet101-*.pth``): flat keys ``params/conv_init/kernel``,
   ``batch_stats/bn_init/mean``, ... An ``.npz`` of a torchvision ``state_dict`` saved with
   numpy (keys ``conv1.weight``, ``layer1.0.bn1.running_mean``, ...) is converted on load.
+* ``.safetensors`` with torchvision's key names, as timm publishes torchvision's ImageNet
+  ResNets (``resnet50.tv_in1k``, ``resnet101.tv2_in1k``, ...: ``model.safetensors``), read
+  without torch and converted like the ``.npz`` state_dict (the classifier ``fc.*`` and
+  ``num_batches_tracked`` are dropped); a file of our flat ``params/...`` keys is read as is.
 * ``.msgpack``: ``flax.serialization.msgpack_serialize`` (or ``to_bytes``) of
   ``{"params": ..., "batch_stats": ...}`` of a :class:`tce_jax.models.ResNet`.
 * an Orbax checkpoint directory (``ocp.StandardCheckpointer().save(path, tree)``) of the
@@ -34,8 +38,8 @@ import numpy as np
 Tree = dict[str, Any]
 FORMATS = (
     ".npz (from scripts/convert_torchvision_resnet.py, or a torchvision state_dict saved with "
-    "numpy), .msgpack (flax.serialization of {'params', 'batch_stats'}), or an Orbax "
-    "checkpoint directory"
+    "numpy), .safetensors (torchvision key names, e.g. timm's resnet101.tv2_in1k), .msgpack "
+    "(flax.serialization of {'params', 'batch_stats'}), or an Orbax checkpoint directory"
 )
 
 
@@ -218,9 +222,9 @@ def load_backbone_variables(path: str) -> Tree:
     if suffix == ".npz":
         with np.load(path, allow_pickle=False) as f:
             flat = {key: f[key] for key in f.files}
-        if any("/" in key for key in flat):
-            return _backbone_subtree(unflatten(flat), path)
-        return torchvision_to_flax(flat)
+        return _from_flat_arrays(flat, path)
+    if suffix == ".safetensors":
+        return _from_flat_arrays(_read_safetensors(path), path)
     if suffix == ".msgpack":
         from flax import serialization
 
@@ -232,9 +236,36 @@ def load_backbone_variables(path: str) -> Tree:
             f"{path} is a PyTorch checkpoint, which tce_jax does not read (it does not depend "
             "on torch). Convert it once, where torch is installed: `python "
             f"scripts/convert_torchvision_resnet.py {path} {os.path.splitext(path)[0]}.npz`, "
-            "and set config.model.pretrained to the .npz file."
+            "and set config.model.pretrained to the .npz file (or use the weights' "
+            ".safetensors release, e.g. timm's resnet101.tv2_in1k, which is read directly)."
         )
     raise PretrainedMismatchError(f"Cannot read {path}: accepted formats are {FORMATS}.")
+
+
+def _from_flat_arrays(flat: Mapping[str, Any], path: str) -> Tree:
+    """Backbone variables from flat arrays: our ``params/...`` keys as they are, anything
+    else through the torchvision key mapping (one code path for .npz and .safetensors)."""
+    if any("/" in key for key in flat):
+        return _backbone_subtree(unflatten(flat), path)
+    return torchvision_to_flax(flat)
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+    """The tensors of a ``.safetensors`` file as numpy arrays (bfloat16 ones as float32)."""
+    import safetensors
+    import safetensors.numpy
+
+    try:
+        return safetensors.numpy.load_file(path)
+    except TypeError:  # a dtype numpy lacks (bfloat16): read through JAX, then to float32
+        import safetensors.flax
+
+        return {k: np.asarray(v, np.float32) for k, v in safetensors.flax.load_file(path).items()}
+    except safetensors.SafetensorError as e:
+        raise PretrainedMismatchError(
+            f"{path} is not a readable .safetensors file ({e}): the download is incomplete or "
+            "the file is not in the safetensors format. Download it again."
+        ) from e
 
 
 def _to_numpy(tree):

@@ -11,6 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+import safetensors.flax
+import safetensors.numpy
 from flax import serialization
 
 from configs import default
@@ -118,7 +120,9 @@ def test_converted_stem_convolution_computes_torch_conv2d():
         np.testing.assert_allclose(y[0, i, j, o], reference, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("fmt", ["converter_npz", "torch_keys_npz", "msgpack", "orbax"])
+@pytest.mark.parametrize(
+    "fmt", ["converter_npz", "torch_keys_npz", "torch_keys_safetensors", "msgpack", "orbax"]
+)
 def test_accepted_formats_load_the_same_variables(fmt, tmp_path):
     sd = torchvision_resnet_state_dict(TINY_STAGES, width=8)
     reference = pretrained.torchvision_to_flax(sd)
@@ -128,6 +132,9 @@ def test_accepted_formats_load_the_same_variables(fmt, tmp_path):
     elif fmt == "torch_keys_npz":
         path = str(tmp_path / "state_dict.npz")
         np.savez(path, **sd)
+    elif fmt == "torch_keys_safetensors":
+        path = str(tmp_path / "model.safetensors")
+        safetensors.numpy.save_file(sd, path)
     elif fmt == "msgpack":
         path = str(tmp_path / "resnet.msgpack")
         with open(path, "wb") as f:
@@ -184,3 +191,64 @@ def test_init_state_puts_the_weights_into_the_backbone_only():
     # Same tree as a fresh init; the head stays randomly initialised.
     assert jax.tree.structure(state) == jax.tree.structure(fresh)
     assert np.asarray(state.params["classifier"]["kernel"]).std() > 0
+
+
+def assert_same_variables(a, b):
+    flat_a, flat_b = pretrained.flatten(a), pretrained.flatten(b)
+    assert flat_a.keys() == flat_b.keys()
+    for key in flat_a:
+        np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
+
+
+def test_safetensors_with_timm_extras_loads_like_the_npz_state_dict(tmp_path):
+    """timm's torchvision ResNets carry the ImageNet classifier (fc.*) and, in some files,
+    num_batches_tracked: both are dropped, as in the .npz route."""
+    sd = torchvision_resnet_state_dict((3, 4, 6, 3))
+    assert "fc.weight" in sd and "layer1.0.bn1.num_batches_tracked" in sd
+    npz, st = str(tmp_path / "resnet50.npz"), str(tmp_path / "resnet50.safetensors")
+    np.savez(npz, **sd)
+    safetensors.numpy.save_file(sd, st)
+    from_safetensors = pretrained.load_backbone_variables(st)
+    assert_same_variables(from_safetensors, pretrained.load_backbone_variables(npz))
+    expected = backbone_of(abstract_variables(models.DeepLabV3PlusResNet50(num_classes=19)))
+    pretrained.check_backbone(expected, from_safetensors, source=st, model="resnet50")
+    # Flat keys of our own tree (params/...) are read as they are, as in an .npz.
+    ours = str(tmp_path / "ours.safetensors")
+    # save_file writes the raw buffer: transposed kernels must be made contiguous first.
+    flat = {k: np.ascontiguousarray(v) for k, v in pretrained.flatten(from_safetensors).items()}
+    safetensors.numpy.save_file(flat, ours)
+    assert_same_variables(pretrained.load_backbone_variables(ours), from_safetensors)
+
+
+def test_bfloat16_safetensors_are_read_as_float32(tmp_path):
+    sd = torchvision_resnet_state_dict(TINY_STAGES, width=8)
+    path = str(tmp_path / "bf16.safetensors")
+    safetensors.flax.save_file({k: jnp.asarray(v, jnp.bfloat16) for k, v in sd.items()}, path)
+    loaded = pretrained.load_backbone_variables(path)
+    rounded = {k: np.asarray(jnp.asarray(v, jnp.bfloat16), np.float32) for k, v in sd.items()}
+    assert_same_variables(loaded, pretrained.torchvision_to_flax(rounded))
+    assert loaded["params"]["conv_init"]["kernel"].dtype == np.float32
+
+
+def test_mismatching_safetensors_fail_like_the_npz(tmp_path):
+    r50 = str(tmp_path / "resnet50.safetensors")
+    safetensors.numpy.save_file(torchvision_resnet_state_dict((3, 4, 6, 3)), r50)
+    r101 = abstract_variables(models.DeepLabV3PlusResNet101(num_classes=19))
+    with pytest.raises(pretrained.PretrainedMismatchError) as e:
+        pretrained.load_for_model(r50, r101, model="deeplabv3plus_resnet101")
+    message = str(e.value)
+    assert r50 in message and "missing from the file" in message and "layer3_6" in message
+    assert "ResNet-50" in message and "ResNet-101" in message
+    # timm's deep-stem variants (resnet50d: conv1.0/1/3...) are different networks.
+    deep_stem = str(tmp_path / "resnet50d.safetensors")
+    safetensors.numpy.save_file(
+        {"conv1.0.weight": np.zeros((32, 3, 3, 3), np.float32), "fc.bias": np.zeros(3)},
+        deep_stem,
+    )
+    with pytest.raises(pretrained.PretrainedMismatchError, match="conv1.0.weight"):
+        pretrained.load_backbone_variables(deep_stem)
+    truncated = str(tmp_path / "truncated.safetensors")
+    with open(r50, "rb") as f:
+        (tmp_path / "truncated.safetensors").write_bytes(f.read(1000))
+    with pytest.raises(pretrained.PretrainedMismatchError, match="not a readable .safetensors"):
+        pretrained.load_backbone_variables(truncated)
