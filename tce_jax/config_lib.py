@@ -49,6 +49,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.data.class_aware_sampling = False
     config.data.sampling_mix = 0.5  # weight of the uniform distribution in the class draw
     config.data.sampling_refresh_steps = 100
+    config.data.folder = get_folder_fields()  # data.name = "folder": your own dataset
 
     config.model = ml_collections.ConfigDict()
     config.model.name = "unet"
@@ -93,6 +94,42 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.distributed.initialization_timeout = 300  # seconds to wait for every process
     config.distributed.heartbeat_timeout = 100  # seconds before a silent peer ends the job
     return config
+
+
+# ---------------------------------------------------------------------------------------------
+# Folder datasets (config.data.name = "folder", tce_jax/datasets/folder.py, docs/folder_dataset.md).
+
+
+def get_folder_fields() -> ml_collections.ConfigDict:
+    """``config.data.folder``: a folder in mmsegmentation's img_dir/ann_dir layout."""
+    folder = ml_collections.ConfigDict()
+    # Holds classes.txt, img_dir/{train,val,test} and ann_dir/{train,val,test}.
+    folder.root = ""
+    folder.img_suffix = ".jpg"  # the image x<img_suffix> pairs with the label map
+    folder.seg_map_suffix = ".png"  # x<seg_map_suffix>
+    folder.reduce_zero_label = False  # label 0 -> 255 (ignored), k -> k - 1 (mmsegmentation)
+    # "raw:train_id,raw:train_id" (values not listed -> 255); overrides <root>/label_map.txt.
+    folder.label_map = ""
+    return folder
+
+
+def validate_folder_config(config: ml_collections.ConfigDict) -> None:
+    """Checks ``config.data.folder`` when ``data.name`` is ``folder`` (the folder itself is
+    checked when its spec is built: tce_jax.datasets.folder)."""
+    if config.data.name != "folder":
+        return
+    folder = config.data.folder  # an empty root fails when the spec is built, naming the field
+    for field in ("img_suffix", "seg_map_suffix"):
+        _check(bool(folder[field]), f"data.folder.{field}", folder[field], "a file-name ending")
+    _check(
+        not (folder.label_map and folder.reduce_zero_label),
+        "data.folder.label_map",
+        folder.label_map,
+        "'' when data.folder.reduce_zero_label=True (both map label values: keep one)",
+    )
+
+
+# ---------------------------------------------------------------------------------------------
 
 
 def apply_variants(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
@@ -140,6 +177,7 @@ def _check(condition: bool, field: str, value, expected: str) -> None:
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks every field the trainer reads, before any data is read or anything compiled."""
+    validate_folder_config(config)
     _check(config.loss.name in LOSSES, "loss.name", config.loss.name, f"one of {LOSSES}")
     for field in ("t", "tau"):
         value = config.loss[field]

@@ -404,7 +404,7 @@ class Trainer:
         self.layout = input_pipeline.Layout(
             self.num_shards, jax.process_index(), jax.process_count()
         )
-        self.spec = datasets.get_dataset_spec(config.data.name)
+        self.spec = datasets.get_dataset_spec(config.data.name, config)
         self.num_classes = self.spec.num_classes
         self.parallel = create_parallel(config)
         self.model = create_model(config, self.num_classes, self.parallel.axis_name)

@@ -1,18 +1,22 @@
 """Datasets: TFDS builders we own and the registry the input pipeline reads.
 
 Importing this package registers our TFDS builders (``street_scenes``, ``ade20k``); Cityscapes
-uses TFDS's own ``cityscapes`` builder with the official label table. ``get_dataset_spec(name)``
-tells the input pipeline which TFDS dataset to load, which features hold the image and the label
-map, how raw label values map to train ids, and the class names and colours for reports.
+uses TFDS's own ``cityscapes`` builder with the official label table.
+``get_dataset_spec(name, config)`` tells the input pipeline which TFDS dataset to load, which
+features hold the image and the label map, how raw label values map to train ids, and the class
+names and colours for reports.
+``folder`` (a user's img_dir/ann_dir folder, ``tce_jax.datasets.folder``) has its spec built
+from ``config.data.folder`` at run time.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 
-from tce_jax.datasets import ade20k, cityscapes, street_scenes
+from tce_jax.datasets import ade20k, cityscapes, folder, street_scenes
 from tce_jax.datasets.street_scenes import CLASS_NAMES, StreetScenes
 
 __all__ = [
@@ -114,12 +118,28 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-def get_dataset_spec(name: str) -> DatasetSpec:
-    """The registered spec of dataset ``name``; ``ValueError`` naming the known ones otherwise."""
+# name -> function of the config that builds the spec (datasets described by the config).
+SPEC_FACTORIES: dict[str, Callable[..., DatasetSpec]] = {
+    "folder": lambda config: DatasetSpec(**folder.spec_fields(config)),
+}
+
+
+def get_dataset_spec(name: str, config=None) -> DatasetSpec:
+    """The spec of dataset ``name``: registered, or built from ``config`` (``folder``).
+
+    ``ValueError`` naming the known datasets for an unknown name.
+    """
+    if name in SPEC_FACTORIES:
+        if config is None:
+            raise ValueError(
+                f"Dataset {name!r} is described by config.data.{name}: call "
+                f"get_dataset_spec({name!r}, config)."
+            )
+        return SPEC_FACTORIES[name](config)
     try:
         return DATASETS[name]
     except KeyError:
-        known = ", ".join(sorted(DATASETS))
+        known = ", ".join(sorted([*DATASETS, *SPEC_FACTORIES]))
         raise ValueError(
             f"Unknown dataset {name!r}. Known datasets: {known}. "
             "Add a DatasetSpec to tce_jax.datasets.DATASETS to register another."

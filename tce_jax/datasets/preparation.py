@@ -58,7 +58,7 @@ def load_builder(config: ml_collections.ConfigDict) -> tuple[tfds.core.DatasetBu
       DatasetNotFoundError: the archives are missing or damaged, or the dataset was prepared
         from archives other than those now in the manual directory.
     """
-    spec = datasets.get_dataset_spec(config.data.name)
+    spec = datasets.get_dataset_spec(config.data.name, config)
     data_dir = config.data.data_dir or None
     builder = tfds.builder(spec.tfds_name, data_dir=data_dir, file_format="array_record")
     if not builder.is_prepared():
