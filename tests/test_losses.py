@@ -740,6 +740,13 @@ def test_per_class_sum_under_vmap_grad_and_jit():
                                rtol=1e-5, atol=1e-5)
 
 
+def force_accelerator_forms(monkeypatch):
+    """Makes the CPU branches of the platform-dependent helpers run the GPU/TPU forms."""
+    monkeypatch.setattr(losses, "_segment_sum_form", losses._compare_sum_form)
+    monkeypatch.setattr(losses, "_segment_max_form", losses._compare_max_form)
+    monkeypatch.setattr(losses, "_gather_label_logits", losses._select_label_logits)
+
+
 SCATTER_FREE_LOSSES = {
     "tce": functools.partial(tilted_ce, t=2.0, return_aux=True),
     "tce_tau": functools.partial(tilted_ce, t=-1.0, tau=0.7, class_weighting="uniform",
@@ -749,17 +756,22 @@ SCATTER_FREE_LOSSES = {
                                     class_weights="median_frequency", return_aux=True),
     "stochastic_tau": lambda z, y: stochastic_tce(z, y, stochastic_tce_init(z.shape[-1]), t=1.0,
                                                   lam=0.5, tau=0.5),
+    "ce": cross_entropy,
+    "focal": functools.partial(losses.softmax_focal_loss, gamma=2.0),
+    "lovasz": losses.lovasz_softmax,
 }
 
 
 def _value_and_logit_grad(fn, logits, labels):
-    """A fresh jit (no cache shared with other tests) of fn's outputs and d(first)/d(logits)."""
+    """A fresh jit (no cache shared with other tests) of fn's outputs and d(first)/d(logits),
+    and the program's StableHLO text."""
     def first(z):
         out = fn(z, labels)
         scalar = jnp.sum(out[0]) if isinstance(out, tuple) else out
         return scalar, out
 
-    return jax.jit(jax.value_and_grad(first, has_aux=True))(logits)
+    compiled = jax.jit(jax.value_and_grad(first, has_aux=True))
+    return compiled(logits), compiled.lower(logits).as_text()
 
 
 @pytest.mark.parametrize("name", list(SCATTER_FREE_LOSSES))
@@ -767,10 +779,10 @@ def test_losses_are_the_same_with_the_accelerator_form(name, monkeypatch):
     """On CPU, forcing the GPU/TPU branch gives the CPU branch's values and gradients."""
     logits, labels = make_case(**CASES["skewed_absent"])
     fn = SCATTER_FREE_LOSSES[name]
-    (_, expected), expected_grad = _value_and_logit_grad(fn, logits, labels)
-    monkeypatch.setattr(losses, "_segment_sum_form", losses._compare_sum_form)
-    monkeypatch.setattr(losses, "_segment_max_form", losses._compare_max_form)
-    (_, got), got_grad = _value_and_logit_grad(fn, logits, labels)
+    ((_, expected), expected_grad), _ = _value_and_logit_grad(fn, logits, labels)
+    force_accelerator_forms(monkeypatch)
+    ((_, got), got_grad), program = _value_and_logit_grad(fn, logits, labels)
+    assert '"stablehlo.scatter"' not in program  # the forms really were swapped
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                  got, expected)
     np.testing.assert_allclose(got_grad, expected_grad, rtol=1e-5, atol=1e-7)
