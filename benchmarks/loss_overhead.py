@@ -5,12 +5,17 @@ Candidates: ``tce_jax.losses.tilted_ce`` (t=1, 'frequency') and, for reference, 
 ``cross_entropy``. Every function is ``jax.jit(jax.value_and_grad(f))``, timed in one process
 with ``block_until_ready``; the repetitions of all functions are interleaved (in a rotating
 order) so that drift of these shared machines hits them alike. We report medians and the ratio of
-the candidate's median to the baseline's (target: tilted_ce <= 1.15).
+the candidate's median to the baseline's (targets: tilted_ce <= 1.05 in float32, <= 1.15 in
+bfloat16).
+
+It runs on whatever ``jax.default_backend()`` is (printed with the device kind): on CPU the
+shapes below, on a GPU or TPU the accelerator-sized ``ACCELERATOR_SHAPES`` (Cityscapes- and
+ADE20K-like batches), where the per-class sums take their scatter-free form.
 
 Labels are all valid (the optax baseline has no ignore label). Run as a plain script, without
 the test conftest (that one disables XLA optimisations)::
 
-    python benchmarks/loss_overhead.py            # ~1-3 minutes on 2 CPU cores
+    python benchmarks/loss_overhead.py            # ~2-4 minutes on 2 CPU cores
     python benchmarks/loss_overhead.py --quick    # small shapes, a few seconds
 
 The markdown table is printed and written to ``benchmarks/results/loss_overhead.md``
@@ -26,7 +31,8 @@ import statistics
 import time
 
 # XLA logs a "constant folding is taking > 1s" alarm while compiling the optax baseline's
-# gradient (NOTES.md); it is about compile time, which this benchmark does not measure.
+# gradient (a scatter on a constant); it is about compile time, which this benchmark does not
+# measure.
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import jax  # noqa: E402
@@ -36,10 +42,11 @@ import optax  # noqa: E402
 
 from tce_jax.losses import cross_entropy, tilted_ce  # noqa: E402
 
-SHAPES = [(2, 512, 1024, 19), (4, 256, 256, 150)]
+SHAPES = [(2, 512, 1024, 19), (4, 256, 256, 150)]  # CPU
+ACCELERATOR_SHAPES = [(8, 512, 1024, 19), (8, 512, 512, 150)]  # GPU, TPU
 QUICK_SHAPES = [(2, 64, 128, 19), (2, 32, 32, 150)]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-TARGET = 1.15
+TARGETS = {"float32": 1.05, "bfloat16": 1.15}  # tilted_ce / baseline
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
@@ -95,7 +102,14 @@ def main():
     parser.add_argument("--reps", type=int, default=None, help="timed repetitions per function")
     parser.add_argument("--output", type=pathlib.Path, default=None, help="markdown file")
     args = parser.parse_args()
-    shapes = QUICK_SHAPES if args.quick else SHAPES
+    backend = jax.default_backend()
+    device = jax.devices()[0]
+    print(f"backend {backend}, device kind {device.device_kind}, {jax.device_count()} device(s)",
+          flush=True)
+    if args.quick:
+        shapes = QUICK_SHAPES
+    else:
+        shapes = SHAPES if backend == "cpu" else ACCELERATOR_SHAPES
     reps = args.reps or (5 if args.quick else 21)
     output = args.output or RESULTS / ("loss_overhead_quick.md" if args.quick else
                                        "loss_overhead.md")
@@ -104,24 +118,28 @@ def main():
     header = ["shape", "dtype"] + [f"{n} ms" for n in FUNCTIONS] + [
         f"{n} / baseline" for n in FUNCTIONS if n != baseline]
     rows = []
-    worst = 0.0
+    worst = dict.fromkeys(DTYPES, 0.0)
     for shape in shapes:
         for dtype_name, dtype in DTYPES.items():
             medians = bench(shape, dtype, reps)
             ratios = [medians[n] / medians[baseline] for n in FUNCTIONS if n != baseline]
-            worst = max(worst, ratios[0])
+            worst[dtype_name] = max(worst[dtype_name], ratios[0])
             rows.append([str(shape), dtype_name] + [f"{medians[n] * 1e3:.1f}" for n in FUNCTIONS]
                         + [f"{r:.3f}" for r in ratios])
             print(" | ".join(rows[-1]), flush=True)
 
-    device = jax.devices()[0]
+    verdicts = [
+        f"{name} <= {TARGETS[name]}: worst {worst[name]:.3f} "
+        f"({'met' if worst[name] <= TARGETS[name] else 'MISSED'})"
+        for name in DTYPES
+    ]
     lines = [
         "# Loss overhead: jitted value_and_grad w.r.t. logits",
         "",
-        f"Median of {reps} interleaved repetitions; `tilted_ce` with t=1.0, 'frequency'; "
-        f"baseline `{baseline}` = optax `softmax_cross_entropy_with_integer_labels(...).mean()`.",
-        f"Target: tilted_ce / baseline <= {TARGET}. Worst measured: {worst:.3f} "
-        f"({'met' if worst <= TARGET else 'MISSED'}).",
+        f"Backend `{backend}` ({device.device_kind}). Median of {reps} interleaved repetitions; "
+        f"`tilted_ce` with t=1.0, 'frequency'; baseline `{baseline}` = optax "
+        "`softmax_cross_entropy_with_integer_labels(...).mean()`.",
+        f"Targets, tilted_ce / baseline: {'; '.join(verdicts)}.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "|".join(["---"] * len(header)) + "|",

@@ -38,6 +38,7 @@ Parallelism:
   ``check_vma=False`` it behaves as ``pmap`` (``pmean`` the gradients).
 """
 
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -249,12 +250,28 @@ def _pixel_losses(logits: jax.Array, labels: jax.Array) -> jax.Array:
     """``[N, C]`` logits (any float dtype), ``[N]`` labels in ``[0, C)`` -> ``[N]`` CE.
 
     Computed in float32 at least (bfloat16/float16 logits are upcast; float64 stays float64).
-    ``logsumexp - take_along_axis`` instead of a one-hot product: the same values, and its
-    gradient compiles in a fraction of the time (NOTES.md).
+    ``logsumexp - z[y]``: the values of optax's integer-label cross-entropy, whose gradient
+    takes seconds to compile on CPU (XLA constant-folds a scatter); this one a fraction of that.
     """
     z = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
-    label_logits = jnp.take_along_axis(z, labels[:, None], axis=-1, mode="promise_in_bounds")
-    return jax.nn.logsumexp(z, axis=-1) - label_logits[:, 0]
+    return jax.nn.logsumexp(z, axis=-1) - _label_logits(z, labels)
+
+
+def _label_logits(z: jax.Array, labels: jax.Array) -> jax.Array:
+    """``[N]`` logits ``z_{i, y_i}``. The gradient of a gather is a scatter-add into ``[N, C]``:
+    kept on CPU (where the gather is fastest), replaced by a fused compare-and-reduce over the
+    class axis on GPU and TPU, whose gradient is a select (no scatter at all)."""
+    return lax.platform_dependent(
+        z, labels, cpu=_gather_label_logits, default=_select_label_logits
+    )
+
+
+def _gather_label_logits(z, labels):
+    return jnp.take_along_axis(z, labels[:, None], axis=-1, mode="promise_in_bounds")[:, 0]
+
+
+def _select_label_logits(z, labels):
+    return jnp.sum(jnp.where(_class_mask(labels, z.shape[-1]), z, 0), axis=-1)
 
 
 def _flat_pixels(logits, labels, where, ignore_index):
@@ -283,29 +300,94 @@ def _flat_pixels(logits, labels, where, ignore_index):
     return z, safe_labels, valid, invalid
 
 
+# Per-class reductions. Every sum of pixel values into the C class bins goes through
+# _per_class_sum (and the one max through _per_class_max), which pick their form per backend:
+#
+# * CPU: jax.ops.segment_sum / segment_max (a scatter), as fast as plain cross-entropy there.
+# * GPU, TPU (every other backend): a compare-and-reduce, sum_i where(s_i == c, v_i, 0), that XLA
+#   fuses into one reduction without materialising the [N, C] mask. On NVIDIA GPUs jaxlib
+#   0.10.2 to 0.11.0 compile a floating-point scatter-add to a compare-and-swap loop, hundreds
+#   to thousands of times slower when every pixel lands in one of a few bins (openxla/xla issue
+#   46225, jax-ml/jax issue 38806), and few-bin scatters are slow on TPU as well. Its gradient
+#   is the same kind of fused compare-and-reduce, so the backward pass has no scatter either.
+#
+# lax.platform_dependent lowers only the branch of the platform being compiled for (both under
+# jit and jax.export), so neither backend pays for the other's form; tests/test_lowering.py
+# checks the GPU and TPU lowerings from a CPU machine.
+
+
+def _per_class_sum(values: jax.Array, segments: jax.Array, num_classes: int) -> jax.Array:
+    """``[num_classes]`` sums ``out_c = sum_{i: segments_i = c} values_i``.
+
+    ``values`` ``[N]`` (float or integer), ``segments`` ``[N]`` int32; segments outside
+    ``[0, num_classes)`` are dropped (and get a zero gradient).
+    """
+    return lax.platform_dependent(
+        values,
+        segments,
+        cpu=functools.partial(_segment_sum_form, num_classes=num_classes),
+        default=functools.partial(_compare_sum_form, num_classes=num_classes),
+    )
+
+
+def _per_class_max(values: jax.Array, segments: jax.Array, num_classes: int) -> jax.Array:
+    """``[num_classes]`` maxima of float ``values`` ``[N]`` by segment, ``-inf`` for empty
+    segments; segments outside ``[0, num_classes)`` are dropped. Not differentiable: pass values
+    under ``stop_gradient``."""
+    return lax.platform_dependent(
+        values,
+        segments,
+        cpu=functools.partial(_segment_max_form, num_classes=num_classes),
+        default=functools.partial(_compare_max_form, num_classes=num_classes),
+    )
+
+
+def _segment_sum_form(values, segments, *, num_classes):
+    return jax.ops.segment_sum(values, segments, num_segments=num_classes)
+
+
+def _segment_max_form(values, segments, *, num_classes):
+    return jax.ops.segment_max(values, segments, num_segments=num_classes)
+
+
+def _class_mask(segments, num_classes):
+    """``[N, C]`` bool ``segments_i == c``; fused into its consumer, never materialised."""
+    return segments[:, None] == jnp.arange(num_classes, dtype=segments.dtype)
+
+
+def _compare_max_form(values, segments, *, num_classes):
+    masked = jnp.where(_class_mask(segments, num_classes), values[:, None], -jnp.inf)
+    return jnp.max(masked, axis=0, initial=-jnp.inf)
+
+
+def _compare_sum_form(values, segments, *, num_classes):
+    # Plain autodiff is scatter-free here: the transpose of this select-and-reduce is a
+    # broadcast-select-reduce over the class axis (grad_i = sum_c [s_i == c] g_c), which XLA
+    # fuses like the forward. A jax.custom_vjp with a gather (g[s_i]) would read less, but
+    # would forbid forward-mode autodiff (jax.jvp, jax.jacfwd, jax.hessian) of every loss.
+    mask = _class_mask(segments, num_classes)
+    return jnp.sum(jnp.where(mask, values[:, None], 0), axis=0, dtype=values.dtype)
+
+
 def _local_statistics(logits, labels, *, tau, ignore_index, where) -> ClassStatistics:
     num_classes = logits.shape[-1]
     z, safe_labels, valid, invalid = _flat_pixels(logits, labels, where, ignore_index)
     losses = _pixel_losses(z, safe_labels)
-    # Invalid pixels go to segment C, which segment_sum drops (out of range); their losses
-    # therefore get an exactly zero cotangent.
+    # Invalid pixels go to segment C, which the per-class reductions drop (out of range); their
+    # losses therefore get an exactly zero cotangent.
     segments = jnp.where(valid, safe_labels, num_classes)
-    count = jax.ops.segment_sum(
-        jnp.ones_like(segments), segments, num_segments=num_classes
-    )
+    count = _per_class_sum(jnp.ones_like(segments), segments, num_classes)
     num_invalid = jnp.sum(invalid, dtype=jnp.int32)
     if tau == 0:
-        loss_sum = jax.ops.segment_sum(losses, segments, num_segments=num_classes)
+        loss_sum = _per_class_sum(losses, segments, num_classes)
         shift = jnp.zeros((num_classes,), losses.dtype)
     else:
         tilted = jnp.where(valid, tau * losses, 0.0)
-        shift = jax.ops.segment_max(
-            lax.stop_gradient(tilted), segments, num_segments=num_classes
-        )
-        shift = jnp.where(count > 0, shift, 0.0)  # segment_max gives -inf for absent classes
+        shift = _per_class_max(lax.stop_gradient(tilted), segments, num_classes)
+        shift = jnp.where(count > 0, shift, 0.0)  # the max is -inf for absent classes
         # The where keeps exp finite for invalid pixels, whose cotangent is zero (else 0 * inf).
         exponent = jnp.where(valid, tilted - shift[safe_labels], 0.0)
-        loss_sum = jax.ops.segment_sum(jnp.exp(exponent), segments, num_segments=num_classes)
+        loss_sum = _per_class_sum(jnp.exp(exponent), segments, num_classes)
     return ClassStatistics(loss_sum, count, shift, num_invalid)
 
 
@@ -673,6 +755,12 @@ def stochastic_tce(
     The state never receives gradients. Under ``pmap`` the new state is identical on every
     replica; gradients follow the :func:`tilted_ce` convention (``pmean`` them).
 
+    Non-finite batch statistics never enter the state: when a batch class loss is NaN or
+    infinite (NaN or infinite logits, an overflow), the state is returned unchanged (``step``
+    included) and ``aux['nonfinite_batch']`` is true; the loss of that batch is then not
+    finite either, so the caller can skip the update. Without this, one such batch would poison
+    ``running_loss`` for the rest of training.
+
     Args:
       logits: ``[..., C]`` unnormalised log-probabilities, any float dtype.
       labels: ``[...]`` integer class ids, shape ``logits.shape[:-1]``.
@@ -689,8 +777,9 @@ def stochastic_tce(
       ``(loss, new_state, aux)``: the float32 surrogate, the updated state, and ``aux`` with
       ``objective`` (the running tilted risk ``(1/t) log sum_c f_c exp(t R_c)`` over the seen
       classes, ``f`` normalised; the ``f``-weighted mean of ``R`` at ``t = 0``), ``class_loss``
-      and ``class_count`` of the batch, ``class_weight`` (the state weights ``w``) and
-      ``num_invalid``.
+      and ``class_count`` of the batch, ``class_weight`` (the state weights ``w``),
+      ``num_invalid`` and ``nonfinite_batch`` (bool scalar: the batch statistics were not
+      finite and the state was left unchanged).
     """
     logits, labels, where = _check_inputs(logits, labels, where)
     num_classes = logits.shape[-1]
@@ -728,18 +817,25 @@ def stochastic_tce(
         running_freq = jnp.where(seen, weighting, 0.0)
     running_freq = running_freq.astype(state.running_freq.dtype)
     new_state = StochasticTCEState(running_loss, running_freq, seen, state.step + 1)
+    # Class losses are 0 for absent classes and counts are integers: one non-finite value
+    # means the batch is broken (e.g. NaN logits), and it must not enter the running state.
+    nonfinite = ~jnp.all(jnp.isfinite(batch_estimate))
+    new_state = jax.tree.map(
+        lambda new, old: jnp.where(nonfinite, old, new), new_state, state
+    )
 
     prior = _state_prior(new_state, weighting)
-    weights = _tilted_weights(running_loss, prior, t)
+    weights = _tilted_weights(new_state.running_loss, prior, t)
     # The weights renormalised over the batch classes, computed in log space.
-    batch_weights = _tilted_weights(running_loss, jnp.where(present, prior, 0.0), t)
+    batch_weights = _tilted_weights(new_state.running_loss, jnp.where(present, prior, 0.0), t)
     loss = jnp.sum(batch_weights * batch_losses)
     aux = {
-        "objective": _tilted_mean(running_loss, _normalise(prior), t),
+        "objective": _tilted_mean(new_state.running_loss, _normalise(prior), t),
         "class_loss": batch_estimate,
         "class_count": stats.count,
         "class_weight": weights,
         "num_invalid": stats.num_invalid,
+        "nonfinite_batch": nonfinite,
     }
     return loss, new_state, aux
 
@@ -863,12 +959,9 @@ def _image_pixels(segments_2d: jax.Array, num_classes: int) -> jax.Array:
 
     ``segments_2d`` is ``[B, P]`` with class ids for valid pixels and ``C`` elsewhere.
     """
-    num_images = segments_2d.shape[0]
-    image_ids = jnp.arange(num_images, dtype=jnp.int32)[:, None]
-    flat = (image_ids * (num_classes + 1) + segments_2d).reshape(-1)
-    per_image = jax.ops.segment_sum(
-        jnp.ones_like(flat), flat, num_segments=num_images * (num_classes + 1)
-    ).reshape(num_images, num_classes + 1)[:, :num_classes]
+    per_image = jax.vmap(
+        lambda segments: _per_class_sum(jnp.ones_like(segments), segments, num_classes)
+    )(segments_2d)  # [B, C] valid pixels of each class in each image
     pixels = jnp.sum(per_image, axis=1, keepdims=True)
     return jnp.sum(jnp.where(per_image > 0, pixels, 0), axis=0)
 

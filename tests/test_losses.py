@@ -625,6 +625,169 @@ def test_class_sampling_probs():
     assert probs[4] == pytest.approx(0.1 / num_classes)  # unseen: only the uniform share
 
 
+def test_stochastic_nonfinite_batch_leaves_the_state_unchanged():
+    """A NaN batch, then a finite one: the same state as the finite batch alone."""
+    num_classes, t, lam = 5, 1.5, 0.25
+    z1, y1 = _batch(10, [0, 1, 2])
+    z2, y2 = _batch(11, [1, 3])
+    labelled = np.argwhere(y2 != IGNORE)
+    nan_logits = z2.copy()
+    nan_logits[tuple(labelled[0])] = np.nan  # one pixel: its class loss (the batch) is NaN
+    inf_logits = z2.copy()
+    inf_logits[tuple(labelled[-1]) + (0,)] = np.inf  # its loss is inf - inf
+    _, s1, aux1 = stce(z1, y1, stochastic_tce_init(num_classes), t, lam)
+    assert not bool(aux1["nonfinite_batch"])
+    expected_loss, expected, _ = stce(z2, y2, s1, t, lam)
+    for broken in (nan_logits, inf_logits):
+        loss, skipped, aux = stce(broken, y2, s1, t, lam)
+        assert bool(aux["nonfinite_batch"]) and not np.isfinite(float(loss))
+        for got, want in zip(skipped, s1, strict=True):  # R, f, seen and step as before
+            np.testing.assert_array_equal(got, want)
+        assert np.isfinite(float(aux["objective"]))  # the running risk of the kept state
+        after_loss, after, after_aux = stce(z2, y2, skipped, t, lam)
+        assert not bool(after_aux["nonfinite_batch"])
+        np.testing.assert_array_equal(after_loss, expected_loss)
+        for got, want in zip(after, expected, strict=True):
+            np.testing.assert_array_equal(got, want)
+    # And the finite update itself is the reference one (first sighting of class 3).
+    ref = np_tce(z2, y2, t=t)
+    np.testing.assert_allclose(expected.running_loss[3], ref["class_loss"][3], rtol=1e-5)
+    np.testing.assert_allclose(
+        expected.running_loss[1],
+        (1 - lam) * s1.running_loss[1] + lam * ref["class_loss"][1],
+        rtol=1e-5,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Per-class reductions: the CPU form (segment_sum, a scatter) and the GPU/TPU form
+# (compare-and-reduce, gather gradient) against numpy, and the losses with either form.
+
+REDUCTION_FORMS = {
+    "cpu": (losses._segment_sum_form, losses._segment_max_form),
+    "accelerator": (losses._compare_sum_form, losses._compare_max_form),
+}
+
+
+def _segment_case(seed, n, num_classes):
+    """Values and segments in [0, C] (C = dropped, as for invalid pixels); class 2 absent."""
+    rng = np.random.default_rng(seed)
+    segments = rng.integers(0, num_classes + 1, size=n).astype(np.int32)
+    segments[segments == 2] = num_classes
+    values = (rng.normal(size=n) * 3).astype(np.float32)
+    return values, segments
+
+
+def np_segment_sums(values, segments, num_classes):
+    keep = segments < num_classes
+    return np.bincount(segments[keep], weights=np.asarray(values[keep], np.float64),
+                       minlength=num_classes)
+
+
+def np_segment_max(values, segments, num_classes):
+    return np.array([values[segments == c].max() if np.any(segments == c) else -np.inf
+                     for c in range(num_classes)])
+
+
+@pytest.mark.parametrize("form", list(REDUCTION_FORMS))
+def test_per_class_reduction_forms_match_numpy(form):
+    sum_form, max_form = REDUCTION_FORMS[form]
+    num_classes = 7
+    values, segments = _segment_case(0, 500, num_classes)
+    sums = jax.jit(functools.partial(sum_form, num_classes=num_classes))
+    np.testing.assert_allclose(sums(values, segments),
+                               np_segment_sums(values, segments, num_classes), rtol=1e-5,
+                               atol=1e-5)
+    counts = sums(np.ones_like(segments), segments)
+    assert counts.dtype == jnp.int32
+    np.testing.assert_array_equal(counts, np_segment_sums(np.ones_like(segments), segments,
+                                                          num_classes))
+    maxima = jax.jit(functools.partial(max_form, num_classes=num_classes))(values, segments)
+    np.testing.assert_array_equal(maxima, np_segment_max(values, segments, num_classes))
+    # d/dv sum_c w_c out_c = w[segment_i], zero for dropped segments.
+    w = np.random.default_rng(1).normal(size=num_classes).astype(np.float32)
+    grad = jax.jit(jax.grad(lambda v: jnp.sum(w * sum_form(v, segments,
+                                                           num_classes=num_classes))))(values)
+    expected = np.where(segments < num_classes, w[np.minimum(segments, num_classes - 1)], 0.0)
+    np.testing.assert_array_equal(grad, expected)
+    # Forward mode too (jax.jvp, jax.jacfwd, jax.hessian of the losses): the sum is linear.
+    tangent = np.random.default_rng(2).normal(size=values.shape).astype(np.float32)
+    _, out_tangent = jax.jit(lambda v, dv: jax.jvp(
+        lambda u: sum_form(u, segments, num_classes=num_classes), (v,), (dv,)))(values, tangent)
+    np.testing.assert_allclose(out_tangent, np_segment_sums(tangent, segments, num_classes),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_per_class_sum_under_vmap_grad_and_jit():
+    """The platform-dependent helper composes with vmap (batched rows) and grad."""
+    num_classes = 5
+    rows = [_segment_case(seed, 64, num_classes) for seed in range(3)]
+    values = np.stack([v for v, _ in rows])
+    segments = np.stack([s for _, s in rows])
+    w = np.linspace(-1.0, 2.0, num_classes, dtype=np.float32)
+
+    def weighted(v, s):
+        return jnp.sum(w * losses._per_class_sum(v, s, num_classes))
+
+    batched = jax.jit(jax.vmap(jax.value_and_grad(weighted)))(values, segments)
+    for r, (v, s) in enumerate(rows):
+        np.testing.assert_allclose(batched[0][r], np.dot(w, np_segment_sums(v, s, num_classes)),
+                                   rtol=1e-5)
+        np.testing.assert_array_equal(
+            batched[1][r], np.where(s < num_classes, w[np.minimum(s, num_classes - 1)], 0.0))
+    per_row = jax.vmap(lambda v, s: losses._per_class_sum(v, s, num_classes))(values, segments)
+    np.testing.assert_allclose(per_row, [np_segment_sums(v, s, num_classes) for v, s in rows],
+                               rtol=1e-5, atol=1e-5)
+
+
+def force_accelerator_forms(monkeypatch):
+    """Makes the CPU branches of the platform-dependent helpers run the GPU/TPU forms."""
+    monkeypatch.setattr(losses, "_segment_sum_form", losses._compare_sum_form)
+    monkeypatch.setattr(losses, "_segment_max_form", losses._compare_max_form)
+    monkeypatch.setattr(losses, "_gather_label_logits", losses._select_label_logits)
+
+
+SCATTER_FREE_LOSSES = {
+    "tce": functools.partial(tilted_ce, t=2.0, return_aux=True),
+    "tce_tau": functools.partial(tilted_ce, t=-1.0, tau=0.7, class_weighting="uniform",
+                                 return_aux=True),
+    "statistics_tau": functools.partial(class_statistics, tau=-0.5),
+    "wce_median": functools.partial(losses.weighted_cross_entropy,
+                                    class_weights="median_frequency", return_aux=True),
+    "stochastic_tau": lambda z, y: stochastic_tce(z, y, stochastic_tce_init(z.shape[-1]), t=1.0,
+                                                  lam=0.5, tau=0.5),
+    "ce": cross_entropy,
+    "focal": functools.partial(losses.softmax_focal_loss, gamma=2.0),
+    "lovasz": losses.lovasz_softmax,
+}
+
+
+def _value_and_logit_grad(fn, logits, labels):
+    """A fresh jit (no cache shared with other tests) of fn's outputs and d(first)/d(logits),
+    and the program's StableHLO text."""
+    def first(z):
+        out = fn(z, labels)
+        scalar = jnp.sum(out[0]) if isinstance(out, tuple) else out
+        return scalar, out
+
+    compiled = jax.jit(jax.value_and_grad(first, has_aux=True))
+    return compiled(logits), compiled.lower(logits).as_text()
+
+
+@pytest.mark.parametrize("name", list(SCATTER_FREE_LOSSES))
+def test_losses_are_the_same_with_the_accelerator_form(name, monkeypatch):
+    """On CPU, forcing the GPU/TPU branch gives the CPU branch's values and gradients."""
+    logits, labels = make_case(**CASES["skewed_absent"])
+    fn = SCATTER_FREE_LOSSES[name]
+    ((_, expected), expected_grad), _ = _value_and_logit_grad(fn, logits, labels)
+    force_accelerator_forms(monkeypatch)
+    ((_, got), got_grad), program = _value_and_logit_grad(fn, logits, labels)
+    assert '"stablehlo.scatter"' not in program  # the forms really were swapped
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+                 got, expected)
+    np.testing.assert_allclose(got_grad, expected_grad, rtol=1e-5, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------------------------
 # Errors.
 

@@ -190,3 +190,43 @@ def test_stochastic_tce_under_pmap(num_devices):
             np.testing.assert_allclose(p_loss[r], loss, rtol=2e-6)
             assert_tree_close(jax.tree.map(lambda a, r=r: a[r], p_grads), grads)
             np.testing.assert_allclose(p_aux["objective"][r], aux["objective"], rtol=2e-6)
+
+
+def test_accelerator_form_under_pmap_and_shard_map(monkeypatch):
+    """The GPU/TPU per-class reductions (forced on CPU) are exact across 8 replicas too."""
+    from tce_jax import losses
+
+    num_devices = 8
+    params, x, labels = make_data()
+    expected = {kind: single_device(params, x, labels, kind) for kind in ("tce_tau", "tce")}
+    monkeypatch.setattr(losses, "_segment_sum_form", losses._compare_sum_form)
+    monkeypatch.setattr(losses, "_segment_max_form", losses._compare_max_form)
+    monkeypatch.setattr(losses, "_gather_label_logits", losses._select_label_logits)
+
+    def step(params, x, labels):  # a new function: no compilation shared with other tests
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+            params, x, labels, "tce_tau", axis_name=AXIS)
+        return loss, aux, lax.pmean(grads, AXIS)
+
+    p_loss, p_aux, p_grads = jax.pmap(step, axis_name=AXIS)(
+        replicate(params, num_devices), shard(x, num_devices), shard(labels, num_devices))
+    (loss, aux), grads = expected["tce_tau"]
+    for r in range(num_devices):
+        np.testing.assert_allclose(p_loss[r], loss, rtol=2e-6)
+        assert_tree_close(jax.tree.map(lambda a, r=r: a[r], p_aux), aux)
+        assert_tree_close(jax.tree.map(lambda a, r=r: a[r], p_grads), grads)
+
+    mesh = Mesh(np.array(jax.devices()[:num_devices]), (AXIS,))
+    batch_sharding = NamedSharding(mesh, P(AXIS))
+
+    def local(params, x, labels):
+        return jax.value_and_grad(lambda p: loss_fn(p, x, labels, "tce", axis_name=AXIS)[0])(
+            params)
+
+    f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)),
+                              out_specs=(P(), P())))
+    s_loss, s_grads = f(jax.device_put(params, NamedSharding(mesh, P())),
+                        jax.device_put(x, batch_sharding), jax.device_put(labels, batch_sharding))
+    (loss, _), grads = expected["tce"]
+    np.testing.assert_allclose(s_loss, loss, rtol=2e-6)
+    assert_tree_close(s_grads, grads)
