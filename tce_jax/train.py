@@ -43,6 +43,7 @@ from tce_jax import (
     models,
     objectives,
     pretrained,
+    profiling,
     sampling,
 )
 
@@ -569,12 +570,16 @@ class Trainer:
         data = input_pipeline.train_iterator(
             self.builder, self.spec, config, self.layout, start_step=start, index_fn=sampler
         )
+        profiler = profiling.StepProfiler(
+            self.workdir, config.profile_steps, start_step=start, enabled=self.is_main
+        )
         pending: list[dict] = []
         eval_figures = None
         t0, last_step_logged = time.time(), start
         for step in range(start + 1, config.num_train_steps + 1):
             batch = self.parallel.put_batch(next(data))
             state, step_metrics = self._train_step(state, batch)
+            profiler(step, state)
             pending.append(step_metrics)
             if sampler is not None and step % sampler.refresh_steps == 0:
                 # The state after update b*R gives p_{b+1}, the next period's probabilities.
@@ -592,6 +597,7 @@ class Trainer:
                 self._log_eval(writer, step, config.data.eval_split, eval_figures)
             if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
                 self.save(state, step, eval_figures)
+        profiler.close(state)
         if sampler is not None:
             sampler.close()  # the reader may be waiting for a period beyond the last step
         self.manager.wait_until_finished()
