@@ -16,6 +16,10 @@ Variants, after a colon, comma-separated:
 * ``slide``: sliding-window evaluation (512x512 windows, stride 341) instead of whole images;
 * ``runlocal`` (alias ``tiny``): a few steps on tiny crops with a small U-Net, for smoke tests.
 
+Fewer accelerators than the recipe's (or less memory): ``--config.grad_accum_steps=k`` runs the
+global batch of 16 as k micro-batches with the same loss and gradients (exact; BatchNorm
+normalises each micro-batch) for about one more forward pass per step.
+
 The recipe (mmsegmentation's DeepLabV3+ R-101-D8 512x512 160k): SGD lr 0.01, momentum 0.9,
 weight decay 5e-4, poly decay (power 0.9), global batch 16; images rescaled to fit
 (short side 512, long side 2048), then by a random ratio in [0.5, 2.0], 512x512 crops padded

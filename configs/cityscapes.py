@@ -17,6 +17,10 @@ Variants, after a colon, comma-separated:
   images;
 * ``runlocal`` (alias ``tiny``): a few steps on tiny crops with a small U-Net, for smoke tests.
 
+Fewer accelerators than the recipe's (or less memory): ``--config.grad_accum_steps=k`` runs the
+global batch of 8 as k micro-batches with the same loss and gradients (exact; BatchNorm
+normalises each micro-batch) for about one more forward pass per step.
+
 The recipe (mmsegmentation's DeepLabV3+ R-101-D8 512x1024 80k): SGD lr 0.01, momentum 0.9,
 weight decay 5e-4, poly decay (power 0.9), global batch 8; random resize of the 1024x2048
 images by a ratio in [0.5, 2.0], 512x1024 crops padded with the ignore label, horizontal flip

@@ -77,6 +77,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.optimizer.warmup_steps = 50
 
     config.global_batch_size = 16
+    # Exact gradient accumulation: the global batch runs as this many micro-batches (same loss
+    # and gradients, activation memory of a micro-batch; tce_jax.accumulation). Not for lovasz.
+    config.grad_accum_steps = 1
     config.num_train_steps = 1200
     config.parallelism = "jit"  # jit (device mesh) | pmap
     config.mixed_precision = False  # bf16 compute, float32 parameters
@@ -84,6 +87,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.eval_every_steps = 400
     config.checkpoint_every_steps = 400
     config.keep_checkpoints = 2  # latest N kept, plus the best by validation mIoU
+    # Profile this many steps (after a few warm-up steps) into the TensorBoard log dir (the
+    # workdir; Profile tab); 0 = off.
+    config.profile_steps = 0
     config.distributed = ml_collections.ConfigDict()
     # jax.distributed: "auto" initialises when the environment asks for it (TPU pod, SLURM,
     # Open MPI, or the coordinator fields below); "on" always; "off" never.
@@ -206,6 +212,25 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(
             f"{e} Fix it in the config file or with --config.loss.class_weights=..."
         ) from None
+    accum = config.grad_accum_steps
+    _check(
+        isinstance(accum, int) and not isinstance(accum, bool) and accum >= 1,
+        "grad_accum_steps",
+        accum,
+        "an integer >= 1",
+    )
+    _check(
+        accum == 1 or config.loss.name != "lovasz",
+        "grad_accum_steps",
+        accum,
+        "1 with loss.name='lovasz' (it sorts the whole batch's errors: no exact accumulation)",
+    )
+    _check(
+        isinstance(config.profile_steps, int) and config.profile_steps >= 0,
+        "profile_steps",
+        config.profile_steps,
+        "an integer >= 0 (0 = no profiling)",
+    )
     opt = config.optimizer
     _check(opt.name in OPTIMIZERS, "optimizer.name", opt.name, f"one of {OPTIMIZERS}")
     _check(opt.schedule in SCHEDULES, "optimizer.schedule", opt.schedule, f"one of {SCHEDULES}")
@@ -311,6 +336,13 @@ def validate_layout(
             batch,
             f"a multiple of the number of devices ({num_devices})",
         )
+    accum = config.grad_accum_steps
+    _check(
+        config.global_batch_size % (num_devices * accum) == 0,
+        "grad_accum_steps",
+        accum,
+        f"a divisor of the per-device batch ({config.global_batch_size} / {num_devices} devices)",
+    )
     _check(
         num_shards % num_processes == 0,
         "data.num_shards",

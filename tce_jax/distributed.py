@@ -120,6 +120,26 @@ def log_topology() -> None:
     )
 
 
+def warn_if_cpu_for_paper_scale(config: ml_collections.ConfigDict) -> bool:
+    """Warns (logged and printed) when a DeepLabV3+ config is about to train on CPU.
+
+    That is almost surely a JAX installed without its accelerator support (a plain
+    `pip install jax` is CPU-only). Returns whether it warned.
+    """
+    if jax.default_backend() != "cpu" or not config.model.name.startswith("deeplab"):
+        return False
+    message = (
+        f"JAX runs on CPU, but config.model.name={config.model.name!r} is a paper-scale model "
+        "(hours to days per run on accelerators, far longer on CPU). JAX's accelerator support is "
+        "probably not installed: pip install -e '.[cuda12]' (NVIDIA GPU, CUDA 12; '.[cuda13]' "
+        "for CUDA 13) or pip install -e '.[tpu]' (Cloud TPU VM); check with "
+        "python -c 'import jax; print(jax.devices())'."
+    )
+    logging.warning(message)
+    print(f"WARNING: {message}", flush=True)
+    return True
+
+
 def barrier(name: str) -> None:
     """Waits until every process gets here (no-op with one process)."""
     if jax.process_count() > 1:

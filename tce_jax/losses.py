@@ -52,6 +52,7 @@ __all__ = [
     "ClassStatistics",
     "StochasticTCEState",
     "class_balancing_weights",
+    "class_image_pixels",
     "class_losses",
     "class_sampling_probs",
     "class_statistics",
@@ -59,9 +60,12 @@ __all__ = [
     "lovasz_softmax",
     "softmax_focal_loss",
     "stochastic_tce",
+    "stochastic_tce_from_statistics",
     "stochastic_tce_init",
     "tilted_ce",
+    "tilted_ce_from_statistics",
     "weighted_cross_entropy",
+    "weighted_cross_entropy_from_statistics",
 ]
 
 ClassWeighting = str | jax.typing.ArrayLike
@@ -1236,3 +1240,176 @@ def _lovasz_weights(errors, fg, valid, *, axis_name) -> jax.Array:
     end = jnp.where(fg_t, jaccard(a + m, b), jaccard(a, b + m))
     weights = (end - jaccard(a, b)) / m.astype(jnp.float32)
     return weights.T.astype(errors.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# Losses from class statistics assembled from parts (exact gradient accumulation).
+#
+# The same values and gradients as tilted_ce, stochastic_tce and weighted_cross_entropy, but
+# evaluated from the ClassStatistics of a whole batch that was processed in parts (micro-batches,
+# see tce_jax.accumulation). They are differentiable in `stats.loss_sum`, the only statistic that
+# carries a gradient (the shift is a stabiliser under stop_gradient; the counts are integers).
+
+
+def tilted_ce_from_statistics(
+    stats: ClassStatistics,
+    *,
+    t: float | jax.Array,
+    tau: float = 0.0,
+    class_weighting: ClassWeighting = "frequency",
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`tilted_ce` with ``return_aux=True``, from the statistics of the whole batch.
+
+    Args:
+      stats: ``[C]`` statistics of the batch (:func:`class_statistics` with the same ``tau``,
+        or parts combined at a common shift).
+      t, tau, class_weighting: as for :func:`tilted_ce`.
+
+    Returns:
+      ``(loss, aux)`` as :func:`tilted_ce` returns them.
+    """
+    t = _check_scalar("t", t)
+    tau = _check_scalar("tau", tau, allow_traced=False)
+    weighting = _check_class_weighting(class_weighting, stats.count.shape[-1])
+    losses = _class_losses(stats, tau=tau)
+    prior = _class_prior(stats.count, weighting, losses.dtype)
+    aux = {
+        "class_loss": losses,
+        "class_count": stats.count,
+        "class_weight": _tilted_weights(losses, prior, t),
+        "num_invalid": stats.num_invalid,
+    }
+    return _tilted_mean(losses, prior, t), aux
+
+
+def stochastic_tce_from_statistics(
+    stats: ClassStatistics,
+    state: StochasticTCEState,
+    *,
+    t: float | jax.Array,
+    lam: float | jax.Array,
+    tau: float = 0.0,
+    class_weighting: ClassWeighting = "frequency",
+) -> tuple[jax.Array, StochasticTCEState, dict[str, jax.Array]]:
+    """:func:`stochastic_tce` from the statistics of the whole batch: one state update.
+
+    Args:
+      stats: ``[C]`` statistics of the batch (with the same ``tau``).
+      state, t, lam, tau, class_weighting: as for :func:`stochastic_tce`.
+
+    Returns:
+      ``(loss, new_state, aux)`` as :func:`stochastic_tce` returns them.
+    """
+    num_classes = stats.count.shape[-1]
+    t = _check_scalar("t", t)
+    lam = _check_scalar("lam", lam, low=0.0, low_open=True, high=1.0)
+    tau = _check_scalar("tau", tau, allow_traced=False)
+    weighting = _check_class_weighting(class_weighting, num_classes)
+    state = _check_state(state, num_classes)
+    batch_losses = _class_losses(stats, tau=tau)
+    present = stats.count > 0
+    batch_estimate = lax.stop_gradient(batch_losses)
+
+    lam = jnp.asarray(lam, jnp.float32)
+    blended = jnp.where(
+        state.seen, (1.0 - lam) * state.running_loss + lam * batch_estimate, batch_estimate
+    )
+    running_loss = jnp.where(present, blended, state.running_loss).astype(
+        state.running_loss.dtype
+    )
+    seen = state.seen | present
+    if isinstance(weighting, str) and weighting == "frequency":
+        total = jnp.sum(stats.count)
+        freq = stats.count.astype(jnp.float32) / jnp.maximum(total, 1).astype(jnp.float32)
+        running_freq = jnp.where(
+            total > 0, (1.0 - lam) * state.running_freq + lam * freq, state.running_freq
+        )
+    elif isinstance(weighting, str):
+        running_freq = seen.astype(jnp.float32)
+    else:
+        running_freq = jnp.where(seen, weighting, 0.0)
+    running_freq = running_freq.astype(state.running_freq.dtype)
+    new_state = StochasticTCEState(running_loss, running_freq, seen, state.step + 1)
+
+    prior = _state_prior(new_state, weighting)
+    batch_weights = _tilted_weights(running_loss, jnp.where(present, prior, 0.0), t)
+    aux = {
+        "objective": _tilted_mean(running_loss, _normalise(prior), t),
+        "class_loss": batch_estimate,
+        "class_count": stats.count,
+        "class_weight": _tilted_weights(running_loss, prior, t),
+        "num_invalid": stats.num_invalid,
+    }
+    return jnp.sum(batch_weights * batch_losses), new_state, aux
+
+
+def weighted_cross_entropy_from_statistics(
+    stats: ClassStatistics,
+    *,
+    class_weights: str | jax.typing.ArrayLike = "inverse_frequency",
+    image_pixels: jax.typing.ArrayLike | None = None,
+    enet_c: float = 1.02,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """:func:`weighted_cross_entropy` with ``return_aux=True``, from the batch statistics.
+
+    Args:
+      stats: ``[C]`` statistics of the batch with ``tau = 0``.
+      class_weights, enet_c: as for :func:`weighted_cross_entropy`.
+      image_pixels: for ``'median_frequency'``, the ``[C]`` valid pixels of the images that
+        contain each class (:func:`class_image_pixels`, summed over the parts).
+
+    Returns:
+      ``(loss, aux)`` as :func:`weighted_cross_entropy` returns them.
+    """
+    num_classes = stats.count.shape[-1]
+    if isinstance(class_weights, str):
+        if class_weights not in CLASS_WEIGHT_SCHEMES:
+            raise ValueError(
+                f"class_weights must be one of {CLASS_WEIGHT_SCHEMES} or a [C] array of "
+                f"non-negative weights, got {class_weights!r}."
+            )
+        if class_weights == "median_frequency" and image_pixels is None:
+            raise ValueError(
+                "class_weights='median_frequency' needs image_pixels (class_image_pixels of "
+                "the batch); pass it, or use another scheme."
+            )
+        weights = class_balancing_weights(
+            stats.count, scheme=class_weights, image_pixels=image_pixels, enet_c=enet_c
+        )
+    else:
+        weights = _check_weight_vector("class_weights", class_weights, num_classes)
+    weights = jnp.where(stats.count > 0, weights, 0.0)
+    mass = weights * stats.count.astype(jnp.float32)
+    total = jnp.sum(mass)
+    share = mass / jnp.where(total > 0, total, 1.0)
+    losses = _class_losses(stats, tau=0.0)
+    aux = {
+        "class_loss": losses,
+        "class_count": stats.count,
+        "class_weight": share,
+        "num_invalid": stats.num_invalid,
+    }
+    return jnp.sum(share * losses), aux
+
+
+def class_image_pixels(
+    logits: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    *,
+    ignore_index: int | None = 255,
+    where: jax.typing.ArrayLike | None = None,
+) -> jax.Array:
+    """``[C]`` int32: for each class, the valid pixels of the images containing it.
+
+    The ``M_c`` of ``'median_frequency'`` (:func:`class_balancing_weights`), with the leading
+    axis of ``labels`` indexing the images (a 1-D ``labels`` is one image), as in
+    :func:`weighted_cross_entropy`. It adds up over images, so the value of a batch is the sum
+    over its parts; ``logits`` only give the class count. No ``axis_name``: ``psum`` the result.
+    """
+    logits, labels, where = _check_inputs(logits, labels, where)
+    ignore_index = _check_ignore_index(ignore_index)
+    num_classes = logits.shape[-1]
+    _, safe_labels, valid, _ = _flat_pixels(logits, labels, where, ignore_index)
+    segments = jnp.where(valid, safe_labels, num_classes)
+    num_images = labels.shape[0] if labels.ndim >= 2 else 1
+    return _image_pixels(segments.reshape(num_images, -1), num_classes)

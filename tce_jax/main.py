@@ -41,6 +41,7 @@ def main(argv):
     # TensorFlow only feeds data: keep it off the accelerators JAX uses.
     tf.config.set_visible_devices([], "GPU")
     distributed.log_topology()
+    distributed.warn_if_cpu_for_paper_scale(config)
 
     from tce_jax import train
 

@@ -24,11 +24,16 @@ Names (`LOSSES`, also the `:variant` syntax of the configs):
 * `lovasz`: Lovász-softmax over the batch (classes present in the batch).
 
 The baselines' fields are optional in configs: absent, they take the defaults below.
+
+`create_decomposition` writes the same objectives (all but Lovász) as functions of additive
+batch statistics, for exact gradient accumulation (`tce_jax.accumulation`).
 """
 
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -131,3 +136,95 @@ def create_loss_fn(config: ml_collections.ConfigDict) -> LossFn:
         )
 
     return stochastic
+
+
+# ---------------------------------------------------------------------------------------------
+# The objectives as functions of additive batch statistics (exact gradient accumulation).
+
+
+class BatchStatistics(NamedTuple):
+    """Statistics of (part of) a batch that add up over parts, and determine the objective.
+
+    Attributes:
+      classes: the per-class statistics (`losses.ClassStatistics`); for `tau != 0` their sums
+        add up only once brought to a common shift (`tce_jax.accumulation`).
+      sums: float sums that carry gradients (the focal loss sum).
+      counts: integer sums (the image pixels of `'median_frequency'`).
+    """
+
+    classes: losses.ClassStatistics
+    sums: dict[str, jax.Array]
+    counts: dict[str, jax.Array]
+
+
+class Decomposition(NamedTuple):
+    """The objective of `create_loss_fn` as `finish(S, tce_state)`, with `S` the
+    `BatchStatistics` of the whole batch: the sum of `statistics(logits, labels)` over its parts.
+
+    `finish` returns what the loss function returns, `(loss, tce_state, aux)`, and is
+    differentiable in `S.classes.loss_sum` and `S.sums`, through which the gradient flows.
+    """
+
+    tau: float
+    statistics: Callable[[jax.Array, jax.Array], BatchStatistics]
+    finish: Callable[
+        [BatchStatistics, losses.StochasticTCEState],
+        tuple[jax.Array, losses.StochasticTCEState, dict],
+    ]
+
+
+def create_decomposition(config: ml_collections.ConfigDict) -> Decomposition:
+    """The objective of `config.loss` as a function of additive batch statistics.
+
+    Equals `create_loss_fn(config)` on the same (global) batch, loss, gradient and state. The
+    Lovász loss sorts the errors of the whole batch and has no such form.
+    """
+    cfg = config.loss
+    if cfg.name == "lovasz":
+        raise ValueError(
+            "loss.name='lovasz' sorts the pixel errors of the whole batch: it is not a function "
+            "of additive statistics, so it cannot be accumulated over micro-batches."
+        )
+    tau = float(cfg.tau) if cfg.name in ("tce", "stochastic_tce") else 0.0
+    gamma = _focal_gamma(cfg) if cfg.name == "focal" else None
+    class_weights = parse_class_weights(cfg.class_weights) if cfg.name == "weighted_ce" else None
+    median = isinstance(class_weights, str) and class_weights == "median_frequency"
+
+    def statistics(logits, labels) -> BatchStatistics:
+        classes = losses.class_statistics(logits, labels, tau=tau)
+        sums, counts = {}, {}
+        if gamma is not None:
+            # The local sum of the focal losses: their mean times the valid pixel count.
+            valid = jnp.maximum(jnp.sum(classes.count), 1).astype(jnp.float32)
+            sums["focal"] = losses.softmax_focal_loss(logits, labels, gamma=gamma) * valid
+        if median:
+            counts["image_pixels"] = losses.class_image_pixels(logits, labels)
+        return BatchStatistics(classes, sums, counts)
+
+    def finish(stats: BatchStatistics, tce_state):
+        classes = stats.classes
+        if cfg.name == "tce":
+            loss, aux = losses.tilted_ce_from_statistics(
+                classes, t=cfg.t, tau=tau, class_weighting=cfg.class_weighting
+            )
+            return loss, tce_state, aux
+        if cfg.name == "stochastic_tce":
+            return losses.stochastic_tce_from_statistics(
+                classes, tce_state, t=cfg.t, lam=cfg.lam, tau=tau,
+                class_weighting=cfg.class_weighting,
+            )
+        if cfg.name == "weighted_ce":
+            loss, aux = losses.weighted_cross_entropy_from_statistics(
+                classes, class_weights=class_weights, image_pixels=stats.counts.get("image_pixels")
+            )
+            aux = {k: aux[k] for k in ("class_loss", "class_weight", "num_invalid")}
+            return loss, tce_state, aux
+        # ce and focal: means over the valid pixels.
+        valid = jnp.maximum(jnp.sum(classes.count), 1).astype(classes.loss_sum.dtype)
+        aux = {"class_loss": losses.class_losses(classes), "num_invalid": classes.num_invalid}
+        if cfg.name == "focal":
+            return stats.sums["focal"] / valid, tce_state, aux
+        aux["class_weight"] = classes.count.astype(valid.dtype) / valid
+        return jnp.sum(classes.loss_sum) / valid, tce_state, aux
+
+    return Decomposition(tau, statistics, finish)

@@ -33,6 +33,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tce_jax import (
+    accumulation,
     config_lib,
     datasets,
     inference,
@@ -42,6 +43,7 @@ from tce_jax import (
     models,
     objectives,
     pretrained,
+    profiling,
     sampling,
 )
 
@@ -154,28 +156,48 @@ def train_step(
     axis_name=None,
     sampling_probs_fn=None,
     refresh_steps: int = 0,
+    grad_accum_steps: int = 1,
+    decomposition: objectives.Decomposition | None = None,
 ):
     """One optimisation step on the (global) batch; returns the new state and scalar metrics.
 
     With `sampling_probs_fn` (tce_state -> [C]), the state's class-sampling probabilities move
-    on every `refresh_steps` steps (`tce_jax.sampling.advance_sampling_probs`).
+    on every `refresh_steps` steps (`tce_jax.sampling.advance_sampling_probs`). With
+    `grad_accum_steps` k > 1 the batch runs as k micro-batches and `decomposition` (the same
+    objective as `loss_fn`) gives the exact loss and gradient of the whole batch
+    (`tce_jax.accumulation`).
     """
 
-    def objective(params):
+    def apply_model(params, images):
         logits, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
+            images,
             train=True,
             mutable=["batch_stats"],
         )
-        loss, tce_state, aux = loss_fn(logits, batch["label"], state.tce_state, axis_name)
-        return loss, (updates["batch_stats"], tce_state, aux)
+        return logits, updates["batch_stats"]
 
-    grad_fn = jax.value_and_grad(objective, has_aux=True)
-    (loss, (batch_stats, tce_state, aux)), grads = grad_fn(state.params)
-    if axis_name is not None:
-        # The loss is the global one on every replica; see tce_jax.losses.tilted_ce.
-        grads = jax.lax.pmean(grads, axis_name)
+    def objective(params):
+        logits, batch_stats = apply_model(params, batch["image"])
+        loss, tce_state, aux = loss_fn(logits, batch["label"], state.tce_state, axis_name)
+        return loss, (batch_stats, tce_state, aux)
+
+    if grad_accum_steps > 1:
+        loss, grads, batch_stats, tce_state, aux = accumulation.value_and_grad(
+            apply_model,
+            state.params,
+            batch,
+            decomposition,
+            state.tce_state,
+            num_micro_batches=grad_accum_steps,
+            axis_name=axis_name,
+        )
+    else:
+        grad_fn = jax.value_and_grad(objective, has_aux=True)
+        (loss, (batch_stats, tce_state, aux)), grads = grad_fn(state.params)
+        if axis_name is not None:
+            # The loss is the global one on every replica; see tce_jax.losses.tilted_ce.
+            grads = jax.lax.pmean(grads, axis_name)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     probs = state.sampling_probs
     if sampling_probs_fn is not None:
@@ -420,6 +442,12 @@ class Trainer:
                 sampling_probs_fn=functools.partial(class_sampling_probs, config),
                 refresh_steps=config.data.sampling_refresh_steps,
             )
+        accumulation_kwargs = {}
+        if config.grad_accum_steps > 1:
+            accumulation_kwargs = dict(
+                grad_accum_steps=config.grad_accum_steps,
+                decomposition=objectives.create_decomposition(config),
+            )
         self._train_step = self.parallel.compile_train(
             functools.partial(
                 train_step,
@@ -428,6 +456,7 @@ class Trainer:
                 loss_fn=self.loss_fn,
                 axis_name=self.parallel.axis_name,
                 **sampling_kwargs,
+                **accumulation_kwargs,
             )
         )
         self._eval_steps: dict[bool, Any] = {}  # by EvalGeometry.resize
@@ -541,12 +570,16 @@ class Trainer:
         data = input_pipeline.train_iterator(
             self.builder, self.spec, config, self.layout, start_step=start, index_fn=sampler
         )
+        profiler = profiling.StepProfiler(
+            self.workdir, config.profile_steps, start_step=start, enabled=self.is_main
+        )
         pending: list[dict] = []
         eval_figures = None
         t0, last_step_logged = time.time(), start
         for step in range(start + 1, config.num_train_steps + 1):
             batch = self.parallel.put_batch(next(data))
             state, step_metrics = self._train_step(state, batch)
+            profiler(step, state)
             pending.append(step_metrics)
             if sampler is not None and step % sampler.refresh_steps == 0:
                 # The state after update b*R gives p_{b+1}, the next period's probabilities.
@@ -564,6 +597,7 @@ class Trainer:
                 self._log_eval(writer, step, config.data.eval_split, eval_figures)
             if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
                 self.save(state, step, eval_figures)
+        profiler.close(state)
         if sampler is not None:
             sampler.close()  # the reader may be waiting for a period beyond the last step
         self.manager.wait_until_finished()
