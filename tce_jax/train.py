@@ -154,17 +154,19 @@ def train_step(
     axis_name=None,
     sampling_probs_fn=None,
     refresh_steps: int = 0,
+    normalise=input_pipeline.normalise_on_device,
 ):
     """One optimisation step on the (global) batch; returns the new state and scalar metrics.
 
     With `sampling_probs_fn` (tce_state -> [C]), the state's class-sampling probabilities move
-    on every `refresh_steps` steps (`tce_jax.sampling.advance_sampling_probs`).
+    on every `refresh_steps` steps (`tce_jax.sampling.advance_sampling_probs`). The uint8
+    images of the batch are normalised (`normalise`) on the device first.
     """
 
     def objective(params):
         logits, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats},
-            batch["image"],
+            normalise(batch["image"]),  # uint8 from the input pipeline
             train=True,
             mutable=["batch_stats"],
         )
@@ -209,11 +211,13 @@ def eval_step(
     stride=None,
     resize: bool = False,
     ignore_index: int = 255,
+    normalise=input_pipeline.normalise_on_device,
 ) -> jax.Array:
     """Confusion matrix [C, C] (int32) of one evaluation batch, summed over devices.
 
     Whole-image or sliding-window (`mode`) logits of the canvas; with `resize`, each image's
     logits are resized to its label map's resolution before the argmax (`tce_jax.inference`).
+    The uint8 canvas is normalised (`normalise`) on the device first.
     """
 
     def apply_fn(images):
@@ -229,7 +233,7 @@ def eval_step(
         }
     predictions = inference.predict_labels(
         apply_fn,
-        batch["image"],
+        normalise(batch["image"]),  # the whole canvas, so windows pad with normalised zeros
         label_shape=batch["label"].shape[-2:],
         mode=mode,
         window=window,
@@ -427,6 +431,7 @@ class Trainer:
                 tx=self.tx,
                 loss_fn=self.loss_fn,
                 axis_name=self.parallel.axis_name,
+                normalise=input_pipeline.device_normaliser(config.data),
                 **sampling_kwargs,
             )
         )
@@ -488,6 +493,7 @@ class Trainer:
                     stride=tuple(data.eval_stride),
                     resize=geometry.resize,
                     ignore_index=self.spec.ignore_index,
+                    normalise=input_pipeline.device_normaliser(data),
                 )
             )
         return self._eval_steps[geometry.resize]
@@ -566,6 +572,7 @@ class Trainer:
                 self.save(state, step, eval_figures)
         if sampler is not None:
             sampler.close()  # the reader may be waiting for a period beyond the last step
+        data.close()  # stop reading ahead
         self.manager.wait_until_finished()
         writer.flush()
         return state
