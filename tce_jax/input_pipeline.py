@@ -293,23 +293,45 @@ def _nearest_taps(positions, in_size, out_size):
     return tf.clip_by_value(tf.cast(src, tf.int32), 0, in_size - 1)
 
 
-def _resize_window(image, rows, cols, size):
-    """float32 [n, m, 3] in [0, 1]: rows `rows` and columns `cols` of `image` (uint8
-    [H, W, 3]) bilinearly resized to `size` (h, w), computed from the source pixels they need
-    only. Positions beyond `size` hold edge values (the caller pads them)."""
+def _source_span(first, last, in_size, out_size):
+    """Source positions of output positions `first` and `last` of bilinear `tf.image.resize`
+    from `in_size` to `out_size` (half-pixel centres: `(p + 0.5) * in / out - 0.5`), and the
+    source pixels [lo, hi] they interpolate from."""
+    scale = tf.cast(in_size, tf.float32) / tf.cast(out_size, tf.float32)
+    start = (tf.cast(first, tf.float32) + 0.5) * scale - 0.5
+    stop = (tf.cast(last, tf.float32) + 0.5) * scale - 0.5
+    lo = tf.clip_by_value(tf.cast(tf.floor(start), tf.int32), 0, in_size - 1)
+    hi = tf.clip_by_value(tf.cast(tf.math.ceil(stop), tf.int32), lo, in_size - 1)
+    return start, stop, lo, hi
+
+
+def _resize_window(image, offset, window, size):
+    """float32 [*window, 3] in [0, 1]: the `window` (h, w) at `offset` (y, x) of `image` (uint8
+    [H, W, 3]) bilinearly resized to `size`, computed from the source pixels it needs only.
+
+    `tf.image.resize` samples source position `(p + 0.5) * in / out - 0.5` for output `p`,
+    clamped to the image; `tf.image.crop_and_resize` samples a box's positions linearly. So
+    the box spans the window's first and last positions in the needed source region, padded
+    by one replicated edge pixel (which reproduces the clamping). Positions beyond `size`
+    are outside the box (0; the caller pads them).
+    """
     in_hw = tf.shape(image)[:2]
-    r0, r1, fr = _bilinear_taps(rows, in_hw[0], size[0])
-    c0, c1, fc = _bilinear_taps(cols, in_hw[1], size[1])
-    top, bottom = tf.gather(image, r0), tf.gather(image, r1)  # uint8 [n, W, 3]
-
-    def taps(x, c):
-        return tf.cast(tf.gather(x, c, axis=1), tf.float32) / 255.0
-
-    fc, fr = fc[None, :, None], fr[:, None, None]
-    # The order of TF's bilinear kernel: along x first, then along y.
-    upper = taps(top, c0) + (taps(top, c1) - taps(top, c0)) * fc
-    lower = taps(bottom, c0) + (taps(bottom, c1) - taps(bottom, c0)) * fc
-    return upper + (lower - upper) * fr
+    last = offset + tf.constant(window, tf.int32) - 1
+    y0, y1, top, bottom = _source_span(offset[0], last[0], in_hw[0], size[0])
+    x0, x1, left, right = _source_span(offset[1], last[1], in_hw[1], size[1])
+    region = image[top : bottom + 1, left : right + 1]
+    region = tf.pad(region, [[1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")  # edge copies
+    extent = tf.cast(tf.shape(region)[:2] - 1, tf.float32)
+    box = tf.stack(
+        [
+            (y0 - tf.cast(top, tf.float32) + 1) / extent[0],
+            (x0 - tf.cast(left, tf.float32) + 1) / extent[1],
+            (y1 - tf.cast(top, tf.float32) + 1) / extent[0],
+            (x1 - tf.cast(left, tf.float32) + 1) / extent[1],
+        ]
+    )
+    crop = tf.image.crop_and_resize(region[None], box[None], [0], window, method="bilinear")
+    return crop[0] / 255.0
 
 
 def _resized_mean(image, size):
@@ -358,7 +380,7 @@ def train_augment(image, label, seed, data_config, ignore_index: int):
     label = tf.gather(label[..., 0], _nearest_taps(rows, in_hw[0], size[0]))
     label = tf.gather(label, _nearest_taps(cols, in_hw[1], size[1]), axis=1)
     label = tf.where(inside, label, tf.cast(ignore_index, tf.uint8))
-    window = _resize_window(image, rows, cols, size)
+    window = _resize_window(image, offset, (crop_h, crop_w), size)
     if data_config.photometric:
         window = _photometric(window, lambda: _resized_mean(image, size), seeds[3])
     window = tf.where(inside[..., None], _to_uint8(window), pad_colour(data_config))

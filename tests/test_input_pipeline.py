@@ -180,12 +180,10 @@ def test_crop_first_equals_resize_then_crop(photometric, image_size, crop_size, 
         )
         assert got_image.dtype == tf.uint8 and got_label.dtype == tf.uint8
         np.testing.assert_array_equal(got_label.numpy(), want_label)
-        want = want_image * 255.0
-        if photometric:
-            # The contrast's image mean is summed in another order: float rounding only.
-            np.testing.assert_allclose(got_image.numpy(), want, rtol=0, atol=0.5 + 1e-3)
-        else:  # the same float operations: exactly the rounded reference
-            np.testing.assert_array_equal(got_image.numpy(), np.round(want))
+        # Rounded to uint8 (0.5) after float32 rounding of the sampling positions (the box
+        # maths of crop_and_resize; measured below 0.03 levels). On these noise images a
+        # misalignment of 0.01 pixel would already differ by about 2 levels.
+        np.testing.assert_allclose(got_image.numpy(), want_image * 255, rtol=0, atol=0.55)
 
 
 def test_normalising_on_the_device_matches_the_float_pipeline():
