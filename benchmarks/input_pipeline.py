@@ -7,9 +7,10 @@ sharp-edged shapes and sensor noise: PNGs of about 2 MB, like real Cityscapes im
 label maps, then measures in one process, in interleaved rounds of `--count` images:
 
 * decode: `tf.io.decode_png` of the same files, in a parallel tf.data map;
-* transform: what training runs per example, the pipeline's `_decode` and `train_augment` with
-  the Cityscapes recipe (`configs/cityscapes.py`: base size 1024x2048, random ratio 0.5-2.0,
-  512x1024 crop, flip, photometric jitter), in the same kind of parallel tf.data map.
+* transform: what training runs per example, `input_pipeline.train_transform` (decode, then
+  `train_augment`) with the Cityscapes recipe (`configs/cityscapes.py`: base size 1024x2048,
+  random ratio 0.5-2.0, 512x1024 crop, flip, photometric jitter), in the same kind of
+  parallel tf.data map.
 
 Prints images/s of both (median over rounds), their ratio (target: transform >= 0.5x decode),
 images/s per core, the bytes per training example that leave the pipeline, and the backend.
@@ -110,10 +111,11 @@ def main():
         image, label = files
         return tf.io.decode_png(image, channels=3), tf.io.decode_png(label, channels=1)
 
+    augment = input_pipeline.train_transform(spec, config.data)
+
     def transform(position, files):
         seed = tf.stack([tf.constant(config.seed, tf.int64), position])  # as in training
-        image, label = input_pipeline._decode(spec, *files)
-        return input_pipeline.train_augment(image, label, seed, config.data, spec.ignore_index)
+        return augment(*files, seed)
 
     pipelines = {
         "decode": files.map(decode, **parallel),

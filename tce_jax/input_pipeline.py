@@ -229,15 +229,34 @@ def pad_colour(data_config) -> np.ndarray:
 # tf.data transformations.
 
 
-def _decode(spec, image_bytes, label_bytes):
-    """uint8 image [H, W, 3] and uint8 train ids [H, W, 1] from the encoded bytes."""
+def _decode(spec, image_bytes, label_bytes, map_labels: bool = True):
+    """uint8 image [H, W, 3] and uint8 label map [H, W, 1] from the encoded bytes: train ids,
+    or the raw values with `map_labels=False` (map them later with `_map_labels`)."""
     # PNG (Cityscapes, street scenes) or JPEG (ADE20K) images; PNG label maps.
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     label = tf.io.decode_png(label_bytes, channels=1)
-    if spec.label_map is not None:
-        lut = tf.constant(np.asarray(spec.label_map, np.uint8))
-        label = tf.gather(lut, tf.cast(label, tf.int32))
-    return image, label
+    return image, _map_labels(label, spec.label_map) if map_labels else label
+
+
+def _map_labels(label, label_map):
+    """Raw uint8 label values -> train ids through the [256] look-up table `label_map`."""
+    if label_map is None:
+        return label
+    lut = tf.constant(np.asarray(label_map, np.uint8))
+    return tf.gather(lut, tf.cast(label, tf.int32))
+
+
+def train_transform(spec, data_config) -> Callable:
+    """`(image bytes, label bytes, seed int64 [2]) -> (uint8 [h, w, 3], uint8 [h, w])`: what
+    the training pipeline runs per example (decode, then `train_augment`)."""
+
+    def transform(image_bytes, label_bytes, seed):
+        image, label = _decode(spec, image_bytes, label_bytes, map_labels=False)
+        return train_augment(
+            image, label, seed, data_config, spec.ignore_index, label_map=spec.label_map
+        )
+
+    return transform
 
 
 def _to_uint8(image):
@@ -349,7 +368,7 @@ def _resized_mean(image, size):
     return tf.einsum("w,wc->c", weights(1), tf.einsum("h,hwc->wc", weights(0), pixels))
 
 
-def train_augment(image, label, seed, data_config, ignore_index: int):
+def train_augment(image, label, seed, data_config, ignore_index: int, label_map=None):
     """Random resize, crop (padded: labels with `ignore_index`), flip and photometric jitter.
 
     `image` uint8 [H, W, 3], `label` uint8 [H, W, 1], `seed` int64 [2] for the stateless
@@ -359,7 +378,8 @@ def train_augment(image, label, seed, data_config, ignore_index: int):
     is computed: the same pixels as resizing the whole image first (bilinear; labels nearest),
     at a fraction of the cost. The photometric jitter's contrast uses the mean of the whole
     resized image, as it would without cropping. Returns the crop, uint8 [h, w, 3] (padding
-    has `pad_colour`), and its labels, uint8 [h, w].
+    has `pad_colour`), and its labels, uint8 [h, w]. With `label_map` ([256] look-up table),
+    `label` holds raw values, mapped to train ids after cropping (a quarter of the pixels).
     """
     seeds = tf.random.experimental.stateless_split(seed, 4)
     crop_h, crop_w = data_config.crop_size
@@ -379,6 +399,7 @@ def train_augment(image, label, seed, data_config, ignore_index: int):
     in_hw = tf.shape(image)[:2]
     label = tf.gather(label[..., 0], _nearest_taps(rows, in_hw[0], size[0]))
     label = tf.gather(label, _nearest_taps(cols, in_hw[1], size[1]), axis=1)
+    label = _map_labels(label, label_map)
     label = tf.where(inside, label, tf.cast(ignore_index, tf.uint8))
     window = _resize_window(image, offset, (crop_h, crop_w), size)
     if data_config.photometric:
@@ -396,11 +417,11 @@ def _photometric(image, image_mean, seed):
     `tf.image.stateless_random_*` ops would jitter the larger image."""
     seeds = tf.random.experimental.stateless_split(seed, 4)
     delta = tf.random.stateless_uniform([], seeds[0], -32.0 / 255.0, 32.0 / 255.0)
-    image = image + delta
     # stateless_random_contrast's draw; its mean is over the whole (brightened) image.
     factor = tf.random.stateless_uniform([], seeds[1], 0.5, 1.5)
     mean = image_mean() + delta
-    image = (image - mean) * factor + mean
+    # Brightness then contrast, ((x + delta) - mean) * factor + mean, as one affine map.
+    image = image * factor + (mean * (1.0 - factor) + delta * factor)
     image = tf.image.stateless_random_saturation(image, 0.5, 1.5, seeds[2])
     image = tf.image.stateless_random_hue(image, 18.0 / 360.0, seeds[3])
     return tf.clip_by_value(image, 0.0, 1.0)
@@ -554,11 +575,11 @@ def train_iterator(
             step += 1
 
     read = _record_reader(sources, spec)
+    augment = train_transform(spec, config.data)
 
     def transform(ex):
-        image, label = _decode(spec, *read(ex["shard"], ex["index"]))
         seed = tf.stack([tf.constant(config.seed, tf.int64), ex["position"]])
-        image, label = train_augment(image, label, seed, config.data, spec.ignore_index)
+        image, label = augment(*read(ex["shard"], ex["index"]), seed)
         return {"image": image, "label": label}
 
     signature = {
