@@ -260,8 +260,9 @@ def train_transform(spec, data_config) -> Callable:
 
 
 def _to_uint8(image):
-    """float [0, 1] -> uint8, rounded to the nearest level (the images' own resolution)."""
-    return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 1.0) * 255.0), tf.uint8)
+    """float in 0..255 (clipped) -> uint8, rounded to the nearest level (the images' own
+    resolution)."""
+    return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
 
 
 def base_scale(hw, base_size):
@@ -325,7 +326,7 @@ def _source_span(first, last, in_size, out_size):
 
 
 def _resize_window(image, offset, window, size):
-    """float32 [*window, 3] in [0, 1]: the `window` (h, w) at `offset` (y, x) of `image` (uint8
+    """float32 [*window, 3] in 0..255: the `window` (h, w) at `offset` (y, x) of `image` (uint8
     [H, W, 3]) bilinearly resized to `size`, computed from the source pixels it needs only.
 
     `tf.image.resize` samples source position `(p + 0.5) * in / out - 0.5` for output `p`,
@@ -350,7 +351,7 @@ def _resize_window(image, offset, window, size):
         ]
     )
     crop = tf.image.crop_and_resize(region[None], box[None], [0], window, method="bilinear")
-    return crop[0] / 255.0
+    return crop[0]
 
 
 def _resized_mean(image, size):
@@ -364,7 +365,7 @@ def _resized_mean(image, size):
         total += tf.math.unsorted_segment_sum(frac, upper, in_hw[axis])
         return total / tf.cast(size[axis], tf.float32)
 
-    pixels = tf.cast(image, tf.float32) / 255.0
+    pixels = tf.cast(image, tf.float32)  # 0..255, like the window
     return tf.einsum("w,wc->c", weights(1), tf.einsum("h,hwc->wc", weights(0), pixels))
 
 
@@ -412,19 +413,20 @@ def train_augment(image, label, seed, data_config, ignore_index: int, label_map=
 
 
 def _photometric(image, image_mean, seed):
-    """Brightness, contrast, saturation and hue jitter of `image` (float [h, w, 3], part of a
-    larger image whose per-channel mean `image_mean()` returns), as the stateless
-    `tf.image.stateless_random_*` ops would jitter the larger image."""
+    """Brightness, contrast, saturation and hue jitter of `image` (float [h, w, 3] in 0..255,
+    part of a larger image whose per-channel mean `image_mean()` returns), as the stateless
+    `tf.image.stateless_random_*` ops would jitter the larger image scaled to [0, 1] (then
+    clipped to it), times 255; not clipped."""
     seeds = tf.random.experimental.stateless_split(seed, 4)
-    delta = tf.random.stateless_uniform([], seeds[0], -32.0 / 255.0, 32.0 / 255.0)
-    # stateless_random_contrast's draw; its mean is over the whole (brightened) image.
+    # The draws of stateless_random_brightness (for images in [0, 1]) and _contrast.
+    delta = tf.random.stateless_uniform([], seeds[0], -32.0 / 255.0, 32.0 / 255.0) * 255.0
     factor = tf.random.stateless_uniform([], seeds[1], 0.5, 1.5)
-    mean = image_mean() + delta
+    mean = image_mean() + delta  # the contrast's mean is over the whole (brightened) image
     # Brightness then contrast, ((x + delta) - mean) * factor + mean, as one affine map.
     image = image * factor + (mean * (1.0 - factor) + delta * factor)
     image = tf.image.stateless_random_saturation(image, 0.5, 1.5, seeds[2])
-    image = tf.image.stateless_random_hue(image, 18.0 / 360.0, seeds[3])
-    return tf.clip_by_value(image, 0.0, 1.0)
+    # Saturation and hue are scale-invariant; the caller clips when rounding to uint8.
+    return tf.image.stateless_random_hue(image, 18.0 / 360.0, seeds[3])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -705,7 +707,7 @@ def eval_iterator(
         if base_size and geometry.resize:  # otherwise the rescaling is the identity
             hw = tf.cast(image_size, tf.float32)
             image_size = tf.maximum(tf.cast(tf.round(hw * base_scale(hw, base_size)), tf.int32), 1)
-            image = _to_uint8(tf.image.resize(image, image_size, method="bilinear") / 255.0)
+            image = _to_uint8(tf.image.resize(image, image_size, method="bilinear"))
         return {
             "image": _pad_to(image, geometry.canvas, background),
             "label": _pad_to(label, geometry.label_shape, spec.ignore_index)[..., 0],
