@@ -332,22 +332,32 @@ def _resize_window(image, offset, window, size):
     `tf.image.resize` samples source position `(p + 0.5) * in / out - 0.5` for output `p`,
     clamped to the image; `tf.image.crop_and_resize` samples a box's positions linearly. So
     the box spans the window's first and last positions in the needed source region, padded
-    by one replicated edge pixel (which reproduces the clamping). Positions beyond `size`
-    are outside the box (0; the caller pads them).
+    by one replicated edge pixel where positions fall outside the image (which reproduces the
+    clamping; only when upsampling). Positions beyond `size` are outside the box (0; the
+    caller pads them).
     """
     in_hw = tf.shape(image)[:2]
     last = offset + tf.constant(window, tf.int32) - 1
     y0, y1, top, bottom = _source_span(offset[0], last[0], in_hw[0], size[0])
     x0, x1, left, right = _source_span(offset[1], last[1], in_hw[1], size[1])
     region = image[top : bottom + 1, left : right + 1]
-    region = tf.pad(region, [[1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")  # edge copies
+    # Pad when a position is within a pixel of the border (or beyond it: clamped), so that
+    # float rounding of the box never puts one outside; skip the copy otherwise.
+    limit = tf.cast(in_hw - 2, tf.float32)
+    clamped = (tf.minimum(y0, x0) < 1) | (y1 > limit[0]) | (x1 > limit[1])
+    margin = tf.cast(clamped, tf.float32)
+    region = tf.cond(
+        clamped,
+        lambda: tf.pad(region, [[1, 1], [1, 1], [0, 0]], mode="SYMMETRIC"),  # edge copies
+        lambda: region,
+    )
     extent = tf.cast(tf.shape(region)[:2] - 1, tf.float32)
     box = tf.stack(
         [
-            (y0 - tf.cast(top, tf.float32) + 1) / extent[0],
-            (x0 - tf.cast(left, tf.float32) + 1) / extent[1],
-            (y1 - tf.cast(top, tf.float32) + 1) / extent[0],
-            (x1 - tf.cast(left, tf.float32) + 1) / extent[1],
+            (y0 - tf.cast(top, tf.float32) + margin) / extent[0],
+            (x0 - tf.cast(left, tf.float32) + margin) / extent[1],
+            (y1 - tf.cast(top, tf.float32) + margin) / extent[0],
+            (x1 - tf.cast(left, tf.float32) + margin) / extent[1],
         ]
     )
     crop = tf.image.crop_and_resize(region[None], box[None], [0], window, method="bilinear")
@@ -398,7 +408,7 @@ def train_augment(image, label, seed, data_config, ignore_index: int, label_map=
     inside = (rows < size[0])[:, None] & (cols < size[1])[None, :]
 
     in_hw = tf.shape(image)[:2]
-    label = tf.gather(label[..., 0], _nearest_taps(rows, in_hw[0], size[0]))
+    label = tf.gather(tf.reshape(label, in_hw), _nearest_taps(rows, in_hw[0], size[0]))
     label = tf.gather(label, _nearest_taps(cols, in_hw[1], size[1]), axis=1)
     label = _map_labels(label, label_map)
     label = tf.where(inside, label, tf.cast(ignore_index, tf.uint8))

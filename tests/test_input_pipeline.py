@@ -155,6 +155,7 @@ def resize_then_crop(image, label, seed, data_config, ignore_index, label_map=No
         ((37, 53), (32, 48), (0.3, 2.5), ()),  # padded crops and upsampling
         ((64, 128), (32, 64), (0.5, 2.0), ()),
         ((50, 30), (24, 24), (1.0, 1.0), ()),
+        ((96, 160), (24, 40), (0.6, 0.9), ()),  # downsampled, mostly inner windows
         ((45, 70), (40, 40), (0.5, 2.0), (40, 80)),
     ],
 )
