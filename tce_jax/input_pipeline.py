@@ -12,18 +12,29 @@ of `(seed, step, shard)`:
 * tilted class-aware sampling can draw examples that contain a chosen class.
 
 Random augmentation uses stateless TF ops seeded by `(seed, position in the global stream)`, so
-it too is independent of the process layout and of restarts. Labels use train ids `0..C-1` and
-`ignore_index` (255); images are float32 NHWC, normalised.
+it too is independent of the process layout and of restarts. Training crops are computed from
+the source pixels of the crop window only (the same pixels as resizing the whole image first).
+Examples are read by index, decoded and augmented in tf.data's parallel map threads.
+
+Batches leave as uint8: images uint8 NHWC in 0..255 (a quarter of the bytes of float32), to be
+normalised on the device (`normalise_on_device`, the first operation of the train and eval
+steps); labels uint8 train ids `0..C-1` and `ignore_index` (255). Iterators are `Batches`:
+close them (or use `with`) when done.
 """
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import functools
 import math
+import re
+import traceback
+import weakref
 from collections.abc import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tensorflow as tf
@@ -127,21 +138,74 @@ def class_aware_sampler(
 
 
 # ---------------------------------------------------------------------------------------------
+# Normalisation: on the device, as the first operation of the train and eval steps.
+
+# ImageNet statistics of images in [0, 1]: the defaults of config.data.mean / config.data.std.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def normalise_on_device(images, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Array:
+    """float32 `(images / 255 - mean) / std` of uint8 (or 0..255) images [..., 3] (jax.numpy).
+
+    Batches leave the input pipeline as uint8 (a quarter of the bytes of float32 to copy to
+    the device); the train and eval steps call this first.
+    """
+    x = jnp.asarray(images).astype(jnp.float32) / 255.0
+    return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
+
+
+def device_normaliser(data_config) -> Callable[[jax.Array], jax.Array]:
+    """`normalise_on_device` with `data_config.mean` / `data_config.std`."""
+    return functools.partial(
+        normalise_on_device, mean=tuple(data_config.mean), std=tuple(data_config.std)
+    )
+
+
+def pad_colour(data_config) -> np.ndarray:
+    """uint8 [3]: the colour that pads images, the mean colour rounded to 8 bits (it normalises
+    to within 0.5 / 255 / std < 0.01 of 0)."""
+    return np.round(np.clip(np.asarray(data_config.mean, np.float64), 0, 1) * 255).astype(np.uint8)
+
+
+# ---------------------------------------------------------------------------------------------
 # tf.data transformations.
 
 
-def _decode(spec, image_bytes, label_bytes):
+def _decode(spec, image_bytes, label_bytes, map_labels: bool = True):
+    """uint8 image [H, W, 3] and uint8 label map [H, W, 1] from the encoded bytes: train ids,
+    or the raw values with `map_labels=False` (map them later with `_map_labels`)."""
     # PNG (Cityscapes, street scenes) or JPEG (ADE20K) images; PNG label maps.
     image = tf.io.decode_image(image_bytes, channels=3, expand_animations=False)
     label = tf.io.decode_png(label_bytes, channels=1)
-    if spec.label_map is not None:
-        lut = tf.constant(np.asarray(spec.label_map, np.int32))
-        label = tf.gather(lut, tf.cast(label, tf.int32))
-    return tf.cast(image, tf.float32) / 255.0, tf.cast(label, tf.int32)
+    return image, _map_labels(label, spec.label_map) if map_labels else label
 
 
-def _normalise(image, data_config):
-    return (image - tf.constant(data_config.mean)) / tf.constant(data_config.std)
+def _map_labels(label, label_map):
+    """Raw uint8 label values -> train ids through the [256] look-up table `label_map`."""
+    if label_map is None:
+        return label
+    lut = tf.constant(np.asarray(label_map, np.uint8))
+    return tf.gather(lut, tf.cast(label, tf.int32))
+
+
+def train_transform(spec, data_config) -> Callable:
+    """`(image bytes, label bytes, seed int64 [2]) -> (uint8 [h, w, 3], uint8 [h, w])`: what
+    the training pipeline runs per example (decode, then `train_augment`)."""
+
+    def transform(image_bytes, label_bytes, seed):
+        image, label = _decode(spec, image_bytes, label_bytes, map_labels=False)
+        return train_augment(
+            image, label, seed, data_config, spec.ignore_index, label_map=spec.label_map
+        )
+
+    return transform
+
+
+def _to_uint8(image):
+    """float in 0..255 (clipped) -> uint8, rounded to the nearest level (the images' own
+    resolution)."""
+    return tf.cast(tf.round(tf.clip_by_value(image, 0.0, 255.0)), tf.uint8)
 
 
 def base_scale(hw, base_size):
@@ -166,65 +230,262 @@ def rescaled_size(hw, base_size) -> np.ndarray:
     return np.maximum(np.round(hw * scale), 1).astype(np.int64)
 
 
-def train_augment(image, label, seed, data_config, ignore_index: int):
-    """Random resize, pad (labels with `ignore_index`), crop, flip and photometric jitter.
+# The crop is computed in the coordinates of the original image: only the crop window is
+# resized, with the sampling positions `tf.image.resize` uses for the whole image (its
+# kernels' formulas, in float32), so the output equals resize-then-crop.
 
-    `image` float32 [H, W, 3] in [0, 1], `label` int32 [H, W, 1], `seed` int64 [2] for the
-    stateless random ops. The image is resized by `base_scale` (fit `data_config.base_size`)
-    times a random ratio in [min_scale, max_scale]. Returns the normalised crop and its labels
-    [h, w].
+
+def _bilinear_taps(positions, in_size, out_size):
+    """Source rows (or columns) and weights of bilinear `tf.image.resize` from `in_size` to
+    `out_size` (half-pixel centres, no antialiasing) at the output `positions` (int32 [n]):
+    `src = (p + 0.5) * in / out - 0.5`, taps `max(floor(src), 0)` and
+    `min(ceil(src), in - 1)`, weight of the second `src - floor(src)`."""
+    scale = tf.cast(in_size, tf.float32) / tf.cast(out_size, tf.float32)
+    src = (tf.cast(positions, tf.float32) + 0.5) * scale - 0.5
+    floor = tf.floor(src)
+    lower = tf.clip_by_value(tf.cast(floor, tf.int32), 0, in_size - 1)
+    upper = tf.clip_by_value(tf.cast(tf.math.ceil(src), tf.int32), 0, in_size - 1)
+    return lower, upper, src - floor
+
+
+def _nearest_taps(positions, in_size, out_size):
+    """Source indices of nearest-neighbour `tf.image.resize` (half-pixel centres):
+    `min(floor((p + 0.5) * in / out), in - 1)`."""
+    scale = tf.cast(in_size, tf.float32) / tf.cast(out_size, tf.float32)
+    src = tf.floor((tf.cast(positions, tf.float32) + 0.5) * scale)
+    return tf.clip_by_value(tf.cast(src, tf.int32), 0, in_size - 1)
+
+
+def _source_span(first, last, in_size, out_size):
+    """Source positions of output positions `first` and `last` of bilinear `tf.image.resize`
+    from `in_size` to `out_size` (half-pixel centres: `(p + 0.5) * in / out - 0.5`), and the
+    source pixels [lo, hi] they interpolate from."""
+    scale = tf.cast(in_size, tf.float32) / tf.cast(out_size, tf.float32)
+    start = (tf.cast(first, tf.float32) + 0.5) * scale - 0.5
+    stop = (tf.cast(last, tf.float32) + 0.5) * scale - 0.5
+    lo = tf.clip_by_value(tf.cast(tf.floor(start), tf.int32), 0, in_size - 1)
+    hi = tf.clip_by_value(tf.cast(tf.math.ceil(stop), tf.int32), lo, in_size - 1)
+    return start, stop, lo, hi
+
+
+def _resize_window(image, offset, window, size):
+    """float32 [*window, 3] in 0..255: the `window` (h, w) at `offset` (y, x) of `image` (uint8
+    [H, W, 3]) bilinearly resized to `size`, computed from the source pixels it needs only.
+
+    `tf.image.resize` samples source position `(p + 0.5) * in / out - 0.5` for output `p`,
+    clamped to the image; `tf.image.crop_and_resize` samples a box's positions linearly. So
+    the box spans the window's first and last positions in the needed source region, padded
+    by one replicated edge pixel where positions fall outside the image (which reproduces the
+    clamping; only when upsampling). Positions beyond `size` are outside the box (0; the
+    caller pads them).
+    """
+    in_hw = tf.shape(image)[:2]
+    last = offset + tf.constant(window, tf.int32) - 1
+    y0, y1, top, bottom = _source_span(offset[0], last[0], in_hw[0], size[0])
+    x0, x1, left, right = _source_span(offset[1], last[1], in_hw[1], size[1])
+    region = image[top : bottom + 1, left : right + 1]
+    # Pad when a position is within a pixel of the border (or beyond it: clamped), so that
+    # float rounding of the box never puts one outside; skip the copy otherwise.
+    limit = tf.cast(in_hw - 2, tf.float32)
+    clamped = (tf.minimum(y0, x0) < 1) | (y1 > limit[0]) | (x1 > limit[1])
+    margin = tf.cast(clamped, tf.float32)
+    region = tf.cond(
+        clamped,
+        lambda: tf.pad(region, [[1, 1], [1, 1], [0, 0]], mode="SYMMETRIC"),  # edge copies
+        lambda: region,
+    )
+    extent = tf.cast(tf.shape(region)[:2] - 1, tf.float32)
+    box = tf.stack(
+        [
+            (y0 - tf.cast(top, tf.float32) + margin) / extent[0],
+            (x0 - tf.cast(left, tf.float32) + margin) / extent[1],
+            (y1 - tf.cast(top, tf.float32) + margin) / extent[0],
+            (x1 - tf.cast(left, tf.float32) + margin) / extent[1],
+        ]
+    )
+    crop = tf.image.crop_and_resize(region[None], box[None], [0], window, method="bilinear")
+    return crop[0]
+
+
+def _resized_mean(image, size):
+    """float32 [3]: the per-channel mean of `image` (uint8 [H, W, 3]) bilinearly resized to
+    `size`, from the source pixels' total weights (no resized copy is made)."""
+    in_hw = tf.shape(image)[:2]
+
+    def weights(axis):
+        lower, upper, frac = _bilinear_taps(tf.range(size[axis]), in_hw[axis], size[axis])
+        total = tf.math.unsorted_segment_sum(1.0 - frac, lower, in_hw[axis])
+        total += tf.math.unsorted_segment_sum(frac, upper, in_hw[axis])
+        return total / tf.cast(size[axis], tf.float32)
+
+    pixels = tf.cast(image, tf.float32)  # 0..255, like the window
+    return tf.einsum("w,wc->c", weights(1), tf.einsum("h,hwc->wc", weights(0), pixels))
+
+
+def train_augment(image, label, seed, data_config, ignore_index: int, label_map=None):
+    """Random resize, crop (padded: labels with `ignore_index`), flip and photometric jitter.
+
+    `image` uint8 [H, W, 3], `label` uint8 [H, W, 1], `seed` int64 [2] for the stateless
+    random ops. The image is resized by `base_scale` (fit `data_config.base_size`) times a
+    random ratio in [min_scale, max_scale] to (h', w'), padded to at least the crop size,
+    and a random window is cropped (`tf.image.stateless_random_crop`'s draw). Only that window
+    is computed: the same pixels as resizing the whole image first (bilinear; labels nearest),
+    at a fraction of the cost. The photometric jitter's contrast uses the mean of the whole
+    resized image, as it would without cropping. Returns the crop, uint8 [h, w, 3] (padding
+    has `pad_colour`), and its labels, uint8 [h, w]. With `label_map` ([256] look-up table),
+    `label` holds raw values, mapped to train ids after cropping (a quarter of the pixels).
     """
     seeds = tf.random.experimental.stateless_split(seed, 4)
     crop_h, crop_w = data_config.crop_size
+    crop = tf.constant([crop_h, crop_w], tf.int32)
     scale = tf.random.stateless_uniform([], seeds[0], data_config.min_scale, data_config.max_scale)
     hw = tf.cast(tf.shape(image)[:2], tf.float32)
     scale = scale * base_scale(hw, tuple(data_config.base_size))
     size = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), 1)
-    image = tf.image.resize(image, size, method="bilinear")
-    label = tf.image.resize(label, size, method="nearest")
+    # The draw of stateless_random_crop([crop_h, crop_w, C]) on the padded [h', w', C] image.
+    limit = tf.concat([tf.maximum(size, crop) - crop + 1, [1]], axis=0)
+    offset = tf.random.stateless_uniform([3], seeds[1], maxval=tf.int32.max, dtype=tf.int32)
+    offset = (offset % limit)[:2]
+    rows = offset[0] + tf.range(crop_h)
+    cols = offset[1] + tf.range(crop_w)
+    inside = (rows < size[0])[:, None] & (cols < size[1])[None, :]
+
+    in_hw = tf.shape(image)[:2]
+    label = tf.gather(tf.reshape(label, in_hw), _nearest_taps(rows, in_hw[0], size[0]))
+    label = tf.gather(label, _nearest_taps(cols, in_hw[1], size[1]), axis=1)
+    label = _map_labels(label, label_map)
+    label = tf.where(inside, label, tf.cast(ignore_index, tf.uint8))
+    window = _resize_window(image, offset, (crop_h, crop_w), size)
     if data_config.photometric:
-        image = _photometric(image, seeds[3])
-    image = _normalise(image, data_config)
-    pad_h = tf.maximum(crop_h - size[0], 0)
-    pad_w = tf.maximum(crop_w - size[1], 0)
-    paddings = [[0, pad_h], [0, pad_w], [0, 0]]
-    image = tf.pad(image, paddings)  # 0 after normalisation = the mean colour
-    label = tf.pad(label, paddings, constant_values=ignore_index)
-    # Crop image and label together: labels (<= 255) are exact in float32.
-    both = tf.concat([image, tf.cast(label, tf.float32)], axis=-1)
-    both = tf.image.stateless_random_crop(both, [crop_h, crop_w, 4], seed=seeds[1])
+        window = _photometric(window, lambda: _resized_mean(image, size), seeds[3])
+    window = tf.where(inside[..., None], _to_uint8(window), pad_colour(data_config))
+    both = tf.concat([window, label[..., None]], axis=-1)
     if data_config.flip:
         both = tf.image.stateless_random_flip_left_right(both, seed=seeds[2])
-    return both[..., :3], tf.cast(both[..., 3], tf.int32)
+    return both[..., :3], both[..., 3]
 
 
-def _photometric(image, seed):
+def _photometric(image, image_mean, seed):
+    """Brightness, contrast, saturation and hue jitter of `image` (float [h, w, 3] in 0..255,
+    part of a larger image whose per-channel mean `image_mean()` returns), as the stateless
+    `tf.image.stateless_random_*` ops would jitter the larger image scaled to [0, 1] (then
+    clipped to it), times 255; not clipped."""
     seeds = tf.random.experimental.stateless_split(seed, 4)
-    image = tf.image.stateless_random_brightness(image, 32.0 / 255.0, seeds[0])
-    image = tf.image.stateless_random_contrast(image, 0.5, 1.5, seeds[1])
+    # The draws of stateless_random_brightness (for images in [0, 1]) and _contrast.
+    delta = tf.random.stateless_uniform([], seeds[0], -32.0 / 255.0, 32.0 / 255.0) * 255.0
+    factor = tf.random.stateless_uniform([], seeds[1], 0.5, 1.5)
+    mean = image_mean() + delta  # the contrast's mean is over the whole (brightened) image
+    # Brightness then contrast, ((x + delta) - mean) * factor + mean, as one affine map.
+    image = image * factor + (mean * (1.0 - factor) + delta * factor)
     image = tf.image.stateless_random_saturation(image, 0.5, 1.5, seeds[2])
-    image = tf.image.stateless_random_hue(image, 18.0 / 360.0, seeds[3])
-    return tf.clip_by_value(image, 0.0, 1.0)
+    # Saturation and hue are scale-invariant; the caller clips when rounding to uint8.
+    return tf.image.stateless_random_hue(image, 18.0 / 360.0, seeds[3])
 
 
 # ---------------------------------------------------------------------------------------------
 # Iterators.
 
 
-def _as_numpy_batches(generator, signature, map_fn, batch_size: int, prefetch: int):
-    ds = tf.data.Dataset.from_generator(generator, output_signature=signature)
-    ds = ds.map(map_fn, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-    ds = ds.batch(batch_size, drop_remainder=True).prefetch(prefetch)
-    return ds.as_numpy_iterator()
+class Batches(Iterator[Batch]):
+    """Numpy batches of a tf.data pipeline, released explicitly.
+
+    A tf.data iterator whose destructor runs during interpreter shutdown (e.g. left in a
+    traceback after a pipeline error) can hang or abort the process (exit 134): its threads
+    call back into Python. So the pipeline is released by `close()` (or at the end of a `with`
+    block), as soon as an exception (or the end of the data) leaves `next()`, and at
+    interpreter exit at the latest (`atexit`, before shutdown). `on_close` runs first, e.g. to
+    wake a reader blocked on class-sampling probabilities. A TensorFlow error (e.g. an image
+    that does not decode) is raised as `DatasetNotFoundError` naming `source` (the data read).
+    """
+
+    def __init__(
+        self,
+        dataset: tf.data.Dataset,
+        source: str,
+        on_close: Callable[[], None] | None = None,
+    ):
+        self._iterator = dataset.as_numpy_iterator()
+        self._source = source
+        self._on_close = on_close
+        _OPEN_ITERATORS.add(self)
+
+    def __iter__(self) -> Batches:
+        return self
+
+    def __next__(self) -> Batch:
+        if self._iterator is None:
+            raise StopIteration
+        try:
+            return next(self._iterator)
+        except tf.errors.OpError as e:
+            _release_frames(e)
+            self.close()
+            # TF's message: "{{function_node ...}} [Error in user-defined function passed to
+            # ... Iterator::...::ParallelMapV2: ]Invalid PNG data, size 1021\n\t [[{{node ...".
+            message = re.sub(r"\{\{[^}]*\}\}\s*", "", e.message).strip().splitlines()[0]
+            message = re.sub(r"^Error in user-defined function.*?Iterator::\S+: ", "", message)
+            message = message.rstrip(". ")
+            raise DatasetNotFoundError(
+                f"The input pipeline failed reading {self._source}: {type(e).__name__}: "
+                f"{message}. If the prepared data are corrupt, delete that directory and "
+                "prepare the dataset again."
+            ) from e
+        except BaseException as e:
+            _release_frames(e)
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stops the pipeline's threads and frees its buffers; idempotent."""
+        iterator, self._iterator = self._iterator, None
+        _OPEN_ITERATORS.discard(self)
+        if iterator is not None:
+            if self._on_close is not None:
+                self._on_close()
+            del iterator  # the last reference: tf.data cancels and joins its threads here
+
+    def __enter__(self) -> Batches:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
 
-def _example_signature():
-    return {
-        "image": tf.TensorSpec([], tf.string),
-        "label": tf.TensorSpec([], tf.string),
-        "seed": tf.TensorSpec([2], tf.int64),
-        "valid": tf.TensorSpec([], tf.bool),
-    }
+def _release_frames(error: BaseException) -> None:
+    """Drops the local variables of the finished frames in `error`'s traceback (it still prints
+    them): they hold the tf.data iterator, and a traceback kept until interpreter exit (an
+    uncaught error) would keep the iterator alive until shutdown."""
+    traceback.clear_frames(error.__traceback__)
+
+
+_OPEN_ITERATORS: weakref.WeakSet[Batches] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators() -> None:
+    for batches in list(_OPEN_ITERATORS):
+        batches.close()
+
+
+def _record_reader(sources: dict, spec) -> Callable:
+    """tf.data map function `(shard, index) -> (image bytes, label bytes)`: reads one encoded
+    example from `sources[shard]` (a TFDS data source, random access). It runs in tf.data's
+    parallel map threads, so no single Python thread reads every example."""
+
+    def read(shard, index):
+        example = sources[int(shard)][int(index)]
+        return (
+            np.asarray(example[spec.image_key], dtype=object),
+            np.asarray(example[spec.label_key], dtype=object),
+        )
+
+    def read_op(shard, index):
+        image, label = tf.numpy_function(
+            read, [shard, index], [tf.string, tf.string], stateful=False
+        )
+        return tf.ensure_shape(image, []), tf.ensure_shape(label, [])
+
+    return read_op
 
 
 def train_iterator(
@@ -235,11 +496,15 @@ def train_iterator(
     *,
     start_step: int = 0,
     index_fn: IndexFn | None = None,
-) -> Iterator[Batch]:
+) -> Batches:
     """This process's part of every global training batch from `start_step` on.
 
-    Yields dicts with `image` float32 [B, h, w, 3] and `label` int32 [B, h, w], where
-    B = global_batch_size / process_count, rows ordered by shard.
+    Yields dicts with `image` uint8 [B, h, w, 3] (normalise on the device with
+    `normalise_on_device`) and `label` uint8 [B, h, w], where
+    B = global_batch_size / process_count, rows ordered by shard. A Python generator walks
+    the step's indices (`index_fn`, which may wait for class-sampling probabilities); reading,
+    decoding and augmentation run in tf.data's parallel map. Close the iterator when done
+    (`with` or `close()`); a `ClassAwareSampler` index_fn is closed with it.
     """
     split = config.data.train_split
     batch_per_shard = config.global_batch_size // layout.num_shards
@@ -251,29 +516,39 @@ def train_iterator(
         sizes = {s: len(src) for s, src in sources.items()}
         index_fn = epoch_index_fn(sizes, batch_per_shard, config.seed)
 
-    def generate():
+    def step_indices():
+        """(shard, index in shard, position in the global stream) of every local example."""
         step = start_step
         while True:
-            for shard, source in sources.items():
-                for j, i in enumerate(index_fn(shard, step)):
-                    example = source[int(i)]
-                    position = step * config.global_batch_size + shard * batch_per_shard + j
-                    yield {
-                        "image": example[spec.image_key],
-                        "label": example[spec.label_key],
-                        "seed": np.array([config.seed, position], np.int64),
-                        "valid": True,
-                    }
+            for shard in sources:
+                position = step * config.global_batch_size + shard * batch_per_shard
+                yield {
+                    "shard": np.full(batch_per_shard, shard, np.int32),
+                    "index": np.asarray(index_fn(shard, step), np.int64),
+                    "position": position + np.arange(batch_per_shard, dtype=np.int64),
+                }
             step += 1
 
+    read = _record_reader(sources, spec)
+    augment = train_transform(spec, config.data)
+
     def transform(ex):
-        image, label = _decode(spec, ex["image"], ex["label"])
-        image, label = train_augment(image, label, ex["seed"], config.data, spec.ignore_index)
+        seed = tf.stack([tf.constant(config.seed, tf.int64), ex["position"]])
+        image, label = augment(*read(ex["shard"], ex["index"]), seed)
         return {"image": image, "label": label}
 
-    local_batch = batch_per_shard * len(sources)
-    return _as_numpy_batches(
-        generate, _example_signature(), transform, local_batch, config.data.prefetch
+    signature = {
+        "shard": tf.TensorSpec([batch_per_shard], tf.int32),
+        "index": tf.TensorSpec([batch_per_shard], tf.int64),
+        "position": tf.TensorSpec([batch_per_shard], tf.int64),
+    }
+    ds = tf.data.Dataset.from_generator(step_indices, output_signature=signature).unbatch()
+    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(batch_per_shard * len(sources), drop_remainder=True)
+    return Batches(
+        ds.prefetch(config.data.prefetch),
+        source=f"split {split!r} of {spec.tfds_name} in {builder.data_dir}",
+        on_close=getattr(index_fn, "close", None),
     )
 
 
@@ -338,10 +613,12 @@ def eval_geometry(builder, spec, config: ml_collections.ConfigDict, split) -> Ev
 
 
 def _pad_to(x, shape, value):
-    """`x` [h, w, c] padded (bottom/right, with `value`) or cropped to `shape` (H, W)."""
+    """`x` [h, w, c] padded (bottom/right, with `value`: a scalar or one value per channel) or
+    cropped to `shape` (H, W)."""
     x = x[: shape[0], : shape[1]]
     pad = [[0, shape[0] - tf.shape(x)[0]], [0, shape[1] - tf.shape(x)[1]], [0, 0]]
-    x = tf.pad(x, pad, constant_values=value)
+    inside = tf.pad(tf.ones_like(x[..., :1], tf.bool), pad, constant_values=False)
+    x = tf.where(inside, tf.pad(x, pad), tf.cast(value, x.dtype))
     return tf.ensure_shape(x, [shape[0], shape[1], None])
 
 
@@ -352,54 +629,50 @@ def eval_iterator(
     split: str,
     layout: Layout,
     geometry: EvalGeometry | None = None,
-) -> Iterator[Batch]:
+) -> Batches:
     """Every example of `split` exactly once across processes, in whole images.
 
-    Images are rescaled to fit `config.data.base_size` (if set), normalised and padded into
-    `geometry.canvas`; label maps keep their resolution, padded into `geometry.label_shape`
-    with the ignore label. The last batches are padded with copies of an example whose `mask`
-    is False and whose labels are all `ignore_index`, so every process runs the same number
-    of steps and no example is dropped. Yields `image` [B, *canvas, 3], `label`
-    [B, *label_shape], `mask` (bool [B]), `image_size` and `label_size` (int32 [B, 2]: the
-    valid (height, width) of each image in the canvas and of each label map).
+    Images are rescaled to fit `config.data.base_size` (if set; bilinear, rounded to uint8)
+    and padded into `geometry.canvas` with `pad_colour`; label maps keep their resolution,
+    padded into `geometry.label_shape` with the ignore label. The last batches are padded with
+    copies of an example whose `mask` is False and whose labels are all `ignore_index`, so
+    every process runs the same number of steps and no example is dropped. Yields `image`
+    uint8 [B, *canvas, 3] (normalise on the device), `label` uint8 [B, *label_shape], `mask`
+    (bool [B]), `image_size` and `label_size` (int32 [B, 2]: the valid (height, width) of each
+    image in the canvas and of each label map).
     """
     if geometry is None:
         geometry = eval_geometry(builder, spec, config, split)
     base_size = tuple(config.data.base_size)
     local_batch = config.data.eval_batch_size // layout.process_count
-    source = _data_source(
-        builder, spec, _shard_split(split, layout.process_index, layout.process_count)
-    )
+    shard = layout.process_index
+    source = _data_source(builder, spec, _shard_split(split, shard, layout.process_count))
     total = num_eval_batches(builder, split, local_batch, layout.process_count) * local_batch
+    read = _record_reader({shard: source}, spec)
+    background = pad_colour(config.data)
 
-    def generate():
-        for i in range(total):
-            example = source[i if i < len(source) else 0]
-            yield {
-                "image": example[spec.image_key],
-                "label": example[spec.label_key],
-                "seed": np.zeros(2, np.int64),
-                "valid": i < len(source),
-            }
-
-    def transform(ex):
-        image, label = _decode(spec, ex["image"], ex["label"])
-        label = tf.where(ex["valid"], label, spec.ignore_index)
+    def transform(i):
+        valid = i < len(source)
+        image, label = _decode(spec, *read(shard, tf.where(valid, i, 0)))
+        label = tf.where(valid, label, tf.cast(spec.ignore_index, tf.uint8))
         label_size = tf.shape(label)[:2]
         image_size = tf.shape(image)[:2]
         if base_size and geometry.resize:  # otherwise the rescaling is the identity
             hw = tf.cast(image_size, tf.float32)
             image_size = tf.maximum(tf.cast(tf.round(hw * base_scale(hw, base_size)), tf.int32), 1)
-            image = tf.image.resize(image, image_size, method="bilinear")
-        image = _pad_to(_normalise(image, config.data), geometry.canvas, 0.0)
+            image = _to_uint8(tf.image.resize(image, image_size, method="bilinear"))
         return {
-            "image": image,
+            "image": _pad_to(image, geometry.canvas, background),
             "label": _pad_to(label, geometry.label_shape, spec.ignore_index)[..., 0],
-            "mask": ex["valid"],
+            "mask": valid,
             "image_size": tf.minimum(image_size, geometry.canvas),
             "label_size": label_size,
         }
 
-    return _as_numpy_batches(
-        generate, _example_signature(), transform, local_batch, config.data.prefetch
+    ds = tf.data.Dataset.range(total)
+    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.batch(local_batch, drop_remainder=True)  # `total` is a multiple of it
+    return Batches(
+        ds.prefetch(config.data.prefetch),
+        source=f"split {split!r} of {spec.tfds_name} in {builder.data_dir}",
     )

@@ -158,6 +158,7 @@ def train_step(
     refresh_steps: int = 0,
     grad_accum_steps: int = 1,
     decomposition: objectives.Decomposition | None = None,
+    normalise=input_pipeline.normalise_on_device,
 ):
     """One optimisation step on the (global) batch; returns the new state and scalar metrics.
 
@@ -165,13 +166,14 @@ def train_step(
     on every `refresh_steps` steps (`tce_jax.sampling.advance_sampling_probs`). With
     `grad_accum_steps` k > 1 the batch runs as k micro-batches and `decomposition` (the same
     objective as `loss_fn`) gives the exact loss and gradient of the whole batch
-    (`tce_jax.accumulation`).
+    (`tce_jax.accumulation`). The uint8 images of the batch are normalised (`normalise`) on
+    the device first.
     """
 
     def apply_model(params, images):
         logits, updates = model.apply(
             {"params": params, "batch_stats": state.batch_stats},
-            images,
+            normalise(images),  # uint8 from the input pipeline
             train=True,
             mutable=["batch_stats"],
         )
@@ -231,11 +233,13 @@ def eval_step(
     stride=None,
     resize: bool = False,
     ignore_index: int = 255,
+    normalise=input_pipeline.normalise_on_device,
 ) -> jax.Array:
     """Confusion matrix [C, C] (int32) of one evaluation batch, summed over devices.
 
     Whole-image or sliding-window (`mode`) logits of the canvas; with `resize`, each image's
     logits are resized to its label map's resolution before the argmax (`tce_jax.inference`).
+    The uint8 canvas is normalised (`normalise`) on the device first.
     """
 
     def apply_fn(images):
@@ -251,7 +255,7 @@ def eval_step(
         }
     predictions = inference.predict_labels(
         apply_fn,
-        batch["image"],
+        normalise(batch["image"]),  # the whole canvas, so windows pad with normalised zeros
         label_shape=batch["label"].shape[-2:],
         mode=mode,
         window=window,
@@ -455,6 +459,7 @@ class Trainer:
                 tx=self.tx,
                 loss_fn=self.loss_fn,
                 axis_name=self.parallel.axis_name,
+                normalise=input_pipeline.device_normaliser(config.data),
                 **sampling_kwargs,
                 **accumulation_kwargs,
             )
@@ -517,6 +522,7 @@ class Trainer:
                     stride=tuple(data.eval_stride),
                     resize=geometry.resize,
                     ignore_index=self.spec.ignore_index,
+                    normalise=input_pipeline.device_normaliser(data),
                 )
             )
         return self._eval_steps[geometry.resize]
@@ -600,6 +606,7 @@ class Trainer:
         profiler.close(state)
         if sampler is not None:
             sampler.close()  # the reader may be waiting for a period beyond the last step
+        data.close()  # stop reading ahead
         self.manager.wait_until_finished()
         writer.flush()
         return state
