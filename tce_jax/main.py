@@ -42,12 +42,16 @@ def fail(message) -> None:
     sys.exit(1)
 
 
-def user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions whose message says what to fix: printed alone, without a traceback."""
+def is_user_error(error: BaseException) -> bool:
+    """Whether `error`'s message says what to fix: then it is printed alone, no traceback."""
     from tce_jax import config_lib, workdir
-    from tce_jax.datasets.archives import DatasetNotFoundError
 
-    return (config_lib.ConfigError, DatasetNotFoundError, workdir.WorkdirError)
+    kinds = [config_lib.ConfigError, workdir.WorkdirError]
+    # Only raised once the datasets are imported (which imports TensorFlow: not for this).
+    archives = sys.modules.get("tce_jax.datasets.archives")
+    if archives is not None:
+        kinds.append(archives.DatasetNotFoundError)
+    return isinstance(error, tuple(kinds))
 
 
 def _config_argument(argv: list[str]) -> str | None:
@@ -113,7 +117,9 @@ def main(argv):
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     try:
         run(FLAGS.config)
-    except user_errors() as e:
+    except Exception as e:
+        if not is_user_error(e):
+            raise
         fail(e)
 
 
