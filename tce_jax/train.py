@@ -692,7 +692,7 @@ def train_and_evaluate(
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = "best"):
     """Evaluates a checkpoint of the workdir ("best", "latest" or a step number) and reports."""
-    with workdir_lib.open_run(config, workdir, mode="evaluate"):
+    with workdir_lib.open_run(config, workdir, mode="evaluate", details={"checkpoint": checkpoint}):
         return _evaluate(config, workdir, checkpoint)
 
 

@@ -377,8 +377,9 @@ def record_config(
     if stored is not None:
         experiment = sorted(f for f in changes if not is_resumable(f))
         if experiment and step is not None:
-            print(f"Continuing {workdir} with a changed experiment: {_describe(changes)}",
-                  flush=True)
+            print(
+                f"Continuing {workdir} with a changed experiment: {_describe(changes)}", flush=True
+            )
         append_jsonl(
             epath.Path(workdir) / CONFIG_HISTORY_FILE,
             {
@@ -480,13 +481,15 @@ def open_run(
     *,
     mode: str = "train",
     allow_config_change: bool = False,
+    details: Mapping[str, Any] | None = None,
 ) -> Iterator[None]:
     """Holds the workdir for the body: lock, config check and records, by process 0 only.
 
     `mode="train"` refuses a resume with a different experiment (see `check_config`) and
     records config.json; `mode="evaluate"` only prints the fields that differ (evaluation
     settings may legitimately change). Both take the lock (they write the same reports) and
-    append to provenance.jsonl. The lock is released when the body ends, also on exceptions.
+    append to provenance.jsonl (with `details`, e.g. the checkpoint evaluated). The lock is
+    released when the body ends, also on exceptions.
     """
     import jax
 
@@ -498,13 +501,13 @@ def open_run(
             step, stored, changes = check_config(
                 workdir, config, allow_change=allow_config_change or mode != "train"
             )
-        except WorkdirError as e:
+        except Exception as e:  # any failure must reach the other processes, or they wait
             lock.release()
             error = e
     if not _agree_across_processes(error is None):
-        raise error or WorkdirError(
-            f"process 0 could not open workdir {workdir}; its output says why"
-        )
+        if error is not None:
+            raise error
+        raise WorkdirError(f"process 0 could not open workdir {workdir}; its output says why")
     try:
         if jax.process_index() == 0:
             if mode == "train":
@@ -517,9 +520,12 @@ def open_run(
                     allowed_by_flag=allow_config_change,
                 )
             elif changes:
-                print(f"Note: the config differs from {CONFIG_FILE}: {_describe(changes)}",
-                      flush=True)
-            append_jsonl(epath.Path(workdir) / PROVENANCE_FILE, provenance(mode, step))
+                print(
+                    f"Note: the config differs from {CONFIG_FILE}: {_describe(changes)}", flush=True
+                )
+            resumed_from = step if mode == "train" else None
+            record = {**provenance(mode, resumed_from), **(details or {})}
+            append_jsonl(epath.Path(workdir) / PROVENANCE_FILE, record)
         yield
     finally:
         lock.release()

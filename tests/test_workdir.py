@@ -200,9 +200,7 @@ def test_only_process_0_locks_and_every_process_stops_when_it_cannot(small_data_
 # Resuming another experiment.
 
 
-def test_resuming_another_experiment_is_refused_with_every_difference(
-    finished_run, small_data_dir
-):
+def test_resuming_another_experiment_is_refused_with_every_difference(finished_run, small_data_dir):
     kept = {name: (finished_run / name).read_text() for name in ("config.json", "metrics.jsonl")}
     result = run_cli(
         finished_run,
@@ -222,9 +220,7 @@ def test_resuming_another_experiment_is_refused_with_every_difference(
     assert {name: (finished_run / name).read_text() for name in kept} == kept
 
 
-def test_allow_config_change_resumes_and_records_the_change(
-    finished_run, small_data_dir, tmp_path
-):
+def test_allow_config_change_resumes_and_records_the_change(finished_run, small_data_dir, tmp_path):
     path = tmp_path / "run"
     shutil.copytree(finished_run, path)
     old_config = json.loads((path / "config.json").read_text())
@@ -252,6 +248,50 @@ def test_allow_config_change_resumes_and_records_the_change(
     assert record["allowed_by"] == "--allow_config_change"
     starts = workdir.read_jsonl(path / workdir.PROVENANCE_FILE)
     assert [s["resumed_from_step"] for s in starts] == [None, 6]
+
+
+def test_evaluation_does_not_refuse_a_different_config_and_records_its_start(
+    finished_run, small_data_dir, tmp_path
+):
+    path = tmp_path / "run"
+    shutil.copytree(finished_run, path)
+    kept = (path / "config.json").read_text()
+    result = run_cli(
+        path,
+        small_data_dir,
+        "--mode=evaluate",
+        "--checkpoint=latest",
+        "--config.data.eval_mode=sliding",
+        "--config.data.final_eval_splits=()",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Note: the config differs from config.json: data.eval_mode: 'whole' -> 'sliding'" in (
+        result.stdout
+    )
+    assert (path / "config.json").read_text() == kept
+    starts = workdir.read_jsonl(path / workdir.PROVENANCE_FILE)
+    assert [(s["mode"], s.get("checkpoint")) for s in starts] == [
+        ("train", None),
+        ("evaluate", "latest"),
+    ]
+    assert not (path / workdir.LOCK_FILE).exists()
+
+
+def test_a_fresh_start_over_an_old_config_json_records_the_change(tmp_path):
+    workdir.write_json(tmp_path / "config.json", workdir.config_to_dict(tiny_config()))
+    config = tiny_config(**{"loss.name": "ce"})
+    with workdir.open_run(config, str(tmp_path)):  # no checkpoint: nothing is resumed
+        pass
+    assert json.loads((tmp_path / "config.json").read_text())["loss"]["name"] == "ce"
+    (record,) = workdir.read_jsonl(tmp_path / workdir.CONFIG_HISTORY_FILE)
+    assert record["resumed_from_step"] is None
+    assert record["changes"] == {"loss.name": {"old": "tce", "new": "ce"}}
+    checkpoints = tmp_path / "checkpoints" / "3"  # as Orbax names a finished step
+    checkpoints.mkdir(parents=True)
+    with pytest.raises(workdir.WorkdirError, match="loss.name: 'ce' -> 'tce'"):
+        with workdir.open_run(tiny_config(), str(tmp_path)):
+            pass
+    assert checkpoints.exists()
 
 
 def test_run_length_and_paths_may_change_and_new_fields_at_their_defaults_are_no_change():
