@@ -1,6 +1,7 @@
 """Config schema shared by every file in `configs/`: the fields, their defaults, the variants
 (`:ce`, `:tiny`, ...) and the validation that runs before anything is compiled."""
 
+import difflib
 import math
 
 import ml_collections
@@ -162,6 +163,9 @@ def apply_variants(config: ml_collections.ConfigDict, arg: str | None) -> ml_col
     return config
 
 
+# The keys of tce_jax.models.MODELS (checked equal by the tests), here so that a config can be
+# validated without importing Flax.
+MODEL_NAMES = ("unet", "unet_small", "deeplabv3plus_resnet50", "deeplabv3plus_resnet101")
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("poly", "cosine", "constant")
 PARALLELISM = ("jit", "pmap")
@@ -181,10 +185,45 @@ def _check(condition: bool, field: str, value, expected: str) -> None:
         )
 
 
+def _did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, [str(c) for c in choices], n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknown_field_message(config: ml_collections.ConfigDict, field: str) -> str | None:
+    """A one-line error if the dotted `field` (e.g. "loss.tt") is not in `config`, else None."""
+    node, parts = config, field.split(".")
+    for depth, part in enumerate(parts):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            parent = ".".join(["config", *parts[:depth]])
+            if not isinstance(node, ml_collections.ConfigDict):
+                return f"--config.{field}: {parent} is a value, not a group of fields."
+            keys = sorted(node.keys())
+            close = difflib.get_close_matches(part, keys, n=1, cutoff=0.6)
+            if close:
+                hint = f"did you mean --config.{'.'.join([*parts[:depth], close[0]])}?"
+            else:
+                hint = f"its fields are: {', '.join(keys)}."
+            return f"--config.{field}: {parent} has no field {part!r}; {hint}"
+        node = node[part]
+    return None
+
+
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks every field the trainer reads, before any data is read or anything compiled."""
     validate_folder_config(config)
-    _check(config.loss.name in LOSSES, "loss.name", config.loss.name, f"one of {LOSSES}")
+    _check(
+        config.model.name in MODEL_NAMES,
+        "model.name",
+        config.model.name,
+        f"one of {MODEL_NAMES}{_did_you_mean(config.model.name, MODEL_NAMES)}",
+    )
+    _check(
+        config.loss.name in LOSSES,
+        "loss.name",
+        config.loss.name,
+        f"one of {LOSSES}{_did_you_mean(config.loss.name, LOSSES)}",
+    )
     for field in ("t", "tau"):
         value = config.loss[field]
         _check(

@@ -6,33 +6,132 @@ r"""Command line: train and evaluate from an ml_collections config file.
     python -m tce_jax.main --config=configs/default.py --workdir=... --config.loss.t=2.0
 
 Configs are locked: a misspelt `--config.x=y` fails at once. Invalid values fail before any
-data is read or anything compiled.
+data is read or anything compiled. Errors the user can fix (config, data, workdir) end the
+process with exit status 1 and one message on stderr, without a traceback.
+
+The workdir is a local path or `gs://bucket/path`. One process at a time may use it (a second
+is refused); resuming a checkpoint with a config of another experiment is refused unless
+`--allow_config_change` (see `tce_jax.workdir`).
 """
 
-import os
+import sys
 
+import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (path[:variants]).", lock_config=True)
-flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports (or gs://...).")
 flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "Train (and resume), or only evaluate.")
 flags.DEFINE_string("checkpoint", "best", "For --mode=evaluate: best, latest or a step number.")
+flags.DEFINE_bool(
+    "allow_config_change",
+    False,
+    "Resume a workdir even though experiment fields of its config.json differ (the change is "
+    "recorded in config_history.jsonl).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def fail(message) -> None:
+    """Ends the process with `message` as the last line of stderr (no traceback)."""
+    sys.stderr.flush()
+    sys.stdout.flush()
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(1)
+
+
+def is_user_error(error: BaseException) -> bool:
+    """Whether `error`'s message says what to fix: then it is printed alone, no traceback."""
+    from tce_jax import config_lib, workdir
+
+    kinds = [config_lib.ConfigError, workdir.WorkdirError]
+    # Only raised once the datasets are imported (which imports TensorFlow: not for this).
+    archives = sys.modules.get("tce_jax.datasets.archives")
+    if archives is not None:
+        kinds.append(archives.DatasetNotFoundError)
+    return isinstance(error, tuple(kinds))
+
+
+def _config_argument(argv: list[str]) -> str | None:
+    """The value of --config in `argv` (either `--config=X` or `--config X`)."""
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _unknown_override(argv: list[str]) -> str | None:
+    """A one-line message for the first `--config.FIELD=...` naming no field, or None."""
+    from tce_jax import config_lib
+
+    argument = _config_argument(argv)
+    if argument is None:
+        return None
+    config = FLAGS["config"].parser.parse(argument)
+    for arg in argv:
+        if arg.startswith(("--config.", "--noconfig.")):
+            field = arg.split("=", 1)[0].split(".", 1)[1]
+            message = config_lib.unknown_field_message(config, field)
+            if message:
+                return message
+    return None
+
+
+def _one_line(message: str) -> str:
+    """A flag error on one line; a traceback in it (ml_collections quotes the config file's)
+    is cut down to its last line, the exception."""
+    head, traceback_marker, rest = message.partition("Traceback (most recent call last):")
+    if traceback_marker:
+        message = head + rest.strip().splitlines()[-1]
+    return " ".join(message.split())
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    """absl's flag parsing, with every error as one line (see `fail`)."""
+    try:
+        rest = FLAGS(argv)
+        if not isinstance(FLAGS.config, ml_collections.ConfigDict):
+            # ml_collections defers a config file's load error to the first use of the config.
+            FLAGS.config.get_type("seed")
+        return rest
+    except OSError as e:
+        fail(f"--config={_config_argument(argv)}: {str(e).strip().splitlines()[-1].strip()}")
+    except flags.Error as e:
+        fail(_one_line(str(e)))
+    except (AttributeError, KeyError, ValueError) as e:
+        # ml_collections raises these while parsing --config: an override naming no field
+        # (AttributeError/KeyError), or the config file rejecting its variants (ValueError).
+        try:
+            message = _unknown_override(argv)
+        except (AttributeError, KeyError, ValueError):
+            message = None
+        fail(message or str(e).strip("\"'"))
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    config = FLAGS.config
+    try:
+        run(FLAGS.config)
+    except Exception as e:
+        if not is_user_error(e):
+            raise
+        fail(e)
+
+
+def run(config) -> None:
     if not FLAGS["verbosity"].present:
         # Orbax and TFDS log every step at INFO; keep the terminal for the progress lines.
         logging.set_verbosity(logging.WARNING)
     # Validate before JAX or TensorFlow start: a bad value should cost nothing.
-    from tce_jax import config_lib, distributed
+    from tce_jax import config_lib, distributed, workdir
 
     config_lib.validate_config(config)
+    path = workdir.resolve(FLAGS.workdir)
     distributed.initialize(config)  # before any other JAX call
 
     import jax
@@ -45,14 +144,13 @@ def main(argv):
 
     from tce_jax import train
 
-    workdir = os.path.abspath(FLAGS.workdir)
     if FLAGS.mode == "train":
-        train.train_and_evaluate(config, workdir)
+        train.train_and_evaluate(config, path, allow_config_change=FLAGS.allow_config_change)
     else:
-        train.evaluate(config, workdir, checkpoint=FLAGS.checkpoint)
+        train.evaluate(config, path, checkpoint=FLAGS.checkpoint)
     distributed.barrier("end of run")
     logging.info("Done (process %d).", jax.process_index())
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=parse_flags)

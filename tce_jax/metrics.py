@@ -18,6 +18,7 @@ up to 2**31 - 1 pixels per cell, i.e. per batch (float32 counts would lose exact
 """
 
 import csv
+import io
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -337,18 +338,24 @@ def write_report(
     Returns:
       The paths of ``report.md`` and ``per_class.csv``.
     """
+    # Imported here: the rest of this module needs only JAX and numpy (the core install);
+    # etils comes with the training system. Workdirs may be local or gs://.
+    from etils import epath
+
     names = _check_class_names(figures, class_names)
-    os.makedirs(workdir, exist_ok=True)
+    directory = epath.Path(workdir)
+    directory.mkdir(parents=True, exist_ok=True)
     iou = np.asarray(figures["iou"], np.float64)
     acc = np.asarray(figures["accuracy"], np.float64)
     freq = np.asarray(figures["frequency"], np.float64)
 
-    csv_path = os.path.join(workdir, "per_class.csv")
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["class", "iou", "accuracy", "frequency"])
-        for row in zip(names, iou, acc, freq, strict=True):
-            writer.writerow([row[0], *(repr(float(v)) for v in row[1:])])
+    rows = io.StringIO(newline="")
+    writer = csv.writer(rows)
+    writer.writerow(["class", "iou", "accuracy", "frequency"])
+    for row in zip(names, iou, acc, freq, strict=True):
+        writer.writerow([row[0], *(repr(float(v)) for v in row[1:])])
+    csv_path = directory / "per_class.csv"
+    csv_path.write_text(rows.getvalue(), encoding="utf-8")
 
     class_rows = [
         [_cell(n), _pct(i), _pct(a), _pct(fr)]
@@ -381,10 +388,9 @@ def write_report(
             _markdown_table(["key", "value"], [[_cell(k), _cell(v)] for k, v in extra.items()]),
             "",
         ]
-    md_path = os.path.join(workdir, "report.md")
-    with open(md_path, "w", encoding="utf-8") as f:
-        f.write("\n".join(parts))
-    return md_path, csv_path
+    md_path = directory / "report.md"
+    md_path.write_text("\n".join(parts), encoding="utf-8")
+    return os.fspath(md_path), os.fspath(csv_path)
 
 
 def format_table(

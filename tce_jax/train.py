@@ -14,7 +14,6 @@ The step RNG is folded from the step number and the data of a step are a pure fu
 from __future__ import annotations
 
 import functools
-import json
 import os
 import time
 from typing import Any
@@ -28,6 +27,7 @@ import optax
 import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
+from etils import epath
 from flax import jax_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -46,6 +46,7 @@ from tce_jax import (
     profiling,
     sampling,
 )
+from tce_jax import workdir as workdir_lib
 
 PMAP_AXIS = "batch"
 MESH_AXIS = "data"
@@ -555,8 +556,6 @@ class Trainer:
         writer = metric_writers.create_default_writer(self.workdir, just_logging=not self.is_main)
         if start == 0 and self.is_main:
             writer.write_hparams(_flat_hparams(config))
-            with open(os.path.join(self.workdir, "config.json"), "w") as f:
-                f.write(config.to_json_best_effort(indent=2))
         progress = periodic_actions.ReportProgress(
             num_train_steps=config.num_train_steps,
             writer=writer,
@@ -683,14 +682,12 @@ class Trainer:
                 split: metrics.flatten_figures(f, self.spec.class_names)
                 for split, f in results.items()
             }
-            with open(os.path.join(self.workdir, "final_metrics.json"), "w") as f:
-                json.dump(final, f, indent=2)
+            workdir_lib.write_json(os.path.join(self.workdir, "final_metrics.json"), final)
         return results
 
 
 def _append_jsonl(path: str, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+    workdir_lib.append_jsonl(path, record)
 
 
 def _format_seconds(seconds: float) -> str:
@@ -714,21 +711,33 @@ def _flat_hparams(config: ml_collections.ConfigDict) -> dict:
     return flat
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, dict]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, *, allow_config_change: bool = False
+) -> dict[str, dict]:
     """Trains (resuming from the workdir's latest checkpoint), then evaluates and reports.
 
+    `workdir` is a local path or a `gs://` path (`tce_jax.workdir.resolve`). The run holds the
+    workdir's lock, refuses to resume a checkpoint of a different experiment unless
+    `allow_config_change`, and records config.json and provenance.jsonl (`tce_jax.workdir`).
     Returns the final figures per split of `config.data.final_eval_splits`.
     """
-    os.makedirs(workdir, exist_ok=True)
-    trainer = Trainer(config, workdir)
-    state = trainer.train()
-    results = trainer.report(state, tuple(config.data.final_eval_splits))
-    trainer.manager.close()
+    config_lib.validate_config(config)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
+    with workdir_lib.open_run(config, workdir, allow_config_change=allow_config_change):
+        trainer = Trainer(config, workdir)
+        state = trainer.train()
+        results = trainer.report(state, tuple(config.data.final_eval_splits))
+        trainer.manager.close()
     return results
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = "best"):
     """Evaluates a checkpoint of the workdir ("best", "latest" or a step number) and reports."""
+    with workdir_lib.open_run(config, workdir, mode="evaluate", details={"checkpoint": checkpoint}):
+        return _evaluate(config, workdir, checkpoint)
+
+
+def _evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str):
     trainer = Trainer(config, workdir)
     manager = trainer.manager
     step = {"best": manager.best_step(), "latest": manager.latest_step()}.get(checkpoint)

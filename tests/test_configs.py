@@ -111,3 +111,67 @@ def test_cli_rejects_a_misspelt_field_and_a_bad_value(tmp_path):
     assert bad.returncode != 0
     assert "config.loss.name='mse' is invalid" in bad.stderr
     assert not os.listdir(tmp_path)  # failed before writing anything
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        (
+            "--config.loss.tt=2",
+            "--config.loss.tt: config.loss has no field 'tt'; did you mean --config.loss.t?",
+        ),
+        (
+            "--config.los.t=2",
+            "--config.los.t: config has no field 'los'; did you mean --config.loss?",
+        ),
+        (
+            "--config.model.name=unet_smal",
+            "config.model.name='unet_smal' is invalid: expected one of ('unet', 'unet_small', "
+            "'deeplabv3plus_resnet50', 'deeplabv3plus_resnet101') (did you mean 'unet_small'?). "
+            "Fix it in the config file or with --config.model.name=...",
+        ),
+        ("--config.loss.t=abc", "flag --config.loss.t=abc: could not convert string to float: "
+         "'abc'"),
+    ],
+)
+def test_cli_start_up_errors_are_one_line_without_traceback(tmp_path, override, message):
+    result = run_main("--config=configs/default.py:tiny", f"--workdir={tmp_path}", override)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
+    assert not os.listdir(tmp_path)
+
+
+def test_cli_unknown_variant_and_missing_config_file_are_one_line(tmp_path):
+    variant = run_main("--config=configs/default.py:cee", f"--workdir={tmp_path}")
+    missing = run_main("--config=configs/nonexistent.py", f"--workdir={tmp_path}")
+    for result in (variant, missing):
+        assert result.returncode == 1
+        assert "Traceback" not in result.stderr
+    assert variant.stderr.strip().splitlines()[-1].endswith(
+        "ValueError: Unknown config variant 'cee'; use any of ce, tce, stochastic_tce, "
+        "weighted_ce, focal, lovasz, tiny, comma-separated."
+    )
+    assert missing.stderr.strip().splitlines()[-1] == (
+        "error: --config=configs/nonexistent.py: [Errno 2] No such file or directory: "
+        "'configs/nonexistent.py'"
+    )
+
+
+def test_cli_missing_dataset_is_reported_without_traceback(tmp_path):
+    manual = tmp_path / "manual"
+    result = run_main(
+        "--config=configs/cityscapes.py:runlocal",
+        f"--workdir={tmp_path / 'run'}",
+        f"--config.data.data_dir={tmp_path / 'tfds'}",
+        f"--config.data.manual_dir={manual}",
+        timeout=300,
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert f"error: The manual directory {manual} does not exist." in result.stderr
+    assert result.stderr.strip().endswith(
+        "Set config.data.manual_dir (--config.data.manual_dir=DIR) to the directory that holds "
+        "the archives."
+    )
+    assert not (tmp_path / "run" / "lock.json").exists()  # released on the way out
