@@ -10,6 +10,7 @@ data is read or anything compiled.
 """
 
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -42,13 +43,19 @@ def main(argv):
     tf.config.set_visible_devices([], "GPU")
     distributed.log_topology()
 
-    from tce_jax import train
+    from tce_jax import checkpointing, train
 
     workdir = os.path.abspath(FLAGS.workdir)
-    if FLAGS.mode == "train":
-        train.train_and_evaluate(config, workdir)
-    else:
-        train.evaluate(config, workdir, checkpoint=FLAGS.checkpoint)
+    try:
+        if FLAGS.mode == "train":
+            train.train_and_evaluate(config, workdir)
+        else:
+            train.evaluate(config, workdir, checkpoint=FLAGS.checkpoint)
+    except checkpointing.RunStopped as e:
+        # Preemption, divergence, a corrupt checkpoint: the message says what to do; exit codes
+        # 130 / 143 after SIGINT / SIGTERM (as a shell reports them), 1 otherwise.
+        print(e, file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
     distributed.barrier("end of run")
     logging.info("Done (process %d).", jax.process_index())
 

@@ -25,7 +25,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
 from flax import jax_utils
@@ -33,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from tce_jax import (
+    checkpointing,
     config_lib,
     datasets,
     inference,
@@ -351,43 +351,6 @@ def create_parallel(config):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints.
-
-
-def create_checkpoint_manager(config, workdir: str) -> ocp.CheckpointManager:
-    """Keeps the latest `keep_checkpoints` steps plus the best one by validation mIoU."""
-    policy = ocp.checkpoint_managers.AnyPreservationPolicy(
-        [
-            ocp.checkpoint_managers.LatestN(config.keep_checkpoints),
-            ocp.checkpoint_managers.BestN(
-                get_metric_fn=lambda m: m["miou"], n=1, keep_checkpoints_without_metrics=False
-            ),
-        ]
-    )
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
-    return ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")), options=options
-    )
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint exists but cannot be restored; nothing was deleted."""
-
-
-def restore_checkpoint(manager, step: int, abstract_state):
-    try:
-        return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-    except Exception as e:  # Orbax raises many types for truncated or mismatched files.
-        path = os.path.join(str(manager.directory), str(step))
-        raise CheckpointError(
-            f"Cannot restore the checkpoint at {path}: {type(e).__name__}: {e}\n"
-            "It is corrupt or was written by a different config (model, classes, optimizer). "
-            "Nothing was deleted. Move that step directory aside to resume from an earlier "
-            "checkpoint, or use a new --workdir to start afresh."
-        ) from e
-
-
-# ---------------------------------------------------------------------------------------------
 # The loops.
 
 
@@ -432,7 +395,9 @@ class Trainer:
         )
         self._eval_steps: dict[bool, Any] = {}  # by EvalGeometry.resize
         self._eval_geometry: dict[str, input_pipeline.EvalGeometry] = {}
-        self.manager = create_checkpoint_manager(config, workdir)
+        self.manager = checkpointing.create_checkpoint_manager(
+            os.path.join(workdir, "checkpoints"), config.keep_checkpoints
+        )
         self.is_main = jax.process_index() == 0
         # Fail fast, before any data preparation: the weights must exist and fit the model.
         self.backbone = None
@@ -458,19 +423,26 @@ class Trainer:
         return self.restore(step)
 
     def restore(self, step: int) -> TrainState:
-        restored = restore_checkpoint(
+        """The verified state of `step` (see `checkpointing.restore_checkpoint`)."""
+        restored = checkpointing.restore_checkpoint(
             self.manager, step, self.parallel.abstract_state(self._abstract)
         )
         return self.parallel.device_state(restored)
 
     def save(self, state: TrainState, step: int, eval_figures: dict | None) -> None:
-        checkpoint_metrics = {"miou": float(eval_figures["miou"])} if eval_figures else None
-        self.manager.save(
-            step,
-            args=ocp.args.StandardSave(self.parallel.host_state(state)),
-            metrics=checkpoint_metrics,
-            force=True,
-        )
+        """Starts saving `state` with its validation mIoU, if it was evaluated (for "best").
+
+        A state with NaN or inf in it is never saved: Diverged is raised instead.
+        """
+        checkpoint_metrics = None
+        if eval_figures:
+            checkpoint_metrics = {checkpointing.BEST_METRIC: float(eval_figures["miou"])}
+        try:
+            checkpointing.save_checkpoint(
+                self.manager, step, self.parallel.host_state(state), checkpoint_metrics
+            )
+        except checkpointing.NonFiniteStateError as e:
+            raise self._diverged(step, f"the state has NaN/inf in {e.leaves[0]}") from None
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -542,33 +514,90 @@ class Trainer:
             self.builder, self.spec, config, self.layout, start_step=start, index_fn=sampler
         )
         pending: list[dict] = []
-        eval_figures = None
+        unchecked = None  # (step, metrics) of a step whose loss was not yet checked
         t0, last_step_logged = time.time(), start
-        for step in range(start + 1, config.num_train_steps + 1):
-            batch = self.parallel.put_batch(next(data))
-            state, step_metrics = self._train_step(state, batch)
-            pending.append(step_metrics)
-            if sampler is not None and step % sampler.refresh_steps == 0:
-                # The state after update b*R gives p_{b+1}, the next period's probabilities.
-                sampler.post(sampler.period(step) + 1, self.parallel.fetch(state.sampling_probs)[1])
-            progress(step)
-            if step % config.log_every_steps == 0 or step == config.num_train_steps:
-                scalars = self._log_train(writer, step, pending)
-                rate = (step - last_step_logged) / max(time.time() - t0, 1e-9)
-                t0, last_step_logged = time.time(), step
-                self._print_progress(step, scalars, rate)
-                pending = []
-            eval_figures = None
-            if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-                eval_figures = self.evaluate(state, config.data.eval_split)
-                self._log_eval(writer, step, config.data.eval_split, eval_figures)
-            if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
-                self.save(state, step, eval_figures)
-        if sampler is not None:
-            sampler.close()  # the reader may be waiting for a period beyond the last step
+        try:
+            with checkpointing.StopRequests(self.manager) as stop:
+                for step in range(start + 1, config.num_train_steps + 1):
+                    batch = self.parallel.put_batch(next(data))
+                    state, step_metrics = self._train_step(state, batch)
+                    if unchecked is not None:
+                        # The previous step is checked once this one is queued: the device
+                        # stays busy while the host waits.
+                        self._check_finite(*unchecked)
+                    unchecked = (step, step_metrics)
+                    pending.append(step_metrics)
+                    progress(step)
+                    stopping = stop.requested(step)
+                    last = step == config.num_train_steps
+                    refresh = sampler is not None and step % sampler.refresh_steps == 0
+                    log = step % config.log_every_steps == 0 or last
+                    evaluate = step % config.eval_every_steps == 0 or last
+                    # An evaluated state is saved too, so that "best" can be any evaluated one.
+                    save = step % config.checkpoint_every_steps == 0 or last or evaluate
+                    if refresh or log or evaluate or save or stopping:
+                        self._check_finite(*unchecked)  # before anything reads the state
+                        unchecked = None
+                    if refresh:
+                        # The state after update b*R gives p_{b+1}, the next period's
+                        # probabilities.
+                        probs = self.parallel.fetch(state.sampling_probs)
+                        sampler.post(sampler.period(step) + 1, probs[1])
+                    if log:
+                        scalars = self._log_train(writer, step, pending)
+                        rate = (step - last_step_logged) / max(time.time() - t0, 1e-9)
+                        t0, last_step_logged = time.time(), step
+                        self._print_progress(step, scalars, rate)
+                        pending = []
+                    eval_figures = None
+                    if evaluate:
+                        eval_figures = self.evaluate(state, config.data.eval_split)
+                        self._log_eval(writer, step, config.data.eval_split, eval_figures)
+                    if save or stopping:
+                        self.save(state, step, eval_figures)
+                    if stopping:
+                        self.manager.wait_until_finished()
+                        raise checkpointing.Preempted(
+                            f"stopped at step {step} by {stop.reason}; checkpoint saved; "
+                            "rerun the same command to resume",
+                            stop.exit_code,
+                        )
+        except BaseException:
+            # Let a save in flight finish (only checked states are saved) and stop Orbax's
+            # threads, so that the error is the last thing printed.
+            self.manager.close()
+            raise
+        finally:
+            if sampler is not None:
+                sampler.close()  # the reader may be waiting for a period beyond the last step
+            data = None  # release the tf.data iterator now, not during interpreter shutdown
         self.manager.wait_until_finished()
         writer.flush()
         return state
+
+    def _check_finite(self, step: int, step_metrics: dict) -> None:
+        """Raises Diverged if the loss or gradient norm of `step` is NaN or infinite."""
+        names = {"loss": "loss", "grad_norm": "gradient norm"}
+        fetched = self.parallel.fetch({k: step_metrics[k] for k in names if k in step_metrics})
+        for key, value in fetched.items():
+            value = float(value)
+            if not np.isfinite(value):
+                raise self._diverged(step, f"{names[key]} is {value}")
+
+    def _diverged(self, step: int, problem: str) -> checkpointing.Diverged:
+        self.manager.wait_until_finished()
+        good = self.manager.latest_step()
+        if good is None:
+            where, fix = "no checkpoint yet", "rerun to start afresh"
+        else:
+            where = f"last good checkpoint: step {good} in {self.manager.directory}"
+            fix = f"rerun to resume from step {good}"
+        lr = self.config.optimizer.learning_rate
+        return checkpointing.Diverged(
+            f"{problem} at step {step}; nothing saved after step {step - 1} ({where}); "
+            f"lower the learning rate (--config.optimizer.learning_rate, now {lr:g}) and {fix}, "
+            "or use a new --workdir"
+        )
 
     def _log_train(self, writer, step: int, pending: list[dict]) -> dict:
         fetched = self.parallel.fetch(pending)
@@ -687,18 +716,40 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = "best"):
-    """Evaluates a checkpoint of the workdir ("best", "latest" or a step number) and reports."""
+    """Evaluates a checkpoint of the workdir and reports.
+
+    `checkpoint`: "best" (the highest validation mIoU among the evaluated checkpoints),
+    "latest", or a step number.
+    """
     trainer = Trainer(config, workdir)
     manager = trainer.manager
-    step = {"best": manager.best_step(), "latest": manager.latest_step()}.get(checkpoint)
-    if step is None and checkpoint not in ("best", "latest"):
-        step = int(checkpoint)
-    if step is None or step not in manager.all_steps():
-        raise FileNotFoundError(
-            f"No checkpoint {checkpoint!r} in {manager.directory} (steps there: "
-            f"{list(manager.all_steps())}). Train first, or pass --checkpoint=latest|best|STEP."
-        )
-    state = trainer.restore(step)
-    results = trainer.report(state, tuple(config.data.final_eval_splits))
-    manager.close()
+    try:
+        step = _checkpoint_step(manager, checkpoint)
+        if trainer.is_main:
+            print(f"Evaluating the checkpoint of step {step} ({checkpoint})", flush=True)
+        state = trainer.restore(step)
+        results = trainer.report(state, tuple(config.data.final_eval_splits))
+    finally:
+        manager.close()
     return results
+
+
+def _checkpoint_step(manager, checkpoint: str) -> int:
+    steps = list(manager.all_steps())
+    if checkpoint == "best":
+        step = manager.best_step()
+        if step is None and steps:
+            raise FileNotFoundError(
+                f"No checkpoint in {manager.directory} was evaluated (steps there: {steps}), so "
+                "none is 'best'. Pass --checkpoint=latest or a step number."
+            )
+    elif checkpoint == "latest":
+        step = manager.latest_step()
+    else:
+        step = int(checkpoint) if checkpoint.isdigit() else None
+    if step is None or step not in steps:
+        raise FileNotFoundError(
+            f"No checkpoint {checkpoint!r} in {manager.directory} (steps there: {steps}). "
+            "Train first, or pass --checkpoint=latest|best|STEP."
+        )
+    return step
