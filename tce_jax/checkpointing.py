@@ -28,6 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tensorstore as ts
 from absl import logging
+from etils import epath
 
 STATE_ITEM = "default"  # the item name Orbax gives a single-item checkpoint (same layout)
 CHECKSUM_ITEM = "checksums"
@@ -89,9 +90,7 @@ def create_checkpoint_manager(directory: str, keep_latest: int) -> ocp.Checkpoin
         STATE_ITEM: ocp.StandardCheckpointHandler(),
         CHECKSUM_ITEM: ocp.JsonCheckpointHandler(),
     }
-    return ocp.CheckpointManager(
-        os.path.abspath(directory), options=options, item_handlers=handlers
-    )
+    return ocp.CheckpointManager(_absolute(directory), options=options, item_handlers=handlers)
 
 
 def _drop_missing_metrics_warning(record: py_logging.LogRecord) -> bool:
@@ -100,8 +99,14 @@ def _drop_missing_metrics_warning(record: py_logging.LogRecord) -> bool:
     return not str(record.msg).startswith("Requested `tracked_metric`")
 
 
-def step_directory(manager: ocp.CheckpointManager, step: int) -> str:
-    return os.path.join(str(manager.directory), str(step))
+def _absolute(directory) -> epath.Path:
+    if "://" in str(directory):  # gs://, s3://, ...
+        return epath.Path(directory)
+    return epath.Path(os.path.abspath(directory))
+
+
+def step_directory(manager: ocp.CheckpointManager, step: int) -> epath.Path:
+    return epath.Path(manager.directory) / str(step)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +202,7 @@ def _refuse(manager, step: int, problem: str) -> CheckpointError:
     )
 
 
-def _unreadable_value(item_directory: str, batch: int = 64) -> str | None:
+def _unreadable_value(item_directory: epath.Path, batch: int = 64) -> str | None:
     """The first error met reading every stored value of an Orbax (OCDBT) item, or None.
 
     Orbax reads all arrays concurrently; when one read fails (a truncated file), it returns
@@ -205,11 +210,12 @@ def _unreadable_value(item_directory: str, batch: int = 64) -> str | None:
     tracebacks over the real error. Reading every value here first, waiting for each, finds a
     damaged file without that. (Flipped bytes read fine: the checksums catch those.)
     """
-    if not os.path.exists(os.path.join(item_directory, "manifest.ocdbt")):
+    if not (item_directory / "manifest.ocdbt").exists():
         return None  # not OCDBT: left to Orbax
-    base = item_directory if "://" in item_directory else f"file://{item_directory}"
+    base = str(item_directory)
+    base = base if "://" in base else f"file://{base}"
     try:
-        store = ts.KvStore.open({"driver": "ocdbt", "base": base.rstrip("/") + "/"}).result()
+        store = ts.KvStore.open({"driver": "ocdbt", "base": base + "/"}).result()
         keys = store.list().result()
         for start in range(0, len(keys), batch):
             pending = [(key, store.read(key)) for key in keys[start : start + batch]]
@@ -233,8 +239,8 @@ def restore_checkpoint(manager: ocp.CheckpointManager, step: int, abstract_state
     cannot be read, does not match `abstract_state`, or fails verification. Nothing is deleted:
     Orbax removes old steps only after a later save, and this raises before any.
     """
-    has_checksums = os.path.isdir(os.path.join(step_directory(manager, step), CHECKSUM_ITEM))
-    unreadable = _unreadable_value(os.path.join(step_directory(manager, step), STATE_ITEM))
+    has_checksums = (step_directory(manager, step) / CHECKSUM_ITEM).exists()
+    unreadable = _unreadable_value(step_directory(manager, step) / STATE_ITEM)
     if unreadable:
         raise _refuse(manager, step, f"cannot read it ({unreadable})")
     items = {STATE_ITEM: ocp.args.StandardRestore(abstract_state)}

@@ -580,9 +580,9 @@ class Trainer:
         names = {"loss": "loss", "grad_norm": "gradient norm"}
         fetched = self.parallel.fetch({k: step_metrics[k] for k in names if k in step_metrics})
         for key, value in fetched.items():
-            value = float(value)
-            if not np.isfinite(value):
-                raise self._diverged(step, f"{names[key]} is {value}")
+            value = np.asarray(value, np.float64)
+            if not np.isfinite(value).all():
+                raise self._diverged(step, f"{names[key]} is {value[~np.isfinite(value)][0]}")
 
     def _diverged(self, step: int, problem: str) -> checkpointing.Diverged:
         self.manager.wait_until_finished()

@@ -9,9 +9,9 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
@@ -156,3 +156,222 @@ def test_a_damaged_checkpoint_is_refused_and_nothing_is_deleted(tmp_path, damage
     assert list(manager.all_steps()) == [1, 2]
     assert_trees_close(checkpointing.restore_checkpoint(manager, 1, abstract), states[1])
     manager.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI: preemption, divergence, corrupt checkpoints.
+
+# 8 steps; checkpoints at 4 and 8; evaluation only at the end; a progress line every step.
+TINY = (
+    "--config.num_train_steps=8",
+    "--config.checkpoint_every_steps=4",
+    "--config.eval_every_steps=8",
+    "--config.log_every_steps=1",
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(workdir, data_dir, *overrides, new_session=False):
+    # One CPU device, and compiled as in the test process (quickly).
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="")
+    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "tce_jax.main",
+            "--config=configs/default.py:tiny",
+            f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}",
+            *TINY,
+            *overrides,
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=new_session,  # else a child of a non-interactive shell ignores SIGINT
+    )
+
+
+def finish(proc) -> tuple[int, str]:
+    try:
+        out, _ = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, out
+
+
+def run_cli(workdir, data_dir, *overrides) -> tuple[int, str]:
+    return finish(launch(workdir, data_dir, *overrides))
+
+
+def interrupt_after_first_step(proc, signum) -> tuple[int, str]:
+    """Sends `signum` once the run has printed a training step; returns (code, output)."""
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if re.match(r"\[tce\] step \d+/", line):
+                proc.send_signal(signum)
+                break
+        rest, _ = proc.communicate(timeout=TIMEOUT)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, "".join(lines) + rest
+
+
+def last_line(output: str) -> str:
+    return output.strip().splitlines()[-1]
+
+
+def checkpoint_steps(workdir) -> list[int]:
+    return sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+
+
+@pytest.fixture(scope="module")
+def reference_run(small_data_dir, tmp_path_factory):
+    """An uninterrupted CLI run of TINY."""
+    workdir = str(tmp_path_factory.mktemp("reference"))
+    code, out = run_cli(workdir, small_data_dir)
+    assert code == 0, out[-3000:]
+    return workdir
+
+
+def test_sigterm_saves_and_the_rerun_continues_exactly(small_data_dir, reference_run, tmp_path):
+    workdir = str(tmp_path / "w")
+    code, out = interrupt_after_first_step(launch(workdir, small_data_dir), signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, out[-3000:]
+    stopped = re.fullmatch(
+        r"stopped at step (\d+) by SIGTERM; checkpoint saved; rerun the same command to resume",
+        last_line(out),
+    )
+    assert stopped, out[-3000:]
+    step = int(stopped.group(1))
+    assert checkpoint_steps(workdir)[-1] == step
+    assert not os.path.exists(os.path.join(workdir, "report.md"))
+
+    code, out = run_cli(workdir, small_data_dir)
+    assert code == 0, out[-3000:]
+    assert f"Resuming from the checkpoint of step {step} " in out
+    final_step, resumed = latest_checkpoint(workdir)
+    assert final_step == 8
+    assert_trees_close(resumed, latest_checkpoint(reference_run)[1], rtol=0, atol=0)
+
+
+def test_sigint_saves_with_a_one_line_message(small_data_dir, tmp_path):
+    workdir = str(tmp_path / "w")
+    proc = launch(workdir, small_data_dir, new_session=True)
+    code, out = interrupt_after_first_step(proc, signal.SIGINT)
+    assert code == 128 + signal.SIGINT, out[-3000:]
+    stopped = re.fullmatch(
+        r"stopped at step (\d+) by SIGINT; checkpoint saved; rerun the same command to resume",
+        last_line(out),
+    )
+    assert stopped, out[-3000:]
+    assert "Traceback" not in out
+    assert checkpoint_steps(workdir)[-1] == int(stopped.group(1))
+
+
+def test_divergence_stops_the_run_and_saves_nothing_non_finite(small_data_dir, tmp_path):
+    workdir = str(tmp_path / "w")
+    code, out = run_cli(
+        workdir,
+        small_data_dir,
+        "--config.optimizer.name=sgd",
+        "--config.optimizer.learning_rate=1e4",
+        "--config.checkpoint_every_steps=1",  # every finite step is saved
+    )
+    assert code == 1, out[-3000:]
+    message = last_line(out)
+    diverged = re.fullmatch(
+        r"(loss|gradient norm) is (nan|inf|-inf) at step (\d+); nothing saved after step (\d+) "
+        r"\((.*)\); lower the learning rate .*",
+        message,
+    )
+    assert diverged, out[-3000:]
+    step = int(diverged.group(3))
+    assert int(diverged.group(4)) == step - 1
+    steps = checkpoint_steps(workdir)
+    assert steps[-1] == step - 1
+    assert diverged.group(5) == f"last good checkpoint: step {step - 1} in {workdir}/checkpoints"
+    _, state = latest_checkpoint(workdir)
+    for name, value in flat_leaves(state).items():
+        if np.issubdtype(value.dtype, np.inexact):
+            assert np.isfinite(value).all(), name
+    assert not os.path.exists(os.path.join(workdir, "report.md"))
+
+
+@pytest.mark.parametrize(
+    "damage,mode",
+    [("flipped_bytes", "train"), ("truncated", "evaluate")],
+)
+def test_a_corrupt_checkpoint_is_refused_in_one_line(
+    small_data_dir, reference_run, tmp_path, damage, mode
+):
+    workdir = str(tmp_path / "w")
+    shutil.copytree(reference_run, workdir)
+    DAMAGE[damage][0](largest_array_file(os.path.join(workdir, "checkpoints", "8")))
+    if mode == "train":  # resume from the latest checkpoint and train on
+        code, out = run_cli(workdir, small_data_dir, "--config.num_train_steps=12")
+    else:
+        code, out = run_cli(workdir, small_data_dir, "--mode=evaluate", "--checkpoint=latest")
+    assert code == 1, out[-3000:]
+    assert last_line(out).startswith(
+        f"The checkpoint of step 8 in {workdir}/checkpoints is corrupt: "
+    ), out[-3000:]
+    assert "to resume from step 4" in last_line(out)
+    assert "Traceback" not in out
+    assert checkpoint_steps(workdir) == [4, 8]
+
+
+def test_processes_of_a_multi_process_run_stop_at_the_same_step(small_data_dir, tmp_path):
+    """SIGTERM to one of two processes: both save and stop at one step; a relaunch resumes."""
+    workdir = str(tmp_path / "w")
+
+    def launch_pair():
+        port = free_port()
+        return [
+            launch(
+                workdir,
+                small_data_dir,
+                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+                "--config.distributed.num_processes=2",
+                f"--config.distributed.process_id={i}",
+            )
+            for i in range(2)
+        ]
+
+    first, second = launch_pair()
+    try:
+        for line in first.stdout:  # only process 0 prints progress
+            if re.match(r"\[tce\] step \d+/", line):
+                second.send_signal(signal.SIGTERM)
+                break
+    finally:
+        results = [finish(first), finish(second)]
+    messages = set()
+    for code, out in results:
+        assert code == 128 + signal.SIGTERM, out[-3000:]
+        messages.add(last_line(out))
+    [message] = messages  # the same step on both
+    stopped = re.fullmatch(r"stopped at step (\d+) by SIGTERM.*; checkpoint saved; .*", message)
+    assert stopped, message
+    step = int(stopped.group(1))
+    assert checkpoint_steps(workdir)[-1] == step
+
+    results = [finish(proc) for proc in launch_pair()]
+    for code, out in results:
+        assert code == 0, out[-3000:]
+    assert f"Resuming from the checkpoint of step {step} " in results[0][1]
+    assert latest_checkpoint(workdir)[0] == 8
