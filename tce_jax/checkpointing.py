@@ -15,6 +15,7 @@ still known, and kept, after a restart.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import logging as py_logging
 import math
@@ -142,12 +143,15 @@ def non_finite_leaves(leaves: dict[str, np.ndarray]) -> list[str]:
 def leaf_checksum(value: np.ndarray) -> str:
     """SHA-256 of a leaf's dtype, shape and bytes."""
     digest = hashlib.sha256(f"{value.dtype.str}{value.shape}".encode())
-    digest.update(np.ascontiguousarray(value).tobytes())
+    digest.update(np.ascontiguousarray(value).reshape(-1).view(np.uint8))  # no copy
     return digest.hexdigest()
 
 
 def checksums(leaves: dict[str, np.ndarray]) -> dict[str, str]:
-    return {name: leaf_checksum(value) for name, value in leaves.items()}
+    """{leaf name: SHA-256}, hashed in threads (hashlib releases the GIL on large buffers)."""
+    with concurrent.futures.ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:
+        digests = pool.map(leaf_checksum, leaves.values())
+        return dict(zip(leaves, digests, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,7 +308,10 @@ class StopRequests:
         self._synced = jax.process_count() > 1 and _preemption_service_running()
         signums = [signal.SIGINT] if self._synced else [signal.SIGTERM, signal.SIGINT]
         for signum in signums:
-            self._previous[signum] = signal.signal(signum, self._handle)
+            # An ignored signal stays ignored: e.g. a background job of a non-interactive
+            # shell ignores the SIGINT of a Ctrl-C meant for the foreground.
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def __exit__(self, *exc) -> None:

@@ -531,11 +531,11 @@ class Trainer:
                     stopping = stop.requested(step)
                     last = step == config.num_train_steps
                     refresh = sampler is not None and step % sampler.refresh_steps == 0
-                    log = step % config.log_every_steps == 0 or last
-                    evaluate = step % config.eval_every_steps == 0 or last
+                    log_now = step % config.log_every_steps == 0 or last
+                    eval_now = step % config.eval_every_steps == 0 or last
                     # An evaluated state is saved too, so that "best" can be any evaluated one.
-                    save = step % config.checkpoint_every_steps == 0 or last or evaluate
-                    if refresh or log or evaluate or save or stopping:
+                    save_now = step % config.checkpoint_every_steps == 0 or last or eval_now
+                    if refresh or log_now or eval_now or save_now or stopping:
                         self._check_finite(*unchecked)  # before anything reads the state
                         unchecked = None
                     if refresh:
@@ -543,17 +543,17 @@ class Trainer:
                         # probabilities.
                         probs = self.parallel.fetch(state.sampling_probs)
                         sampler.post(sampler.period(step) + 1, probs[1])
-                    if log:
+                    if log_now:
                         scalars = self._log_train(writer, step, pending)
                         rate = (step - last_step_logged) / max(time.time() - t0, 1e-9)
                         t0, last_step_logged = time.time(), step
                         self._print_progress(step, scalars, rate)
                         pending = []
                     eval_figures = None
-                    if evaluate:
+                    if eval_now:
                         eval_figures = self.evaluate(state, config.data.eval_split)
                         self._log_eval(writer, step, config.data.eval_split, eval_figures)
-                    if save or stopping:
+                    if save_now or stopping:
                         self.save(state, step, eval_figures)
                     if stopping:
                         self.manager.wait_until_finished()

@@ -176,15 +176,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(workdir, data_dir, *overrides, new_session=False):
+# Starts the CLI with SIGINT's default action, as an interactive shell does (a child of a
+# non-interactive shell or of a background job inherits SIGINT ignored, and keeps it so).
+INTERACTIVE = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'tce_jax.main', *sys.argv[1:]])"
+)
+
+
+def launch(workdir, data_dir, *overrides):
     # One CPU device, and compiled as in the test process (quickly).
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="")
     env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"
     return subprocess.Popen(
         [
             sys.executable,
-            "-m",
-            "tce_jax.main",
+            "-c",
+            INTERACTIVE,
             "--config=configs/default.py:tiny",
             f"--workdir={workdir}",
             f"--config.data.data_dir={data_dir}",
@@ -196,7 +204,6 @@ def launch(workdir, data_dir, *overrides, new_session=False):
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        start_new_session=new_session,  # else a child of a non-interactive shell ignores SIGINT
     )
 
 
@@ -271,8 +278,7 @@ def test_sigterm_saves_and_the_rerun_continues_exactly(small_data_dir, reference
 
 def test_sigint_saves_with_a_one_line_message(small_data_dir, tmp_path):
     workdir = str(tmp_path / "w")
-    proc = launch(workdir, small_data_dir, new_session=True)
-    code, out = interrupt_after_first_step(proc, signal.SIGINT)
+    code, out = interrupt_after_first_step(launch(workdir, small_data_dir), signal.SIGINT)
     assert code == 128 + signal.SIGINT, out[-3000:]
     stopped = re.fullmatch(
         r"stopped at step (\d+) by SIGINT; checkpoint saved; rerun the same command to resume",

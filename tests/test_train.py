@@ -114,7 +114,7 @@ def test_evaluate_best_after_a_restart_restores_the_best_evaluated_step(
     capsys.readouterr()
 
     results = train.evaluate(config, workdir, checkpoint="best")
-    assert "Evaluating the checkpoint of step 3 (best)" in capsys.readouterr().out
-    np.testing.assert_array_equal(results["validation"]["confusion"], expected["confusion"])
     steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
     assert steps == [3, 12]
+    np.testing.assert_array_equal(results["validation"]["confusion"], expected["confusion"])
+    assert "Evaluating the checkpoint of step 3 (best)" in capsys.readouterr().out
