@@ -142,12 +142,18 @@ def run(config) -> None:
     distributed.log_topology()
     distributed.warn_if_cpu_for_paper_scale(config)
 
-    from tce_jax import train
+    from tce_jax import checkpointing, train
 
-    if FLAGS.mode == "train":
-        train.train_and_evaluate(config, path, allow_config_change=FLAGS.allow_config_change)
-    else:
-        train.evaluate(config, path, checkpoint=FLAGS.checkpoint)
+    try:
+        if FLAGS.mode == "train":
+            train.train_and_evaluate(config, path, allow_config_change=FLAGS.allow_config_change)
+        else:
+            train.evaluate(config, path, checkpoint=FLAGS.checkpoint)
+    except checkpointing.RunStopped as e:
+        # Preemption, divergence, a corrupt checkpoint: the message says what to do; exit codes
+        # 130 / 143 after SIGINT / SIGTERM (as a shell reports them), 1 otherwise.
+        print(e, file=sys.stderr, flush=True)
+        sys.exit(e.exit_code)
     distributed.barrier("end of run")
     logging.info("Done (process %d).", jax.process_index())
 

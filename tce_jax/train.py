@@ -24,7 +24,6 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
@@ -34,6 +33,7 @@ from jax.sharding import PartitionSpec as P
 
 from tce_jax import (
     accumulation,
+    checkpointing,
     config_lib,
     datasets,
     inference,
@@ -378,43 +378,6 @@ def create_parallel(config):
 
 
 # ---------------------------------------------------------------------------------------------
-# Checkpoints.
-
-
-def create_checkpoint_manager(config, workdir: str) -> ocp.CheckpointManager:
-    """Keeps the latest `keep_checkpoints` steps plus the best one by validation mIoU."""
-    policy = ocp.checkpoint_managers.AnyPreservationPolicy(
-        [
-            ocp.checkpoint_managers.LatestN(config.keep_checkpoints),
-            ocp.checkpoint_managers.BestN(
-                get_metric_fn=lambda m: m["miou"], n=1, keep_checkpoints_without_metrics=False
-            ),
-        ]
-    )
-    options = ocp.CheckpointManagerOptions(preservation_policy=policy, create=True)
-    return ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, "checkpoints")), options=options
-    )
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint exists but cannot be restored; nothing was deleted."""
-
-
-def restore_checkpoint(manager, step: int, abstract_state):
-    try:
-        return manager.restore(step, args=ocp.args.StandardRestore(abstract_state))
-    except Exception as e:  # Orbax raises many types for truncated or mismatched files.
-        path = os.path.join(str(manager.directory), str(step))
-        raise CheckpointError(
-            f"Cannot restore the checkpoint at {path}: {type(e).__name__}: {e}\n"
-            "It is corrupt or was written by a different config (model, classes, optimizer). "
-            "Nothing was deleted. Move that step directory aside to resume from an earlier "
-            "checkpoint, or use a new --workdir to start afresh."
-        ) from e
-
-
-# ---------------------------------------------------------------------------------------------
 # The loops.
 
 
@@ -467,7 +430,9 @@ class Trainer:
         )
         self._eval_steps: dict[bool, Any] = {}  # by EvalGeometry.resize
         self._eval_geometry: dict[str, input_pipeline.EvalGeometry] = {}
-        self.manager = create_checkpoint_manager(config, workdir)
+        self.manager = checkpointing.create_checkpoint_manager(
+            os.path.join(workdir, "checkpoints"), config.keep_checkpoints
+        )
         self.is_main = jax.process_index() == 0
         # Fail fast, before any data preparation: the weights must exist and fit the model.
         self.backbone = None
@@ -493,19 +458,26 @@ class Trainer:
         return self.restore(step)
 
     def restore(self, step: int) -> TrainState:
-        restored = restore_checkpoint(
+        """The verified state of `step` (see `checkpointing.restore_checkpoint`)."""
+        restored = checkpointing.restore_checkpoint(
             self.manager, step, self.parallel.abstract_state(self._abstract)
         )
         return self.parallel.device_state(restored)
 
     def save(self, state: TrainState, step: int, eval_figures: dict | None) -> None:
-        checkpoint_metrics = {"miou": float(eval_figures["miou"])} if eval_figures else None
-        self.manager.save(
-            step,
-            args=ocp.args.StandardSave(self.parallel.host_state(state)),
-            metrics=checkpoint_metrics,
-            force=True,
-        )
+        """Starts saving `state` with its validation mIoU, if it was evaluated (for "best").
+
+        A state with NaN or inf in it is never saved: Diverged is raised instead.
+        """
+        checkpoint_metrics = None
+        if eval_figures:
+            checkpoint_metrics = {checkpointing.BEST_METRIC: float(eval_figures["miou"])}
+        try:
+            checkpointing.save_checkpoint(
+                self.manager, step, self.parallel.host_state(state), checkpoint_metrics
+            )
+        except checkpointing.NonFiniteStateError as e:
+            raise self._diverged(step, f"the state has NaN/inf in {e.leaves[0]}") from None
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -579,36 +551,92 @@ class Trainer:
             self.workdir, config.profile_steps, start_step=start, enabled=self.is_main
         )
         pending: list[dict] = []
-        eval_figures = None
+        unchecked = None  # (step, metrics) of a step whose loss was not yet checked
         t0, last_step_logged = time.time(), start
-        for step in range(start + 1, config.num_train_steps + 1):
-            batch = self.parallel.put_batch(next(data))
-            state, step_metrics = self._train_step(state, batch)
-            profiler(step, state)
-            pending.append(step_metrics)
-            if sampler is not None and step % sampler.refresh_steps == 0:
-                # The state after update b*R gives p_{b+1}, the next period's probabilities.
-                sampler.post(sampler.period(step) + 1, self.parallel.fetch(state.sampling_probs)[1])
-            progress(step)
-            if step % config.log_every_steps == 0 or step == config.num_train_steps:
-                scalars = self._log_train(writer, step, pending)
-                rate = (step - last_step_logged) / max(time.time() - t0, 1e-9)
-                t0, last_step_logged = time.time(), step
-                self._print_progress(step, scalars, rate)
-                pending = []
-            eval_figures = None
-            if step % config.eval_every_steps == 0 or step == config.num_train_steps:
-                eval_figures = self.evaluate(state, config.data.eval_split)
-                self._log_eval(writer, step, config.data.eval_split, eval_figures)
-            if step % config.checkpoint_every_steps == 0 or step == config.num_train_steps:
-                self.save(state, step, eval_figures)
-        profiler.close(state)
-        if sampler is not None:
-            sampler.close()  # the reader may be waiting for a period beyond the last step
-        data.close()  # stop reading ahead
+        try:
+            with checkpointing.StopRequests(self.manager) as stop:
+                for step in range(start + 1, config.num_train_steps + 1):
+                    batch = self.parallel.put_batch(next(data))
+                    state, step_metrics = self._train_step(state, batch)
+                    profiler(step, state)
+                    if unchecked is not None:
+                        # The previous step is checked once this one is queued: the device
+                        # stays busy while the host waits.
+                        self._check_finite(*unchecked)
+                    unchecked = (step, step_metrics)
+                    pending.append(step_metrics)
+                    progress(step)
+                    stopping = stop.requested(step)
+                    last = step == config.num_train_steps
+                    refresh = sampler is not None and step % sampler.refresh_steps == 0
+                    log_now = step % config.log_every_steps == 0 or last
+                    eval_now = step % config.eval_every_steps == 0 or last
+                    # An evaluated state is saved too, so that "best" can be any evaluated one.
+                    save_now = step % config.checkpoint_every_steps == 0 or last or eval_now
+                    if refresh or log_now or eval_now or save_now or stopping:
+                        self._check_finite(*unchecked)  # before anything reads the state
+                        unchecked = None
+                    if refresh:
+                        # The state after update b*R gives p_{b+1}, the next period's
+                        # probabilities.
+                        probs = self.parallel.fetch(state.sampling_probs)
+                        sampler.post(sampler.period(step) + 1, probs[1])
+                    if log_now:
+                        scalars = self._log_train(writer, step, pending)
+                        rate = (step - last_step_logged) / max(time.time() - t0, 1e-9)
+                        t0, last_step_logged = time.time(), step
+                        self._print_progress(step, scalars, rate)
+                        pending = []
+                    eval_figures = None
+                    if eval_now:
+                        eval_figures = self.evaluate(state, config.data.eval_split)
+                        self._log_eval(writer, step, config.data.eval_split, eval_figures)
+                    if save_now or stopping:
+                        self.save(state, step, eval_figures)
+                    if stopping:
+                        self.manager.wait_until_finished()
+                        raise checkpointing.Preempted(
+                            f"stopped at step {step} by {stop.reason}; checkpoint saved; "
+                            "rerun the same command to resume",
+                            stop.exit_code,
+                        )
+            profiler.close(state)
+        except BaseException:
+            # Let a save in flight finish (only checked states are saved) and stop Orbax's
+            # threads, so that the error is the last thing printed.
+            self.manager.close()
+            raise
+        finally:
+            if sampler is not None:
+                sampler.close()  # the reader may be waiting for a period beyond the last step
+            data.close()  # release the tf.data iterator now, not during interpreter shutdown
         self.manager.wait_until_finished()
         writer.flush()
         return state
+
+    def _check_finite(self, step: int, step_metrics: dict) -> None:
+        """Raises Diverged if the loss or gradient norm of `step` is NaN or infinite."""
+        names = {"loss": "loss", "grad_norm": "gradient norm"}
+        fetched = self.parallel.fetch({k: step_metrics[k] for k in names if k in step_metrics})
+        for key, value in fetched.items():
+            value = np.asarray(value, np.float64)
+            if not np.isfinite(value).all():
+                raise self._diverged(step, f"{names[key]} is {value[~np.isfinite(value)][0]}")
+
+    def _diverged(self, step: int, problem: str) -> checkpointing.Diverged:
+        self.manager.wait_until_finished()
+        good = self.manager.latest_step()
+        if good is None:
+            where, fix = "no checkpoint yet", "rerun to start afresh"
+        else:
+            where = f"last good checkpoint: step {good} in {self.manager.directory}"
+            fix = f"rerun to resume from step {good}"
+        lr = self.config.optimizer.learning_rate
+        return checkpointing.Diverged(
+            f"{problem} at step {step}; nothing saved after step {step - 1} ({where}); "
+            f"lower the learning rate (--config.optimizer.learning_rate, now {lr:g}) and {fix}, "
+            "or use a new --workdir"
+        )
 
     def _log_train(self, writer, step: int, pending: list[dict]) -> dict:
         fetched = self.parallel.fetch(pending)
@@ -732,7 +760,11 @@ def train_and_evaluate(
 
 
 def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = "best"):
-    """Evaluates a checkpoint of the workdir ("best", "latest" or a step number) and reports."""
+    """Evaluates a checkpoint of the workdir and reports.
+
+    `checkpoint`: "best" (the highest validation mIoU among the evaluated checkpoints),
+    "latest", or a step number.
+    """
     with workdir_lib.open_run(config, workdir, mode="evaluate", details={"checkpoint": checkpoint}):
         return _evaluate(config, workdir, checkpoint)
 
@@ -740,15 +772,33 @@ def evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str = 
 def _evaluate(config: ml_collections.ConfigDict, workdir: str, checkpoint: str):
     trainer = Trainer(config, workdir)
     manager = trainer.manager
-    step = {"best": manager.best_step(), "latest": manager.latest_step()}.get(checkpoint)
-    if step is None and checkpoint not in ("best", "latest"):
-        step = int(checkpoint)
-    if step is None or step not in manager.all_steps():
-        raise FileNotFoundError(
-            f"No checkpoint {checkpoint!r} in {manager.directory} (steps there: "
-            f"{list(manager.all_steps())}). Train first, or pass --checkpoint=latest|best|STEP."
-        )
-    state = trainer.restore(step)
-    results = trainer.report(state, tuple(config.data.final_eval_splits))
-    manager.close()
+    try:
+        step = _checkpoint_step(manager, checkpoint)
+        if trainer.is_main:
+            print(f"Evaluating the checkpoint of step {step} ({checkpoint})", flush=True)
+        state = trainer.restore(step)
+        results = trainer.report(state, tuple(config.data.final_eval_splits))
+    finally:
+        manager.close()
     return results
+
+
+def _checkpoint_step(manager, checkpoint: str) -> int:
+    steps = list(manager.all_steps())
+    if checkpoint == "best":
+        step = manager.best_step()
+        if step is None and steps:
+            raise FileNotFoundError(
+                f"No checkpoint in {manager.directory} was evaluated (steps there: {steps}), so "
+                "none is 'best'. Pass --checkpoint=latest or a step number."
+            )
+    elif checkpoint == "latest":
+        step = manager.latest_step()
+    else:
+        step = int(checkpoint) if checkpoint.isdigit() else None
+    if step is None or step not in steps:
+        raise FileNotFoundError(
+            f"No checkpoint {checkpoint!r} in {manager.directory} (steps there: {steps}). "
+            "Train first, or pass --checkpoint=latest|best|STEP."
+        )
+    return step

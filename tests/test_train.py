@@ -3,6 +3,8 @@
 import os
 import shutil
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from run_utils import assert_trees_close, latest_checkpoint, read_jsonl
@@ -88,3 +90,31 @@ def test_loss_falls(small_data_dir, tmp_path):
     losses = [line["train/loss"] for line in lines]
     assert len(losses) == 6
     assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_evaluate_best_after_a_restart_restores_the_best_evaluated_step(
+    small_data_dir, tmp_path, capsys
+):
+    """Checkpoints saved with given validation mIoUs, across a restart that keeps one latest
+    step: `--checkpoint=best` restores the best one, which was not deleted."""
+    config = tiny_config(small_data_dir, "tce", keep_checkpoints=1)
+    config.data.final_eval_splits = ("validation",)
+    workdir = str(tmp_path)
+    trainer = train.Trainer(config, workdir)
+    best = trainer.initial_state()
+    other = best.replace(params=jax.tree.map(jnp.negative, best.params))  # another model
+    trainer.save(best, 3, {"miou": 0.5})
+    trainer.save(other, 6, {"miou": 0.1})
+    trainer.manager.close()
+    trainer = train.Trainer(config, workdir)  # a resumed run
+    trainer.save(other, 9, None)  # a checkpoint between evaluations
+    trainer.save(other, 12, {"miou": 0.2})
+    trainer.manager.close()
+    expected = trainer.evaluate(best, "validation")
+    capsys.readouterr()
+
+    results = train.evaluate(config, workdir, checkpoint="best")
+    steps = sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit())
+    assert steps == [3, 12]
+    np.testing.assert_array_equal(results["validation"]["confusion"], expected["confusion"])
+    assert "Evaluating the checkpoint of step 3 (best)" in capsys.readouterr().out
