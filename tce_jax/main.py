@@ -3,6 +3,8 @@ r"""Command line: train and evaluate from an ml_collections config file.
     python -m tce_jax.main --config=configs/default.py:tce --workdir=workdirs/tce
     python -m tce_jax.main --config=configs/default.py --workdir=workdirs/tce \
         --mode=evaluate --checkpoint=best
+    python -m tce_jax.main --config=configs/default.py --workdir=workdirs/tce \
+        --mode=predict --predict_split=validation
     python -m tce_jax.main --config=configs/default.py --workdir=... --config.loss.t=2.0
 
 Configs are locked: a misspelt `--config.x=y` fails at once. Invalid values fail before any
@@ -17,8 +19,26 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (path[:variants]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports.")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "Train (and resume), or only evaluate.")
-flags.DEFINE_string("checkpoint", "best", "For --mode=evaluate: best, latest or a step number.")
+flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "evaluate", "predict"],
+    "Train (and resume), only evaluate, or write predictions (PNG files; see tce_jax.predict).",
+)
+flags.DEFINE_string(
+    "checkpoint", "best", "For --mode=evaluate/predict: best, latest or a step number."
+)
+flags.DEFINE_string(
+    "predict_split",
+    None,
+    "--mode=predict: a split of the dataset (default config.data.eval_split).",
+)
+flags.DEFINE_string("predict_images", None, "--mode=predict: a folder of .png/.jpg images instead.")
+flags.DEFINE_string(
+    "predict_dir",
+    None,
+    "--mode=predict: output folder (default WORKDIR/predictions/<split|folder>).",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -47,6 +67,17 @@ def main(argv):
     workdir = os.path.abspath(FLAGS.workdir)
     if FLAGS.mode == "train":
         train.train_and_evaluate(config, workdir)
+    elif FLAGS.mode == "predict":
+        from tce_jax import predict
+
+        predict.predict(
+            config,
+            workdir,
+            checkpoint=FLAGS.checkpoint,
+            split=FLAGS.predict_split,
+            images_dir=FLAGS.predict_images,
+            output_dir=FLAGS.predict_dir,
+        )
     else:
         train.evaluate(config, workdir, checkpoint=FLAGS.checkpoint)
     distributed.barrier("end of run")

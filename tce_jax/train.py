@@ -197,24 +197,20 @@ def train_step(
     return new_state, step_metrics
 
 
-def eval_step(
+def predict_step(
     state: TrainState,
     batch,
     *,
     model,
-    num_classes: int,
-    axis_name=None,
+    label_shape: tuple[int, int],
     mode: str = "whole",
     window=None,
     stride=None,
     resize: bool = False,
-    ignore_index: int = 255,
+    tta_flip: bool = False,
+    tta_scales=(1.0,),
 ) -> jax.Array:
-    """Confusion matrix [C, C] (int32) of one evaluation batch, summed over devices.
-
-    Whole-image or sliding-window (`mode`) logits of the canvas; with `resize`, each image's
-    logits are resized to its label map's resolution before the argmax (`tce_jax.inference`).
-    """
+    """int32 [B, *label_shape] predicted train ids of one evaluation batch (see `eval_step`)."""
 
     def apply_fn(images):
         variables = {"params": state.params, "batch_stats": state.batch_stats}
@@ -227,14 +223,38 @@ def eval_step(
             "label_size": batch["label_size"],
             "mask": batch["mask"],
         }
-    predictions = inference.predict_labels(
+    return inference.predict_labels(
         apply_fn,
         batch["image"],
-        label_shape=batch["label"].shape[-2:],
+        label_shape=label_shape,
         mode=mode,
         window=window,
         stride=stride,
+        flip=tta_flip,
+        scales=tta_scales,
         **sizes,
+    )
+
+
+def eval_step(
+    state: TrainState,
+    batch,
+    *,
+    model,
+    num_classes: int,
+    axis_name=None,
+    ignore_index: int = 255,
+    **predict_kwargs,
+) -> jax.Array:
+    """Confusion matrix [C, C] (int32) of one evaluation batch, summed over devices.
+
+    Whole-image or sliding-window (`mode`) logits of the canvas; with `resize`, each image's
+    logits are resized to its label map's resolution before the argmax; with `tta_flip` or
+    `tta_scales`, test-time augmentation (`tce_jax.inference`). `predict_kwargs`: those of
+    `predict_step`.
+    """
+    predictions = predict_step(
+        state, batch, model=model, label_shape=batch["label"].shape[-2:], **predict_kwargs
     )
     matrix = metrics.confusion_matrix(
         predictions, batch["label"], num_classes, mask=batch["mask"], ignore_index=ignore_index
@@ -346,6 +366,11 @@ class PmapParallel:
         return int(jax.device_get(state.step[0]))
 
 
+def tta_kwargs(data_config) -> dict:
+    """`predict_step`'s test-time augmentation arguments from `config.data`."""
+    return {"tta_flip": data_config.tta_flip, "tta_scales": tuple(data_config.tta_scales)}
+
+
 def create_parallel(config):
     return PmapParallel() if config.parallelism == "pmap" else MeshParallel()
 
@@ -394,7 +419,9 @@ def restore_checkpoint(manager, step: int, abstract_state):
 class Trainer:
     """Holds what a run builds once: data, model, compiled steps, checkpoints, writers."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    def __init__(
+        self, config: ml_collections.ConfigDict, workdir: str, *, prepare_data: bool = True
+    ):
         config_lib.validate_config(config)
         self.config = config
         self.workdir = workdir
@@ -442,7 +469,14 @@ class Trainer:
                 {"params": self._abstract.params, "batch_stats": self._abstract.batch_stats},
                 model=config.model.name,
             )
-        self.builder, _ = input_pipeline.load_builder(config)
+        if prepare_data:  # now, before anything is compiled; else on first use
+            _ = self.builder
+
+    @functools.cached_property
+    def builder(self):
+        """The prepared TFDS builder of `config.data.name` (prediction on image files uses
+        none: `Trainer(..., prepare_data=False)`)."""
+        return input_pipeline.load_builder(self.config)[0]
 
     # -- state -----------------------------------------------------------------------------
 
@@ -488,6 +522,7 @@ class Trainer:
                     stride=tuple(data.eval_stride),
                     resize=geometry.resize,
                     ignore_index=self.spec.ignore_index,
+                    **tta_kwargs(data),
                 )
             )
         return self._eval_steps[geometry.resize]
