@@ -51,21 +51,30 @@ def validation_examples(builder):
     return out
 
 
-def test_split_predictions_are_the_evaluated_ones(checkpointed, split_predictions, prepared):
-    config, workdir, confusion = checkpointed
-    _, builder, spec = prepared
-    assert split_predictions == os.path.join(workdir, "predictions", "validation")
+def confusion_of_files(output_dir, builder, spec) -> tuple[np.ndarray, set]:
+    """Confusion matrix (rows: label) of the trainIds files against the validation labels,
+    and the classes predicted."""
     c = spec.num_classes
     matrix = np.zeros((c, c), np.int64)
     seen = set()
-    for name, image, label in validation_examples(builder):
-        train_ids = read_png(os.path.join(split_predictions, "trainIds", f"{name}_trainIds.png"))
+    for name, _, label in validation_examples(builder):
+        train_ids = read_png(os.path.join(output_dir, "trainIds", f"{name}_trainIds.png"))
         assert train_ids.dtype == np.uint8 and train_ids.shape == label.shape
         valid = label != spec.ignore_index
         matrix += np.bincount(
             label[valid].astype(np.int64) * c + train_ids[valid], minlength=c * c
         ).reshape(c, c)
         seen.update(np.unique(train_ids).tolist())
+    return matrix, seen
+
+
+def test_split_predictions_are_the_evaluated_ones(checkpointed, split_predictions, prepared):
+    config, workdir, confusion = checkpointed
+    _, builder, spec = prepared
+    assert split_predictions == os.path.join(workdir, "predictions", "validation")
+    matrix, seen = confusion_of_files(split_predictions, builder, spec)
+    for name, image, _ in validation_examples(builder):
+        train_ids = read_png(os.path.join(split_predictions, "trainIds", f"{name}_trainIds.png"))
         colours = read_png(os.path.join(split_predictions, "color", f"{name}_color.png"))
         np.testing.assert_array_equal(colours, np.asarray(spec.palette, np.uint8)[train_ids])
         blend = read_png(os.path.join(split_predictions, "overlay", f"{name}_overlay.png"))
@@ -75,6 +84,31 @@ def test_split_predictions_are_the_evaluated_ones(checkpointed, split_prediction
     np.testing.assert_array_equal(matrix, confusion)
     assert len(seen) > 1  # a per-example mix-up of names would change the matrix
     assert sorted(os.listdir(split_predictions)) == ["color", "overlay", "trainIds"]
+
+
+def test_pmap_writes_the_same_predictions(checkpointed, prepared, tmp_path):
+    config, workdir, confusion = checkpointed
+    _, builder, spec = prepared
+    config = config.copy_and_resolve_references()
+    config.parallelism = "pmap"
+    out = predict.predict(config, workdir, split="validation", output_dir=str(tmp_path))
+    np.testing.assert_array_equal(confusion_of_files(out, builder, spec)[0], confusion)
+
+
+def test_tta_reaches_evaluation_and_prediction(checkpointed, prepared, tmp_path):
+    """With flip and a second scale, evaluation scores other predictions than without, and
+    prediction writes exactly those."""
+    config, workdir, confusion = checkpointed
+    _, builder, spec = prepared
+    config = config.copy_and_resolve_references()
+    config.data.tta_flip = True
+    config.data.tta_scales = (1.0, 0.5)
+    trainer = train.Trainer(config, workdir)
+    tta_confusion = trainer.evaluate(trainer.restore(1), "validation")["confusion"]
+    trainer.manager.close()
+    assert not np.array_equal(tta_confusion, confusion)
+    out = predict.predict(config, workdir, checkpoint="1", output_dir=str(tmp_path / "tta"))
+    np.testing.assert_array_equal(confusion_of_files(out, builder, spec)[0], tta_confusion)
 
 
 def test_image_folder_predictions_at_original_size(checkpointed, split_predictions, prepared):
