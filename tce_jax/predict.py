@@ -160,12 +160,14 @@ def _decode_rgb(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def _example_name(example, id_feature: str | None, index: int) -> str:
+def _example_name(example, id_feature: str | None, index: int, split: str) -> str:
+    """The example's id (street scenes' `validation/00003` without the split; a folder
+    dataset's path, with its subfolders), or its index in the split without one."""
     if id_feature is None:
         return f"{index:06d}"
     value = example[id_feature]
     value = value.decode() if isinstance(value, bytes) else str(value)
-    return value.rsplit("/", 1)[-1]  # street scenes: "validation/00003"
+    return value.removeprefix(f"{split}/")
 
 
 def split_batches(builder, spec, config, split: str, layout: input_pipeline.Layout):
@@ -197,7 +199,7 @@ def split_batches(builder, spec, config, split: str, layout: input_pipeline.Layo
             example = source[i]
             out.append(
                 Row(
-                    _example_name(example, id_feature, offset + i),
+                    _example_name(example, id_feature, offset + i, split),
                     functools.partial(_decode_rgb, example[spec.image_key]),
                 )
             )
