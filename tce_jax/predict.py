@@ -99,9 +99,6 @@ class PredictionWriter:
         self.root = epath.Path(output_dir)
         self.colours = colour_table(spec.palette)
         self.label_ids = cityscapes_label_ids() if _is_cityscapes(spec) else None
-        self.kinds = ("trainIds", "color", "overlay") + (
-            ("labelIds",) if self.label_ids is not None else ()
-        )
         self._pool = concurrent.futures.ThreadPoolExecutor(threads)
         self._pending: list[concurrent.futures.Future] = []
         self._max_pending = max_pending
@@ -282,8 +279,20 @@ def _canvas_example(image: np.ndarray, geometry, config) -> dict:
 
 
 def _read_image(path: str) -> np.ndarray:
-    with open(path, "rb") as f:
-        return _decode_rgb(f.read())
+    try:
+        with open(path, "rb") as f:
+            return _decode_rgb(f.read())
+    except (OSError, ValueError) as e:  # PIL's errors for unreadable or truncated files
+        raise ValueError(f"Cannot read the image {path}: {e}; fix or remove it.") from e
+
+
+def _image_size(path: str) -> tuple[int, int]:
+    """(height, width) from the file's header."""
+    try:
+        with Image.open(path) as img:
+            return img.height, img.width
+    except (OSError, ValueError) as e:
+        raise ValueError(f"Cannot read the image {path}: {e}; fix or remove it.") from e
 
 
 def images_batches(images_dir: str, config, layout: input_pipeline.Layout):
@@ -291,11 +300,8 @@ def images_batches(images_dir: str, config, layout: input_pipeline.Layout):
     process i takes every i-th image; every process runs the same number of batches, the
     last ones padded with masked rows."""
     files = list_images(images_dir)
-    sizes = []
-    for f in files:
-        with Image.open(os.path.join(images_dir, f)) as img:  # reads the header only
-            sizes.append((img.height, img.width))
-    geometry = images_geometry(np.array(sizes, np.int64), config)
+    sizes = np.array([_image_size(os.path.join(images_dir, f)) for f in files], np.int64)
+    geometry = images_geometry(sizes, config)
     local_batch = config.data.eval_batch_size // layout.process_count
     mine = files[layout.process_index :: layout.process_count]
     num_batches = math.ceil(math.ceil(len(files) / layout.process_count) / local_batch)

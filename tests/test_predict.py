@@ -180,6 +180,9 @@ def test_bad_inputs_name_the_flag(checkpointed, tmp_path):
         predict.predict(config, workdir, images_dir=str(tmp_path))
     with pytest.raises(FileNotFoundError, match="is not a directory"):
         predict.predict(config, workdir, images_dir=str(tmp_path / "missing"))
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="Cannot read the image .*broken.png"):
+        predict.predict(config, workdir, images_dir=str(tmp_path))
     with pytest.raises(ValueError, match="--predict_split='training'"):
         predict.predict(config, workdir, split="training")
     with pytest.raises(FileNotFoundError, match="No checkpoint '7'"):
