@@ -348,16 +348,8 @@ def _blank(geometry) -> dict:
 def compile_predict(trainer: train.Trainer, geometry: input_pipeline.EvalGeometry):
     """`train.predict_step` with the config's inference settings, compiled for the trainer's
     parallelism with the predictions sharded over devices like the batch."""
-    data = trainer.config.data
     step_fn = functools.partial(
-        train.predict_step,
-        model=trainer.model,
-        label_shape=geometry.label_shape,
-        mode=data.eval_mode,
-        window=tuple(data.eval_window),
-        stride=tuple(data.eval_stride),
-        resize=geometry.resize,
-        **train.tta_kwargs(data),
+        train.predict_step, label_shape=geometry.label_shape, **trainer.predict_kwargs(geometry)
     )
     parallel = trainer.parallel
     if isinstance(parallel, train.PmapParallel):

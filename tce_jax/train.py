@@ -366,11 +366,6 @@ class PmapParallel:
         return int(jax.device_get(state.step[0]))
 
 
-def tta_kwargs(data_config) -> dict:
-    """`predict_step`'s test-time augmentation arguments from `config.data`."""
-    return {"tta_flip": data_config.tta_flip, "tta_scales": tuple(data_config.tta_scales)}
-
-
 def create_parallel(config):
     return PmapParallel() if config.parallelism == "pmap" else MeshParallel()
 
@@ -508,21 +503,28 @@ class Trainer:
 
     # -- evaluation ------------------------------------------------------------------------
 
+    def predict_kwargs(self, geometry: input_pipeline.EvalGeometry) -> dict:
+        """`predict_step`'s keyword arguments in evaluation (also those of `tce_jax.predict`)."""
+        data = self.config.data
+        return dict(
+            model=self.model,
+            mode=data.eval_mode,
+            window=tuple(data.eval_window),
+            stride=tuple(data.eval_stride),
+            resize=geometry.resize,
+            tta_flip=data.tta_flip,
+            tta_scales=tuple(data.tta_scales),
+        )
+
     def _eval_step_for(self, geometry: input_pipeline.EvalGeometry):
         if geometry.resize not in self._eval_steps:
-            data = self.config.data
             self._eval_steps[geometry.resize] = self.parallel.compile_eval(
                 functools.partial(
                     eval_step,
-                    model=self.model,
                     num_classes=self.num_classes,
                     axis_name=self.parallel.eval_axis_name,
-                    mode=data.eval_mode,
-                    window=tuple(data.eval_window),
-                    stride=tuple(data.eval_stride),
-                    resize=geometry.resize,
                     ignore_index=self.spec.ignore_index,
-                    **tta_kwargs(data),
+                    **self.predict_kwargs(geometry),
                 )
             )
         return self._eval_steps[geometry.resize]
