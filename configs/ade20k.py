@@ -14,6 +14,8 @@ Variants, after a colon, comma-separated:
 * ``r50`` / ``r101``: the backbone (default ResNet-101), output stride 8;
 * ``bf16``: bfloat16 compute (parameters stay float32);
 * ``slide``: sliding-window evaluation (512x512 windows, stride 341) instead of whole images;
+* ``tta``: test-time augmentation in evaluation and prediction, as mmsegmentation's aug-test
+  (scales 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 and horizontal flip; mean softmax probabilities);
 * ``runlocal`` (alias ``tiny``): a few steps on tiny crops with a small U-Net, for smoke tests.
 
 Fewer accelerators than the recipe's (or less memory): ``--config.grad_accum_steps=k`` runs the

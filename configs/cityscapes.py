@@ -15,6 +15,8 @@ Variants, after a colon, comma-separated:
 * ``bf16``: bfloat16 compute (parameters stay float32);
 * ``slide``: sliding-window evaluation (512x1024 windows, stride 341x682) instead of whole
   images;
+* ``tta``: test-time augmentation in evaluation and prediction, as mmsegmentation's aug-test
+  (scales 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 and horizontal flip; mean softmax probabilities);
 * ``runlocal`` (alias ``tiny``): a few steps on tiny crops with a small U-Net, for smoke tests.
 
 Fewer accelerators than the recipe's (or less memory): ``--config.grad_accum_steps=k`` runs the

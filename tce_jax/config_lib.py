@@ -45,6 +45,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.data.eval_window = (512, 512)
     config.data.eval_stride = (341, 341)
     config.data.eval_canvas = ()
+    # Test-time augmentation for evaluation and prediction (mmsegmentation's aug-test): the
+    # mean softmax probabilities over these image scales and, with tta_flip, their mirror
+    # images. (1.0,) and False: none.
+    config.data.tta_flip = False
+    config.data.tta_scales = (1.0,)
     config.data.prefetch = 2
     # Tilted class-aware sampling (Stochastic TCE, DESIGN §2 step 5).
     config.data.class_aware_sampling = False
@@ -333,6 +338,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         data.eval_canvas,
         "() (automatic) or (height, width) with positive sizes",
     )
+    _validate_tta(data)
     _check(data.num_shards >= 0, "data.num_shards", data.num_shards, "an integer >= 0")
     _check(
         0.0 <= data.sampling_mix <= 1.0,
@@ -357,6 +363,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "model.pretrained",
         config.model.pretrained,
         "'' unless model.name is a DeepLabV3+ (only its ResNet backbone is pretrained)",
+    )
+
+
+def _validate_tta(data: ml_collections.ConfigDict) -> None:
+    """Test-time augmentation fields (see `tce_jax.inference.tta_probabilities`)."""
+    _check(isinstance(data.tta_flip, bool), "data.tta_flip", data.tta_flip, "True or False")
+    scales = data.tta_scales
+    _check(
+        isinstance(scales, tuple | list)
+        and len(scales) > 0
+        and all(isinstance(s, int | float) and math.isfinite(s) and s > 0 for s in scales),
+        "data.tta_scales",
+        scales,
+        "a non-empty tuple of positive numbers, e.g. (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)",
     )
 
 
@@ -397,14 +417,14 @@ def validate_layout(
     return num_shards
 
 
-RECIPE_VARIANTS = ("sampling", "r50", "r101", "bf16", "slide", "runlocal", "tiny")
+RECIPE_VARIANTS = ("sampling", "r50", "r101", "bf16", "slide", "tta", "runlocal", "tiny")
 # Combinations that exercise every recipe variant (built by tests/test_configs.py).
 RECIPE_TEST_VARIANTS = (
     "",
     "ce",
     "tce",
     "stochastic_tce,sampling",
-    "r50,bf16,slide",
+    "r50,bf16,slide,tta",
     "runlocal",
     "stochastic_tce,sampling,slide,runlocal",
 )
@@ -439,7 +459,8 @@ def apply_recipe_variants(
     config: ml_collections.ConfigDict, arg: str | None, *, runlocal: dict
 ) -> ml_collections.ConfigDict:
     """Variants of the real-dataset configs: the losses, `sampling` (tilted class-aware
-    sampling), `r50`/`r101`, `bf16`, `slide` (sliding-window evaluation) and `runlocal` (alias
+    sampling), `r50`/`r101`, `bf16`, `slide` (sliding-window evaluation), `tta` (test-time
+    augmentation: flip and scales 0.5 to 1.75) and `runlocal` (alias
     `tiny`: three steps of a small U-Net on tiny crops; `runlocal` gives the dataset's sizes:
     crop_size, base_size, eval_window, eval_stride)."""
     variants = [v for v in (arg or "").split(",") if v]
@@ -452,6 +473,9 @@ def apply_recipe_variants(
             config.mixed_precision = True
         elif variant == "slide":
             config.data.eval_mode = "sliding"
+        elif variant == "tta":  # mmsegmentation's aug-test ratios, with flip
+            config.data.tta_scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+            config.data.tta_flip = True
         elif variant not in LOSSES + RECIPE_VARIANTS:
             raise ValueError(
                 f"Unknown config variant {variant!r}; use any of "

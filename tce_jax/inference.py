@@ -11,12 +11,14 @@ each example's valid size as an array and compiles once per canvas:
 * :func:`resize_bilinear`: bilinear resizing with half-pixel centres and edge clamping, i.e.
   torch's ``interpolate(mode="bilinear", align_corners=False)`` without antialiasing, used by
   the field to bring logits back to the label resolution before the argmax.
-* :func:`predict_labels`: all of it, returning int32 label predictions at label resolution.
+* :func:`predict_labels`: all of it, returning int32 label predictions at label resolution,
+  optionally with test-time augmentation (horizontal flip and several scales, see
+  :func:`tta_probabilities`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -151,6 +153,123 @@ def resize_bilinear(
     return take_cols(y, c0) * (1 - fc) + take_cols(y, c1) * fc
 
 
+def _logits(apply_fn, images, image_size, mode, window, stride) -> jax.Array:
+    """Whole-image or sliding-window logits of the canvas (see :func:`predict_labels`)."""
+    if mode == "whole":
+        return whole_image_logits(apply_fn, images)
+    if mode == "sliding":
+        if window is None or stride is None:
+            raise ValueError("mode='sliding' needs window and stride.")
+        return sliding_window_logits(
+            apply_fn, images, window=window, stride=stride, valid_size=image_size
+        )
+    raise ValueError(f"Unknown inference mode {mode!r}; use 'whole' or 'sliding'.")
+
+
+def _sizes(batch, canvas, label_shape, image_size, label_size, mask):
+    """The optional per-example sizes and mask of :func:`predict_labels`, with defaults."""
+    full = jnp.broadcast_to(jnp.array(canvas, jnp.int32), (batch, 2))
+    image_size = full if image_size is None else jnp.asarray(image_size, jnp.int32)
+    label_size = (
+        jnp.broadcast_to(jnp.array(label_shape, jnp.int32), (batch, 2))
+        if label_size is None
+        else jnp.asarray(label_size, jnp.int32)
+    )
+    mask = jnp.ones((batch,), bool) if mask is None else jnp.asarray(mask, bool)
+    return image_size, label_size, mask
+
+
+def flip_valid_region(x: jax.Array, width: jax.Array) -> jax.Array:
+    """Each example of ``x [B, H, W, ...]`` mirrored left-right within its valid columns
+    ``[0, width[b])`` (top-left aligned in the canvas); columns beyond stay where they are.
+    Its own inverse."""
+    cols = jnp.arange(x.shape[2])
+    width = jnp.asarray(width, jnp.int32)[:, None]
+    index = jnp.where(cols[None, :] < width, width - 1 - cols[None, :], cols[None, :])
+    return jax.vmap(lambda img, idx: jnp.take(img, idx, axis=1))(x, index)
+
+
+# Scaled canvases are padded (bottom/right) to a multiple of this, as evaluation canvases of
+# images of different sizes are, so that models with strided stages accept them.
+SCALED_CANVAS_MULTIPLE = 32
+
+
+def scale_images(images: jax.Array, image_size: jax.Array, scale: float):
+    """Each example's valid region bilinearly resized by ``scale`` (mmsegmentation's aug-test
+    ``Resize``): to ``max(round(size * scale), 1)``, top-left in a canvas of
+    ``round(canvas * scale)`` rounded up to a multiple of 32, zero (the normalised mean colour)
+    beyond. Returns the scaled canvas and the scaled sizes (int32 ``[B, 2]``)."""
+    if scale == 1.0:
+        return images, image_size
+    size = jnp.maximum(jnp.round(image_size.astype(jnp.float32) * scale), 1).astype(jnp.int32)
+    step = SCALED_CANVAS_MULTIPLE
+    canvas = tuple(-(-max(round(n * scale), 1) // step) * step for n in images.shape[1:3])
+    scaled = resize_bilinear(images, canvas, image_size, size)
+    rows = jnp.arange(canvas[0])[None, :, None] < size[:, 0, None, None]
+    cols = jnp.arange(canvas[1])[None, None, :] < size[:, 1, None, None]
+    return jnp.where((rows & cols)[..., None], scaled, 0).astype(images.dtype), size
+
+
+def _augmented_logits(apply_fn, images, image_size, *, flip, scales, mode, window, stride):
+    """[(logits of the scaled (and flipped back) canvas, valid size)] for every augmentation:
+    each scale, unflipped then (with ``flip``) flipped."""
+    outputs = []
+    for scale in scales:
+        scaled, size = scale_images(images, image_size, float(scale))
+        for flipped in (False, True) if flip else (False,):
+            x = flip_valid_region(scaled, size[:, 1]) if flipped else scaled
+            logits = _logits(apply_fn, x, size, mode, window, stride)
+            if flipped:
+                logits = flip_valid_region(logits, size[:, 1])
+            outputs.append((logits, size))
+    return outputs
+
+
+def _mean_probabilities(augmented, label_shape, label_size):
+    """One example's mean softmax probabilities ``[*label_shape, C]`` over its augmentations
+    (each ``(logits [h, w, C], valid size [2])``), each resized to ``label_size`` first."""
+    total = 0.0
+    for logits, size in augmented:
+        resized = resize_bilinear(logits[None], tuple(label_shape), size[None], label_size[None])
+        total = total + jax.nn.softmax(resized[0], axis=-1)
+    return total / len(augmented)
+
+
+def tta_probabilities(
+    apply_fn: ApplyFn,
+    images: jax.Array,
+    *,
+    label_shape: tuple[int, int],
+    image_size: jax.Array | None = None,
+    label_size: jax.Array | None = None,
+    mode: str = "whole",
+    window: tuple[int, int] | None = None,
+    stride: tuple[int, int] | None = None,
+    flip: bool = False,
+    scales: Sequence[float] = (1.0,),
+) -> jax.Array:
+    """float32 ``[B, *label_shape, C]`` class probabilities under test-time augmentation.
+
+    mmsegmentation's aug-test (``SegTTAModel.merge_preds``; ``EncoderDecoder.aug_test`` before
+    it): for each scale in ``scales`` and, with ``flip``, each of the image and its mirror
+    image, the image's valid region is bilinearly resized by the scale
+    (:func:`scale_images`), the model runs on it (``mode`` whole or sliding, windows of the
+    same size as without scaling), its logits are flipped back, bilinearly resized to the label
+    size and turned into softmax probabilities; the result is the mean of those probabilities
+    (probabilities, not logits, are averaged). Arguments as in :func:`predict_labels`.
+    """
+    batch = images.shape[0]
+    image_size, label_size, _ = _sizes(
+        batch, images.shape[1:3], label_shape, image_size, label_size, None
+    )
+    augmented = _augmented_logits(
+        apply_fn, images, image_size, flip=flip, scales=scales, mode=mode, window=window,
+        stride=stride,
+    )  # fmt: skip
+    one = jax.vmap(lambda aug, dst: _mean_probabilities(aug, label_shape, dst))
+    return one(augmented, label_size)
+
+
 def predict_labels(
     apply_fn: ApplyFn,
     images: jax.Array,
@@ -162,6 +281,8 @@ def predict_labels(
     window: tuple[int, int] | None = None,
     stride: tuple[int, int] | None = None,
     mask: jax.Array | None = None,
+    flip: bool = False,
+    scales: Sequence[float] = (1.0,),
 ) -> jax.Array:
     """int32 ``[B, *label_shape]`` predicted train ids at the label resolution.
 
@@ -171,29 +292,24 @@ def predict_labels(
     map is alive at once, and is skipped for examples whose ``mask`` (bool ``[B]``, optional)
     is False (padding of the last batch; their predictions are 0). When the canvas already has
     the label shape and no sizes are given, the logits are used as they are.
+
+    With ``flip`` or ``scales`` other than ``(1.0,)``: the argmax of the test-time augmented
+    probabilities of :func:`tta_probabilities`.
     """
-    if mode == "whole":
-        logits = whole_image_logits(apply_fn, images)
-    elif mode == "sliding":
-        if window is None or stride is None:
-            raise ValueError("mode='sliding' needs window and stride.")
-        logits = sliding_window_logits(
-            apply_fn, images, window=window, stride=stride, valid_size=image_size
-        )
-    else:
-        raise ValueError(f"Unknown inference mode {mode!r}; use 'whole' or 'sliding'.")
+    scales = tuple(float(s) for s in scales)
+    if flip or scales != (1.0,):
+        return _predict_augmented(
+            apply_fn, images, label_shape=label_shape, image_size=image_size,
+            label_size=label_size, mode=mode, window=window, stride=stride, mask=mask,
+            flip=flip, scales=scales,
+        )  # fmt: skip
+    logits = _logits(apply_fn, images, image_size, mode, window, stride)
     batch, height, width = logits.shape[:3]
     if (height, width) == tuple(label_shape) and image_size is None and label_size is None:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    full = jnp.broadcast_to(jnp.array([height, width], jnp.int32), (batch, 2))
-    image_size = full if image_size is None else jnp.asarray(image_size, jnp.int32)
-    label_size = (
-        jnp.broadcast_to(jnp.array(label_shape, jnp.int32), (batch, 2))
-        if label_size is None
-        else jnp.asarray(label_size, jnp.int32)
+    image_size, label_size, mask = _sizes(
+        batch, (height, width), label_shape, image_size, label_size, mask
     )
-
-    mask = jnp.ones((batch,), bool) if mask is None else jnp.asarray(mask, bool)
 
     def one(args):
         x, src, dst, valid = args
@@ -205,3 +321,23 @@ def predict_labels(
         return jax.lax.cond(valid, predict, lambda: jnp.zeros(label_shape, jnp.int32))
 
     return jax.lax.map(one, (logits, image_size, label_size, mask))
+
+
+def _predict_augmented(apply_fn, images, *, label_shape, image_size, label_size, mask, **kw):
+    """:func:`predict_labels` with test-time augmentation: the probabilities of one example
+    at a time (``lax.map``), skipped where ``mask`` is False."""
+    image_size, label_size, mask = _sizes(
+        images.shape[0], images.shape[1:3], label_shape, image_size, label_size, mask
+    )
+    augmented = _augmented_logits(apply_fn, images, image_size, **kw)
+
+    def one(args):
+        aug, dst, valid = args
+
+        def predict():
+            probs = _mean_probabilities(aug, label_shape, dst)
+            return jnp.argmax(probs, axis=-1).astype(jnp.int32)
+
+        return jax.lax.cond(valid, predict, lambda: jnp.zeros(label_shape, jnp.int32))
+
+    return jax.lax.map(one, (augmented, label_size, mask))

@@ -3,6 +3,8 @@ r"""Command line: train and evaluate from an ml_collections config file.
     python -m tce_jax.main --config=configs/default.py:tce --workdir=workdirs/tce
     python -m tce_jax.main --config=configs/default.py --workdir=workdirs/tce \
         --mode=evaluate --checkpoint=best
+    python -m tce_jax.main --config=configs/default.py --workdir=workdirs/tce \
+        --mode=predict --predict_split=validation
     python -m tce_jax.main --config=configs/default.py --workdir=... --config.loss.t=2.0
 
 Configs are locked: a misspelt `--config.x=y` fails at once. Invalid values fail before any
@@ -23,8 +25,26 @@ from ml_collections import config_flags
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (path[:variants]).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and reports (or gs://...).")
-flags.DEFINE_enum("mode", "train", ["train", "evaluate"], "Train (and resume), or only evaluate.")
-flags.DEFINE_string("checkpoint", "best", "For --mode=evaluate: best, latest or a step number.")
+flags.DEFINE_enum(
+    "mode",
+    "train",
+    ["train", "evaluate", "predict"],
+    "Train (and resume), only evaluate, or write predictions (PNG files; see tce_jax.predict).",
+)
+flags.DEFINE_string(
+    "checkpoint", "best", "For --mode=evaluate/predict: best, latest or a step number."
+)
+flags.DEFINE_string(
+    "predict_split",
+    None,
+    "--mode=predict: a split of the dataset (default config.data.eval_split).",
+)
+flags.DEFINE_string("predict_images", None, "--mode=predict: a folder of .png/.jpg images instead.")
+flags.DEFINE_string(
+    "predict_dir",
+    None,
+    "--mode=predict: output folder (default WORKDIR/predictions/<split|folder>).",
+)
 flags.DEFINE_bool(
     "allow_config_change",
     False,
@@ -147,6 +167,17 @@ def run(config) -> None:
     try:
         if FLAGS.mode == "train":
             train.train_and_evaluate(config, path, allow_config_change=FLAGS.allow_config_change)
+        elif FLAGS.mode == "predict":
+            from tce_jax import predict
+
+            predict.predict(
+                config,
+                path,
+                checkpoint=FLAGS.checkpoint,
+                split=FLAGS.predict_split,
+                images_dir=FLAGS.predict_images,
+                output_dir=FLAGS.predict_dir,
+            )
         else:
             train.evaluate(config, path, checkpoint=FLAGS.checkpoint)
     except checkpointing.RunStopped as e:

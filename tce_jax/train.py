@@ -222,24 +222,22 @@ def train_step(
     return new_state, step_metrics
 
 
-def eval_step(
+def predict_step(
     state: TrainState,
     batch,
     *,
     model,
-    num_classes: int,
-    axis_name=None,
+    label_shape: tuple[int, int],
     mode: str = "whole",
     window=None,
     stride=None,
     resize: bool = False,
-    ignore_index: int = 255,
+    tta_flip: bool = False,
+    tta_scales=(1.0,),
     normalise=input_pipeline.normalise_on_device,
 ) -> jax.Array:
-    """Confusion matrix [C, C] (int32) of one evaluation batch, summed over devices.
+    """int32 [B, *label_shape] predicted train ids of one evaluation batch (see `eval_step`).
 
-    Whole-image or sliding-window (`mode`) logits of the canvas; with `resize`, each image's
-    logits are resized to its label map's resolution before the argmax (`tce_jax.inference`).
     The uint8 canvas is normalised (`normalise`) on the device first.
     """
 
@@ -254,14 +252,38 @@ def eval_step(
             "label_size": batch["label_size"],
             "mask": batch["mask"],
         }
-    predictions = inference.predict_labels(
+    return inference.predict_labels(
         apply_fn,
         normalise(batch["image"]),  # the whole canvas, so windows pad with normalised zeros
-        label_shape=batch["label"].shape[-2:],
+        label_shape=label_shape,
         mode=mode,
         window=window,
         stride=stride,
+        flip=tta_flip,
+        scales=tta_scales,
         **sizes,
+    )
+
+
+def eval_step(
+    state: TrainState,
+    batch,
+    *,
+    model,
+    num_classes: int,
+    axis_name=None,
+    ignore_index: int = 255,
+    **predict_kwargs,
+) -> jax.Array:
+    """Confusion matrix [C, C] (int32) of one evaluation batch, summed over devices.
+
+    Whole-image or sliding-window (`mode`) logits of the canvas; with `resize`, each image's
+    logits are resized to its label map's resolution before the argmax; with `tta_flip` or
+    `tta_scales`, test-time augmentation (`tce_jax.inference`). `predict_kwargs`: those of
+    `predict_step`.
+    """
+    predictions = predict_step(
+        state, batch, model=model, label_shape=batch["label"].shape[-2:], **predict_kwargs
     )
     matrix = metrics.confusion_matrix(
         predictions, batch["label"], num_classes, mask=batch["mask"], ignore_index=ignore_index
@@ -384,7 +406,9 @@ def create_parallel(config):
 class Trainer:
     """Holds what a run builds once: data, model, compiled steps, checkpoints, writers."""
 
-    def __init__(self, config: ml_collections.ConfigDict, workdir: str):
+    def __init__(
+        self, config: ml_collections.ConfigDict, workdir: str, *, prepare_data: bool = True
+    ):
         config_lib.validate_config(config)
         self.config = config
         self.workdir = workdir
@@ -442,7 +466,14 @@ class Trainer:
                 {"params": self._abstract.params, "batch_stats": self._abstract.batch_stats},
                 model=config.model.name,
             )
-        self.builder, _ = input_pipeline.load_builder(config)
+        if prepare_data:  # now, before anything is compiled; else on first use
+            _ = self.builder
+
+    @functools.cached_property
+    def builder(self):
+        """The prepared TFDS builder of `config.data.name` (prediction on image files uses
+        none: `Trainer(..., prepare_data=False)`)."""
+        return input_pipeline.load_builder(self.config)[0]
 
     # -- state -----------------------------------------------------------------------------
 
@@ -481,27 +512,35 @@ class Trainer:
 
     # -- evaluation ------------------------------------------------------------------------
 
+    def predict_kwargs(self, geometry: input_pipeline.EvalGeometry) -> dict:
+        """`predict_step`'s keyword arguments in evaluation (also those of `tce_jax.predict`)."""
+        data = self.config.data
+        return dict(
+            model=self.model,
+            mode=data.eval_mode,
+            window=tuple(data.eval_window),
+            stride=tuple(data.eval_stride),
+            resize=geometry.resize,
+            tta_flip=data.tta_flip,
+            tta_scales=tuple(data.tta_scales),
+            normalise=input_pipeline.device_normaliser(data),
+        )
+
     def _eval_step_for(self, geometry: input_pipeline.EvalGeometry):
         if geometry.resize not in self._eval_steps:
-            data = self.config.data
             self._eval_steps[geometry.resize] = self.parallel.compile_eval(
                 functools.partial(
                     eval_step,
-                    model=self.model,
                     num_classes=self.num_classes,
                     axis_name=self.parallel.eval_axis_name,
-                    mode=data.eval_mode,
-                    window=tuple(data.eval_window),
-                    stride=tuple(data.eval_stride),
-                    resize=geometry.resize,
                     ignore_index=self.spec.ignore_index,
-                    normalise=input_pipeline.device_normaliser(data),
+                    **self.predict_kwargs(geometry),
                 )
             )
         return self._eval_steps[geometry.resize]
 
     def evaluate(self, state: TrainState, split: str) -> dict:
-        """Figures of DESIGN §5 over the whole split (every example once, padding masked),
+        """The figures of docs/maths.md ("Metrics") over the whole split (every example once, padding masked),
         with predictions at the label maps' resolution."""
         if split not in self._eval_geometry:
             self._eval_geometry[split] = input_pipeline.eval_geometry(

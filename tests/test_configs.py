@@ -60,6 +60,8 @@ def test_every_config_file_loads_validates_and_builds(path):
         ("data.crop_size", (0, 4), "config.data.crop_size"),
         ("loss.focal_gamma", -1.0, "config.loss.focal_gamma=-1.0 is invalid"),
         ("loss.class_weights", "inverse_typo", "config.loss.class_weights='inverse_typo'"),
+        ("data.tta_scales", (), "config.data.tta_scales"),
+        ("data.tta_scales", (1.0, -0.5), "expected a non-empty tuple of positive numbers"),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):

@@ -1,4 +1,7 @@
-"""Inference: bilinear resizing back to the label resolution, sliding windows, predictions."""
+"""Inference: bilinear resizing back to the label resolution, sliding windows, predictions,
+test-time augmentation."""
+
+import functools
 
 import flax.linen as nn
 import jax
@@ -131,3 +134,103 @@ def test_predict_labels_at_label_resolution(pixelwise):
         inference.predict_labels(pixelwise, images, label_shape=(16, 16)),
         jnp.argmax(logits, -1),
     )
+
+
+# ---------------------------------------------------------------------------------------------
+# Test-time augmentation, against a hand computation in numpy.
+
+MIX = np.random.default_rng(0).normal(size=(3, 4))  # pixel -> 4 logits
+NEIGHBOUR = np.random.default_rng(1).normal(size=(3, 4))  # right neighbour -> logits
+
+
+def linear_model(images):
+    """Logits = the pixel's colour times MIX plus its right neighbour's times NEIGHBOUR (zero
+    beyond the last column): linear in the pixels, and not mirror-symmetric, so a flip that
+    is not undone, or undone in the wrong place, changes the result."""
+    neighbour = jnp.pad(images[:, :, 1:], ((0, 0), (0, 0), (0, 1), (0, 0)))
+    mix, right = (jnp.asarray(m, images.dtype) for m in (MIX, NEIGHBOUR))
+    return images @ mix + neighbour @ right
+
+
+def numpy_linear_model(image):
+    neighbour = np.pad(image[:, 1:], ((0, 0), (0, 1), (0, 0)))
+    return image @ MIX + neighbour @ NEIGHBOUR
+
+
+def numpy_bilinear(x, out_h, out_w):
+    """torch's interpolate(mode="bilinear", align_corners=False), no antialiasing, in float64."""
+
+    def taps(out_len, in_len):
+        src = (np.arange(out_len) + 0.5) * (in_len / out_len) - 0.5
+        src = np.clip(src, 0, in_len - 1)
+        i0 = np.floor(src).astype(int)
+        return i0, np.minimum(i0 + 1, in_len - 1), src - i0
+
+    r0, r1, fr = taps(out_h, x.shape[0])
+    c0, c1, fc = taps(out_w, x.shape[1])
+    y = x[r0] * (1 - fr)[:, None, None] + x[r1] * fr[:, None, None]
+    return y[:, c0] * (1 - fc)[None, :, None] + y[:, c1] * fc[None, :, None]
+
+
+def numpy_tta(image, label_hw, scales, flip):
+    """mmsegmentation's aug-test by hand: mean softmax over scales and flips."""
+    h, w = image.shape[:2]
+    total = 0.0
+    count = 0
+    for s in scales:
+        hs, ws = max(int(np.round(h * s)), 1), max(int(np.round(w * s)), 1)
+        scaled = image if s == 1.0 else numpy_bilinear(image, hs, ws)
+        for flipped in (False, True) if flip else (False,):
+            x = scaled[:, ::-1] if flipped else scaled
+            logits = numpy_linear_model(x)
+            logits = logits[:, ::-1] if flipped else logits
+            logits = numpy_bilinear(logits, *label_hw)
+            e = np.exp(logits - logits.max(-1, keepdims=True))
+            total = total + e / e.sum(-1, keepdims=True)
+            count += 1
+    return total / count
+
+
+@pytest.mark.parametrize(
+    "scales, flip", [((1.0,), True), ((0.75, 1.0, 1.5), False), ((0.5, 1.25), True)]
+)
+def test_tta_probabilities_equal_a_hand_computation(scales, flip):
+    rng = np.random.default_rng(2)
+    image_size = np.array([[20, 28], [13, 17]])
+    label_size = np.array([[40, 56], [13, 17]])
+    canvas = np.zeros((2, 20, 32, 3), np.float32)  # zero beyond each valid region
+    images = [rng.normal(size=(h, w, 3)) for h, w in image_size]
+    for b, img in enumerate(images):
+        canvas[b, : img.shape[0], : img.shape[1]] = img
+    tta = dict(label_shape=(40, 56), flip=flip, scales=scales)
+    probs = jax.jit(functools.partial(inference.tta_probabilities, linear_model, **tta))(
+        canvas, image_size=image_size, label_size=label_size
+    )
+    for b, (lh, lw) in enumerate(label_size):
+        expected = numpy_tta(images[b], (lh, lw), scales, flip)
+        np.testing.assert_allclose(probs[b, :lh, :lw], expected, rtol=1e-4, atol=1e-5)
+    # The predictions are the argmax of those probabilities; padding examples are skipped.
+    predict = jax.jit(functools.partial(inference.predict_labels, linear_model, **tta))
+    predictions = predict(
+        canvas, image_size=image_size, label_size=label_size, mask=jnp.array([True, False])
+    )
+    np.testing.assert_array_equal(predictions[0], jnp.argmax(probs[0], -1))
+    assert (predictions[1] == 0).all()
+
+
+def test_flip_within_the_valid_region_is_its_own_inverse():
+    x = jnp.arange(2 * 1 * 6, dtype=jnp.float32).reshape(2, 1, 6, 1)
+    flipped = inference.flip_valid_region(x, jnp.array([4, 6]))
+    np.testing.assert_array_equal(flipped[0, 0, :, 0], [3, 2, 1, 0, 4, 5])
+    np.testing.assert_array_equal(flipped[1, 0, :, 0], [11, 10, 9, 8, 7, 6])
+    np.testing.assert_array_equal(inference.flip_valid_region(flipped, jnp.array([4, 6])), x)
+
+
+def test_without_augmentation_tta_is_the_plain_prediction(pixelwise):
+    images = jax.random.normal(jax.random.key(4), (2, 16, 16, 3))
+    sizes = {"image_size": jnp.array([[16, 12], [10, 16]])}
+    sizes["label_size"] = jnp.array([[32, 24], [15, 24]])
+    plain = inference.predict_labels(pixelwise, images, label_shape=(32, 24), **sizes)
+    probs = inference.tta_probabilities(pixelwise, images, label_shape=(32, 24), **sizes)
+    np.testing.assert_array_equal(plain[0], jnp.argmax(probs[0], -1))
+    np.testing.assert_array_equal(plain[1, :15], jnp.argmax(probs[1, :15], -1))
