@@ -540,8 +540,8 @@ class Trainer:
         return self._eval_steps[geometry.resize]
 
     def evaluate(self, state: TrainState, split: str) -> dict:
-        """The figures of docs/maths.md ("Metrics") over the whole split (every example once, padding masked),
-        with predictions at the label maps' resolution."""
+        """The figures of docs/maths.md ("Metrics") over the whole split (every example once,
+        padding masked), with predictions at the label maps' resolution."""
         if split not in self._eval_geometry:
             self._eval_geometry[split] = input_pipeline.eval_geometry(
                 self.builder, self.spec, self.config, split
