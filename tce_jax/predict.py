@@ -325,7 +325,7 @@ def images_batches(images_dir: str, config, layout: input_pipeline.Layout):
                     Row(image_name(f), functools.partial(_read_image, os.path.join(images_dir, f)))
                     for f in names
                 ]
-                padding = {**(examples[0] if examples else _blank(geometry)), "mask": False}
+                padding = {**(examples[0] if examples else _blank(geometry, config)), "mask": False}
                 examples += [padding] * (local_batch - len(examples))
                 rows += [None] * (local_batch - len(rows))
                 yield {k: np.stack([e[k] for e in examples]) for k in examples[0]}, rows
@@ -333,9 +333,12 @@ def images_batches(images_dir: str, config, layout: input_pipeline.Layout):
     return geometry, generate(), len(mine)
 
 
-def _blank(geometry) -> dict:
+def _blank(geometry, config) -> dict:
+    """A padding row for a batch without any image of this process: the canvas in the pad
+    colour (uint8, as every other batch: all processes must feed the same types)."""
+    canvas = np.broadcast_to(input_pipeline.pad_colour(config.data), (*geometry.canvas, 3))
     return {
-        "image": np.zeros((*geometry.canvas, 3), np.float32),
+        "image": canvas.copy(),
         "mask": False,
         "image_size": np.array(geometry.canvas, np.int32),
         "label_size": np.array(geometry.label_shape, np.int32),

@@ -156,6 +156,18 @@ def test_processes_split_the_images_between_them(prepared, tmp_path):
 
     first, second = run(lambda layout: predict.images_batches(str(tmp_path), config, layout))
     assert first == names[0::2] and second == names[1::2]
+    # One image: process 1 has none, yet feeds a batch of the same shapes and types (masked).
+    single = tmp_path / "single"
+    single.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(single / "only.png")
+    batches = [
+        list(predict.images_batches(str(single), config, input_pipeline.Layout(2, p, 2))[1])
+        for p in range(2)
+    ]
+    (batch0, _), (batch1, rows1) = batches[0][0], batches[1][0]
+    assert [r is None for r in rows1] == [True] * 4 and not batch1["mask"].any()
+    for key in batch0:
+        assert (batch1[key].dtype, batch1[key].shape) == (batch0[key].dtype, batch0[key].shape)
     first, second = run(
         lambda layout: predict.split_batches(builder, spec, config, "validation", layout)
     )
