@@ -71,6 +71,9 @@ def is_user_error(error: BaseException) -> bool:
     archives = sys.modules.get("tce_jax.datasets.archives")
     if archives is not None:
         kinds.append(archives.DatasetNotFoundError)
+    predict = sys.modules.get("tce_jax.predict")
+    if predict is not None:
+        kinds.append(predict.PredictInputError)
     return isinstance(error, tuple(kinds))
 
 

@@ -46,6 +46,7 @@ from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from tce_jax import input_pipeline, train
+from tce_jax import workdir as workdir_lib
 from tce_jax.datasets import cityscapes
 
 OVERLAY_ALPHA = 0.5  # weight of the colour map in the overlay
@@ -54,6 +55,10 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 ID_FEATURES = ("image_id", "id")
 # Cityscapes image files end in this; predictions are named without it.
 CITYSCAPES_IMAGE_SUFFIX = "_leftImg8bit"
+
+
+class PredictInputError(ValueError):
+    """A --predict_* argument names nothing usable; the message says what to pass."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,7 +177,7 @@ def split_batches(builder, spec, config, split: str, layout: input_pipeline.Layo
     process) for this process's part of a split: `input_pipeline.eval_iterator`'s batches,
     each row named by the example's id (or, without one, its index in the split)."""
     if split not in builder.info.splits:
-        raise ValueError(
+        raise PredictInputError(
             f"--predict_split={split!r}: {spec.tfds_name} has the splits "
             f"{sorted(builder.info.splits)}; pass one of them, or --predict_images=DIR."
         )
@@ -216,7 +221,7 @@ def split_batches(builder, spec, config, split: str, layout: input_pipeline.Layo
 def list_images(images_dir: str) -> list[str]:
     """Image files (png, jpg) below `images_dir`, relative to it, sorted."""
     if not os.path.isdir(images_dir):
-        raise FileNotFoundError(
+        raise PredictInputError(
             f"--predict_images={images_dir!r} is not a directory: pass a folder of .png/.jpg "
             "images (searched recursively)."
         )
@@ -226,7 +231,7 @@ def list_images(images_dir: str) -> list[str]:
             if f.lower().endswith(IMAGE_SUFFIXES):
                 found.append(os.path.relpath(os.path.join(root, f), images_dir))
     if not found:
-        raise FileNotFoundError(
+        raise PredictInputError(
             f"--predict_images={images_dir!r} holds no {'/'.join(IMAGE_SUFFIXES)} files."
         )
     return sorted(found)
@@ -284,7 +289,7 @@ def _read_image(path: str) -> np.ndarray:
         with open(path, "rb") as f:
             return _decode_rgb(f.read())
     except (OSError, ValueError) as e:  # PIL's errors for unreadable or truncated files
-        raise ValueError(f"Cannot read the image {path}: {e}; fix or remove it.") from e
+        raise PredictInputError(f"Cannot read the image {path}: {e}; fix or remove it.") from e
 
 
 def _image_size(path: str) -> tuple[int, int]:
@@ -293,7 +298,7 @@ def _image_size(path: str) -> tuple[int, int]:
         with Image.open(path) as img:
             return img.height, img.width
     except (OSError, ValueError) as e:
-        raise ValueError(f"Cannot read the image {path}: {e}; fix or remove it.") from e
+        raise PredictInputError(f"Cannot read the image {path}: {e}; fix or remove it.") from e
 
 
 def images_batches(images_dir: str, config, layout: input_pipeline.Layout):
@@ -386,19 +391,6 @@ def local_rows(parallel, predictions) -> np.ndarray:
 # The command.
 
 
-def _checkpoint_step(manager, checkpoint: str) -> int:
-    steps = list(manager.all_steps())
-    step = {"best": manager.best_step(), "latest": manager.latest_step()}.get(checkpoint)
-    if step is None and checkpoint.isdigit():
-        step = int(checkpoint)
-    if step is None or step not in steps:
-        raise FileNotFoundError(
-            f"No checkpoint {checkpoint!r} in {manager.directory} (steps there: {steps}). "
-            "Train first, or pass --checkpoint=latest|best|STEP."
-        )
-    return step
-
-
 def default_output_dir(workdir: str, split: str | None, images_dir: str | None) -> str:
     """`<workdir>/predictions/<split or the images folder's name>`."""
     what = os.path.basename(os.path.normpath(images_dir)) if images_dir else split
@@ -420,12 +412,21 @@ def predict(
     `images_dir`, under `output_dir` (default `default_output_dir`); see the module docstring.
     Prints a progress line every `log_every` images. Returns the output directory."""
     if split and images_dir:
-        raise ValueError("Pass either --predict_split or --predict_images, not both.")
+        raise PredictInputError("Pass either --predict_split or --predict_images, not both.")
     split = split or (None if images_dir else config.data.eval_split)
     output_dir = output_dir or default_output_dir(workdir, split, images_dir)
+    details = {"checkpoint": checkpoint, "predict": images_dir or split, "output": output_dir}
+    # Held like an evaluation: the lock (no training writes checkpoints meanwhile) and a
+    # provenance record.
+    with workdir_lib.open_run(config, workdir, mode="predict", details=details):
+        _predict(config, workdir, checkpoint, split, images_dir, output_dir, log_every)
+    return output_dir
+
+
+def _predict(config, workdir, checkpoint, split, images_dir, output_dir, log_every) -> None:
     trainer = train.Trainer(config, workdir, prepare_data=images_dir is None)
     try:
-        step = _checkpoint_step(trainer.manager, checkpoint)
+        step = train._checkpoint_step(trainer.manager, checkpoint)
         if images_dir:
             geometry, batches, total = images_batches(images_dir, config, trainer.layout)
         else:
@@ -443,7 +444,6 @@ def predict(
         _run(trainer, state, geometry, batches, total, output_dir, log_every)
     finally:
         trainer.manager.close()
-    return output_dir
 
 
 def _run(trainer, state, geometry, batches: Iterator, total: int, output_dir, log_every) -> None:

@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 from PIL import Image
+from run_utils import read_jsonl
 
 from tce_jax import input_pipeline, predict, train
 
@@ -188,17 +189,28 @@ def test_image_folder_geometry_follows_evaluation():
 
 def test_bad_inputs_name_the_flag(checkpointed, tmp_path):
     config, workdir, _ = checkpointed
-    with pytest.raises(FileNotFoundError, match="--predict_images=.* holds no"):
+    bad = predict.PredictInputError
+    with pytest.raises(bad, match="--predict_images=.* holds no"):
         predict.predict(config, workdir, images_dir=str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="is not a directory"):
+    with pytest.raises(bad, match="is not a directory"):
         predict.predict(config, workdir, images_dir=str(tmp_path / "missing"))
     (tmp_path / "broken.png").write_bytes(b"not a png")
-    with pytest.raises(ValueError, match="Cannot read the image .*broken.png"):
+    with pytest.raises(bad, match="Cannot read the image .*broken.png"):
         predict.predict(config, workdir, images_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="--predict_split='training'"):
+    with pytest.raises(bad, match="--predict_split='training'"):
         predict.predict(config, workdir, split="training")
     with pytest.raises(FileNotFoundError, match="No checkpoint '7'"):
         predict.predict(config, workdir, checkpoint="7")
+
+
+def run_main(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "tce_jax.main", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_command_line_predicts_a_folder_without_the_dataset(checkpointed, tmp_path):
@@ -210,25 +222,22 @@ def test_command_line_predicts_a_folder_without_the_dataset(checkpointed, tmp_pa
         Image.fromarray(np.full((64, 128, 3), 40 * k, np.uint8)).save(folder / f"p{k}.jpg")
     empty_data_dir = tmp_path / "tfds"
     empty_data_dir.mkdir()
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tce_jax.main",
-            "--config=configs/default.py:tiny",
-            f"--workdir={workdir}",
-            f"--config.data.data_dir={empty_data_dir}",
-            "--mode=predict",
-            "--checkpoint=1",
-            f"--predict_images={folder}",
-            f"--predict_dir={tmp_path / 'out'}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    common = [
+        "--config=configs/default.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={empty_data_dir}",
+        "--mode=predict",
+        "--checkpoint=1",
+    ]
+    result = run_main(*common, f"--predict_images={folder}", f"--predict_dir={tmp_path / 'out'}")
     assert result.returncode == 0, result.stderr
     assert "predicted 3/3 images" in result.stdout
     assert sorted(os.listdir(tmp_path / "out" / "color")) == [f"p{k}_color.png" for k in range(3)]
     assert not os.listdir(empty_data_dir)
+    last = read_jsonl(os.path.join(workdir, "provenance.jsonl"))[-1]
+    assert (last["mode"], last["checkpoint"], last["predict"]) == ("predict", "1", str(folder))
+    # A folder without images: one line on stderr, no traceback.
+    empty = run_main(*common, f"--predict_images={empty_data_dir}")
+    assert empty.returncode == 1
+    assert empty.stderr.strip().splitlines()[-1].startswith("error: --predict_images=")
+    assert "Traceback" not in empty.stderr
