@@ -51,7 +51,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.data.tta_flip = False
     config.data.tta_scales = (1.0,)
     config.data.prefetch = 2
-    # Tilted class-aware sampling (Stochastic TCE, DESIGN §2 step 5).
+    # Tilted class-aware sampling (Stochastic TCE; docs/maths.md).
     config.data.class_aware_sampling = False
     config.data.sampling_mix = 0.5  # weight of the uniform distribution in the class draw
     config.data.sampling_refresh_steps = 100

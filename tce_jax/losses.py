@@ -1,6 +1,6 @@
 r"""Tilted cross-entropy (TCE) and its stochastic variant, as pure JAX functions.
 
-Notation (DESIGN.md section 2). Logits ``z`` of shape ``[..., C]`` (class axis last), integer
+Notation (docs/maths.md). Logits ``z`` of shape ``[..., C]`` (class axis last), integer
 labels ``y`` of shape ``[...]``, an ignore label and an optional boolean ``where`` mask of shape
 ``[...]``. The valid pixels ``V`` are those with ``y != ignore_index``, ``0 <= y < C`` and
 ``where`` true. With the pixel loss ``l_i = logsumexp(z_i) - z_i[y_i]`` (float32 for any
@@ -103,7 +103,7 @@ class ClassStatistics(NamedTuple):
 
 
 class StochasticTCEState(NamedTuple):
-    """Running per-class estimates of Stochastic TCE (DESIGN section 2); lives in the train state.
+    """Running per-class estimates of Stochastic TCE (docs/maths.md); lives in the train state.
 
     Attributes:
       running_loss: ``[C]`` float32 running class losses ``R_c`` (meaningful where ``seen``).
@@ -738,7 +738,7 @@ def stochastic_tce(
 ) -> tuple[jax.Array, StochasticTCEState, dict[str, jax.Array]]:
     r"""Stochastic TCE: batch class losses, tilted by running per-class estimates.
 
-    One step of DESIGN section 2 (all statistics global, reduced over ``axis_name``):
+    One step of Stochastic TCE (docs/maths.md; all statistics global, reduced over ``axis_name``):
 
     1. batch class losses ``L^B_c`` and counts ``n_c`` for the classes ``P_B`` of the batch;
     2. ``R_c <- (1 - lam) R_c + lam L^B_c`` for ``c in P_B`` (``R_c <- L^B_c`` the first time
@@ -851,7 +851,7 @@ def class_sampling_probs(
     mix: float | jax.Array,
     class_weighting: ClassWeighting = "frequency",
 ) -> jax.Array:
-    r"""Class probabilities for tilted class-aware sampling (DESIGN section 2, step 5).
+    r"""Class probabilities for tilted class-aware sampling (docs/maths.md).
 
     .. math::
       p_c = (1 - \mathrm{mix})\, w_c + \mathrm{mix} / C, \qquad

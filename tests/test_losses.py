@@ -1,4 +1,4 @@
-"""Tests of tce_jax.losses against an independent numpy float64 reference (DESIGN section 2).
+"""Tests of tce_jax.losses against an independent numpy float64 reference (docs/maths.md).
 
 Parallel exactness (pmap, sharded jit, shard_map) lives in test_losses_parallel.py.
 """
@@ -28,7 +28,7 @@ from tce_jax.losses import (
 IGNORE = 255
 
 # ----------------------------------------------------------------------------------------------
-# The numpy float64 reference, written from DESIGN section 2 and nothing else.
+# The numpy float64 reference, written from docs/maths.md and nothing else.
 
 
 def np_valid(labels, num_classes, ignore_index=IGNORE, where=None):
@@ -258,7 +258,7 @@ def test_check_grads_float64():
 
 
 # ----------------------------------------------------------------------------------------------
-# DESIGN section 2 properties.
+# The properties docs/maths.md lists.
 
 
 @pytest.mark.parametrize("case", ["skewed_absent", "images"])
