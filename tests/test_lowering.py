@@ -195,19 +195,30 @@ def _abstract_state(config, model, tx, num_classes):
     return jax.eval_shape(init, jax.random.key(0))
 
 
-@pytest.mark.parametrize("loss", ["tce", "stochastic_tce", "weighted_ce"])
-def test_train_step_has_no_float_scatter(loss):
+@pytest.mark.parametrize(
+    "loss, accum", [("tce", 1), ("stochastic_tce", 1), ("weighted_ce", 1), ("tce", 2)]
+)
+def test_train_step_has_no_float_scatter(loss, accum):
     config, spec = _tiny(loss)
     if loss == "weighted_ce":
         config.loss.class_weights = "median_frequency"
     model = train.create_model(config, spec.num_classes)
     tx = train.create_optimizer(config)
+    accumulation = {}
+    if accum > 1:  # micro-batches, combined by the loss's decomposition
+        accumulation = dict(
+            grad_accum_steps=accum, decomposition=objectives.create_decomposition(config)
+        )
     step = functools.partial(
-        train.train_step, model=model, tx=tx, loss_fn=objectives.create_loss_fn(config)
+        train.train_step,
+        model=model,
+        tx=tx,
+        loss_fn=objectives.create_loss_fn(config),
+        **accumulation,
     )
     h, w = config.data.crop_size
-    batch = {
-        "image": jax.ShapeDtypeStruct((config.global_batch_size, h, w, 3), jnp.float32),
+    batch = {  # uint8 images, as the input pipeline delivers them
+        "image": jax.ShapeDtypeStruct((config.global_batch_size, h, w, 3), jnp.uint8),
         "label": jax.ShapeDtypeStruct((config.global_batch_size, h, w), jnp.int32),
     }
     state = _abstract_state(config, model, tx, spec.num_classes)
@@ -233,7 +244,7 @@ def test_eval_step_has_no_float_scatter(resize):
     h, w = config.data.crop_size
     scale = 2 if resize else 1  # labels at a higher resolution than the canvas
     batch = {
-        "image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.float32),
+        "image": jax.ShapeDtypeStruct((b, h, w, 3), jnp.uint8),
         "label": jax.ShapeDtypeStruct((b, scale * h, scale * w), jnp.int32),
         "mask": jax.ShapeDtypeStruct((b,), jnp.bool_),
         "image_size": jax.ShapeDtypeStruct((b, 2), jnp.int32),
