@@ -357,7 +357,7 @@ def train_augment(image, label, seed, data_config, ignore_index: int, label_map=
     label = tf.where(inside, label, tf.cast(ignore_index, tf.uint8))
     window = _resize_window(image, offset, (crop_h, crop_w), size)
     if data_config.photometric:
-        window = _photometric(window, lambda: _resized_mean(image, size), seeds[3])
+        window = _photometric(window, _resized_mean(image, size), seeds[3])
     window = tf.where(inside[..., None], _to_uint8(window), pad_colour(data_config))
     both = tf.concat([window, label[..., None]], axis=-1)
     if data_config.flip:
@@ -367,14 +367,14 @@ def train_augment(image, label, seed, data_config, ignore_index: int, label_map=
 
 def _photometric(image, image_mean, seed):
     """Brightness, contrast, saturation and hue jitter of `image` (float [h, w, 3] in 0..255,
-    part of a larger image whose per-channel mean `image_mean()` returns), as the stateless
+    part of a larger image whose per-channel mean is `image_mean`), as the stateless
     `tf.image.stateless_random_*` ops would jitter the larger image scaled to [0, 1] (then
     clipped to it), times 255; not clipped."""
     seeds = tf.random.experimental.stateless_split(seed, 4)
     # The draws of stateless_random_brightness (for images in [0, 1]) and _contrast.
     delta = tf.random.stateless_uniform([], seeds[0], -32.0 / 255.0, 32.0 / 255.0) * 255.0
     factor = tf.random.stateless_uniform([], seeds[1], 0.5, 1.5)
-    mean = image_mean() + delta  # the contrast's mean is over the whole (brightened) image
+    mean = image_mean + delta  # the contrast's mean is over the whole (brightened) image
     # Brightness then contrast, ((x + delta) - mean) * factor + mean, as one affine map.
     image = image * factor + (mean * (1.0 - factor) + delta * factor)
     image = tf.image.stateless_random_saturation(image, 0.5, 1.5, seeds[2])
