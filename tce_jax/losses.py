@@ -797,51 +797,9 @@ def stochastic_tce(
     stats = _statistics(
         logits, labels, tau=tau, ignore_index=ignore_index, where=where, axis_name=axis_name
     )
-    batch_losses = _class_losses(stats, tau=tau)
-    present = stats.count > 0
-    batch_estimate = lax.stop_gradient(batch_losses)
-
-    lam = jnp.asarray(lam, jnp.float32)
-    blended = jnp.where(
-        state.seen, (1.0 - lam) * state.running_loss + lam * batch_estimate, batch_estimate
+    return stochastic_tce_from_statistics(
+        stats, state, t=t, lam=lam, tau=tau, class_weighting=weighting
     )
-    running_loss = jnp.where(present, blended, state.running_loss).astype(
-        state.running_loss.dtype
-    )
-    seen = state.seen | present
-    if isinstance(weighting, str) and weighting == "frequency":
-        total = jnp.sum(stats.count)
-        freq = stats.count.astype(jnp.float32) / jnp.maximum(total, 1).astype(jnp.float32)
-        running_freq = jnp.where(
-            total > 0, (1.0 - lam) * state.running_freq + lam * freq, state.running_freq
-        )
-    elif isinstance(weighting, str):
-        running_freq = seen.astype(jnp.float32)
-    else:
-        running_freq = jnp.where(seen, weighting, 0.0)
-    running_freq = running_freq.astype(state.running_freq.dtype)
-    new_state = StochasticTCEState(running_loss, running_freq, seen, state.step + 1)
-    # Class losses are 0 for absent classes and counts are integers: one non-finite value
-    # means the batch is broken (e.g. NaN logits), and it must not enter the running state.
-    nonfinite = ~jnp.all(jnp.isfinite(batch_estimate))
-    new_state = jax.tree.map(
-        lambda new, old: jnp.where(nonfinite, old, new), new_state, state
-    )
-
-    prior = _state_prior(new_state, weighting)
-    weights = _tilted_weights(new_state.running_loss, prior, t)
-    # The weights renormalised over the batch classes, computed in log space.
-    batch_weights = _tilted_weights(new_state.running_loss, jnp.where(present, prior, 0.0), t)
-    loss = jnp.sum(batch_weights * batch_losses)
-    aux = {
-        "objective": _tilted_mean(new_state.running_loss, _normalise(prior), t),
-        "class_loss": batch_estimate,
-        "class_count": stats.count,
-        "class_weight": weights,
-        "num_invalid": stats.num_invalid,
-        "nonfinite_batch": nonfinite,
-    }
-    return loss, new_state, aux
 
 
 def class_sampling_probs(
@@ -1330,17 +1288,27 @@ def stochastic_tce_from_statistics(
         running_freq = jnp.where(seen, weighting, 0.0)
     running_freq = running_freq.astype(state.running_freq.dtype)
     new_state = StochasticTCEState(running_loss, running_freq, seen, state.step + 1)
+    # Class losses are 0 for absent classes and counts are integers: one non-finite value
+    # means the batch is broken (e.g. NaN logits), and it must not enter the running state.
+    nonfinite = ~jnp.all(jnp.isfinite(batch_estimate))
+    new_state = jax.tree.map(
+        lambda new, old: jnp.where(nonfinite, old, new), new_state, state
+    )
 
     prior = _state_prior(new_state, weighting)
-    batch_weights = _tilted_weights(running_loss, jnp.where(present, prior, 0.0), t)
+    weights = _tilted_weights(new_state.running_loss, prior, t)
+    # The weights renormalised over the batch classes, computed in log space.
+    batch_weights = _tilted_weights(new_state.running_loss, jnp.where(present, prior, 0.0), t)
+    loss = jnp.sum(batch_weights * batch_losses)
     aux = {
-        "objective": _tilted_mean(running_loss, _normalise(prior), t),
+        "objective": _tilted_mean(new_state.running_loss, _normalise(prior), t),
         "class_loss": batch_estimate,
         "class_count": stats.count,
-        "class_weight": _tilted_weights(running_loss, prior, t),
+        "class_weight": weights,
         "num_invalid": stats.num_invalid,
+        "nonfinite_batch": nonfinite,
     }
-    return jnp.sum(batch_weights * batch_losses), new_state, aux
+    return loss, new_state, aux
 
 
 def weighted_cross_entropy_from_statistics(

@@ -256,3 +256,15 @@ def test_tiny_run_with_accumulation(small_data_dir, tmp_path):
     assert step == config.num_train_steps
     assert int(state["tce_state"]["step"]) == config.num_train_steps
     assert np.all(np.isfinite(state["tce_state"]["running_loss"]))
+
+
+def test_nonfinite_batch_leaves_the_stochastic_state_unchanged():
+    """As in the one-pass stochastic_tce: a broken batch never enters the running state."""
+    config = CASES["stochastic_tce"]
+    model, tx = TinySegmenter(), optax.sgd(0.5)
+    batch = make_batch()
+    batch["image"][5, 0, 0, 0] = np.nan
+    state = initial_state(model, tx, batch["image"], config)
+    got_state, metrics = jax.jit(step_fn(config, model, tx, 4))(state, batch)
+    assert not np.isfinite(metrics["loss"])
+    assert_trees_close(got_state.tce_state._asdict(), state.tce_state._asdict())
