@@ -1,8 +1,8 @@
 """Street scenes: a procedurally generated, class-imbalanced segmentation dataset.
 
 The embedded default dataset of the project (docs/street_scenes.md): no download, pure numpy,
-bit-identical for a given (split, index), exposed as the TFDS builder ``street_scenes`` so that it runs through
-the same input pipeline as Cityscapes and ADE20K.
+bit-identical for a given (split, index), exposed as the TFDS builder ``street_scenes`` so that it
+runs through the same input pipeline as Cityscapes and ADE20K.
 
 Each example is a 64x128 RGB view down a street, rendered with a pinhole camera over a ground
 plane: sky, facades (buildings or park vegetation) on both sides and at the end of the street,
