@@ -52,3 +52,14 @@ def assert_trees_close(actual, expected, *, rtol=0.0, atol=0.0, scaled=0.0) -> N
     for key in want:
         tolerance = atol + scaled * float(np.abs(want[key]).max(initial=0.0))
         np.testing.assert_allclose(got[key], want[key], rtol=rtol, atol=tolerance, err_msg=key)
+
+
+def set_fields(config, **fields):
+    """Sets dotted config fields (`set_fields(c, **{"loss.t": 2.0})`); returns the config."""
+    for key, value in fields.items():
+        node = config
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return config

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import run_utils
 from run_utils import assert_trees_close, latest_checkpoint, read_jsonl
 
 from configs import default
@@ -18,13 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_config(data_dir, variant="tce", **overrides):
     config = default.get_config(f"{variant},tiny")
     config.data.data_dir = data_dir
-    for key, value in overrides.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return run_utils.set_fields(config, **overrides)
 
 
 @pytest.fixture(scope="module")

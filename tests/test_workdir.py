@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 import pytest
+import run_utils
 from etils.epath import gpath as epath_gpath
 from etils.epath import testing as epath_testing
 
@@ -73,14 +74,7 @@ def dead_pid() -> int:
 
 
 def tiny_config(**fields):
-    config = default.get_config("tiny")
-    for key, value in fields.items():
-        node = config
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return config
+    return run_utils.set_fields(default.get_config("tiny"), **fields)
 
 
 @pytest.fixture(scope="module")
