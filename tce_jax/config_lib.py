@@ -6,6 +6,7 @@ import math
 
 import ml_collections
 
+from tce_jax import losses
 from tce_jax.objectives import LOSSES, parse_class_weights
 
 
@@ -55,6 +56,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.data.class_aware_sampling = False
     config.data.sampling_mix = 0.5  # weight of the uniform distribution in the class draw
     config.data.sampling_refresh_steps = 100
+    # The class prior of the draw: "uniform" (p_c ~ exp(t R_c): every class by its running loss
+    # alone) or "loss" (loss.class_weighting's prior, with which frequent classes dominate the
+    # draw as they do the pixels); docs/maths.md.
+    config.data.sampling_prior = "uniform"
     config.data.folder = get_folder_fields()  # data.name = "folder": your own dataset
 
     config.model = ml_collections.ConfigDict()
@@ -68,6 +73,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.loss.tau = 0.0  # pixel-level tilt (hierarchical TERM)
     config.loss.class_weighting = "frequency"  # frequency | uniform
     config.loss.lam = 0.1  # Stochastic TCE running-estimate rate
+    # Stochastic TCE's running class losses: "ema" (of L_c) or "tilted" (TERM's running average
+    # of exp(t L_c), kept in log space).
+    config.loss.estimator = "ema"
+    # Stochastic TCE's batch loss: "tilted" (weighted by the running tilted weights) or "ce"
+    # (plain CE over the batch: with data.class_aware_sampling the sampler carries the tilt).
+    config.loss.batch_loss = "tilted"
     # weighted_ce: inverse_frequency | median_frequency | enet (from the global batch's class
     # counts), or one weight per class, comma-separated ("1,2.5,...").
     config.loss.class_weights = "inverse_frequency"
@@ -176,6 +187,7 @@ SCHEDULES = ("poly", "cosine", "constant")
 PARALLELISM = ("jit", "pmap")
 DISTRIBUTED_MODES = ("auto", "on", "off")
 EVAL_MODES = ("whole", "sliding")
+SAMPLING_PRIORS = ("uniform", "loss")
 
 
 class ConfigError(ValueError):
@@ -244,6 +256,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         config.loss.class_weighting,
         "'frequency' or 'uniform'",
     )
+    for field, choices in (
+        ("estimator", losses.ESTIMATORS),
+        ("batch_loss", losses.BATCH_LOSSES),
+    ):
+        _check(
+            config.loss[field] in choices,
+            f"loss.{field}",
+            config.loss[field],
+            f"one of {choices}",
+        )
     _check(
         isinstance(config.loss.focal_gamma, int | float) and config.loss.focal_gamma >= 0,
         "loss.focal_gamma",
@@ -357,6 +379,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "data.class_aware_sampling",
         data.class_aware_sampling,
         "False unless loss.name='stochastic_tce' (the sampler reads its running weights)",
+    )
+    _check(
+        data.sampling_prior in SAMPLING_PRIORS,
+        "data.sampling_prior",
+        data.sampling_prior,
+        f"one of {SAMPLING_PRIORS}",
+    )
+    _check(
+        config.loss.batch_loss == "tilted" or data.class_aware_sampling,
+        "loss.batch_loss",
+        config.loss.batch_loss,
+        "'tilted' unless data.class_aware_sampling=True (plain CE over uniformly drawn batches "
+        "would not tilt at all)",
     )
     _check(
         not config.model.pretrained or config.model.name.startswith("deeplab"),

@@ -72,6 +72,10 @@ ClassWeighting = str | jax.typing.ArrayLike
 AxisName = Any  # a hashable axis name or a tuple of them, as for jax.lax.psum
 
 _WEIGHTINGS = ("frequency", "uniform")
+# Stochastic TCE: how the running class losses average the batch ones, and what loss the batch
+# takes (docs/maths.md).
+ESTIMATORS = ("ema", "tilted")
+BATCH_LOSSES = ("tilted", "ce")
 # Above this value of max_c t (L_c - mean L) the tilted mean switches from the expm1 form
 # (exact as t -> 0) to the max-shifted log-sum-exp form (no overflow for large |t|).
 _EXPM1_LIMIT = 30.0
@@ -244,6 +248,11 @@ def _check_class_weighting(class_weighting, num_classes: int):
             )
         return class_weighting
     return _check_weight_vector("class_weighting", class_weighting, num_classes)
+
+
+def _check_choice(name: str, value, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -685,6 +694,24 @@ def cross_entropy(
 # Stochastic TCE.
 
 
+def _tilted_average(old: jax.Array, new: jax.Array, lam: jax.Array, t) -> jax.Array:
+    r"""``(1/t) log((1 - lam) e^{t old} + lam e^{t new})``, elementwise, for any ``t``.
+
+    Written as ``old + g(u) / t`` with ``u = t (new - old)`` and
+    ``g(u) = log((1 - lam) + lam e^u)``: ``log1p(lam expm1(u))`` for ``|u| < 1`` (relative
+    precision as ``t -> 0``), a log-sum-exp otherwise (no overflow for large ``|u|``). ``t = 0``
+    gives the limit, the EMA ``(1 - lam) old + lam new``.
+    """
+    t = jnp.asarray(t, jnp.float32)
+    u = t * (new - old)
+    small = jnp.abs(u) < 1.0
+    g_small = jnp.log1p(lam * jnp.expm1(jnp.where(small, u, 0.0)))
+    g_large = jnp.logaddexp(jnp.log1p(-lam), jnp.log(lam) + jnp.where(small, 0.0, u))
+    g = jnp.where(small, g_small, g_large)
+    ema = (1.0 - lam) * old + lam * new
+    return jnp.where(t == 0, ema, old + g / jnp.where(t == 0, 1.0, t))
+
+
 def stochastic_tce_init(num_classes: int) -> StochasticTCEState:
     """The initial :class:`StochasticTCEState` for ``num_classes`` classes: nothing seen yet."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int | np.integer):
@@ -732,6 +759,8 @@ def stochastic_tce(
     lam: float | jax.Array,
     tau: float = 0.0,
     class_weighting: ClassWeighting = "frequency",
+    estimator: str = "ema",
+    batch_loss: str = "tilted",
     ignore_index: int | None = 255,
     where: jax.typing.ArrayLike | None = None,
     axis_name: AxisName | None = None,
@@ -741,8 +770,11 @@ def stochastic_tce(
     One step of Stochastic TCE (docs/maths.md; all statistics global, reduced over ``axis_name``):
 
     1. batch class losses ``L^B_c`` and counts ``n_c`` for the classes ``P_B`` of the batch;
-    2. ``R_c <- (1 - lam) R_c + lam L^B_c`` for ``c in P_B`` (``R_c <- L^B_c`` the first time
-       ``c`` is seen); absent classes keep ``R_c``. The running prior ``f``: for
+    2. for ``c in P_B``, with ``estimator='ema'``: ``R_c <- (1 - lam) R_c + lam L^B_c``; with
+       ``estimator='tilted'`` (TERM's running average of ``exp(t L)``):
+       ``R_c <- (1/t) log((1 - lam) exp(t R_c) + lam exp(t L^B_c))``, evaluated in log space
+       (no overflow for large ``|t|``; equal to the EMA at ``t = 0``). ``R_c <- L^B_c`` the
+       first time ``c`` is seen; absent classes keep ``R_c``. The running prior ``f``: for
        ``'frequency'``, ``f_c <- (1 - lam) f_c + lam n_c / sum n`` for every class (a batch with
        no valid pixel leaves it unchanged); for ``'uniform'`` ``f_c = 1`` on the seen classes;
        for a vector, that vector on the seen classes;
@@ -754,7 +786,10 @@ def stochastic_tce(
 
        with ``w`` under ``stop_gradient`` (evaluated in log space, so it stays finite when the
        batch classes have tiny weights). With ``lam = 1`` its gradient is that of
-       :func:`tilted_ce` on the batch.
+       :func:`tilted_ce` on the batch. With ``batch_loss='ce'`` the surrogate is instead the
+       plain mean ``sum_c n_c L^B_c / sum_c n_c`` (cross-entropy over the batch for
+       ``tau = 0``): the form for batches drawn by tilted class-aware sampling, where the
+       sampler carries the tilt (TERM's stochastic solver); the state is updated all the same.
 
     The state never receives gradients. Under ``pmap`` the new state is identical on every
     replica; gradients follow the :func:`tilted_ce` convention (``pmean`` them).
@@ -773,6 +808,8 @@ def stochastic_tce(
       lam: the running-average rate in ``(0, 1]``; 1 forgets the past.
       tau: pixel-level tilt (Python float), as in :func:`tilted_ce`.
       class_weighting: ``'frequency'``, ``'uniform'`` or a ``[C]`` array of non-negative weights.
+      estimator: ``'ema'`` or ``'tilted'``, the running average of the class losses (step 2).
+      batch_loss: ``'tilted'`` (the surrogate of step 4) or ``'ce'`` (the plain batch mean).
       ignore_index: the ignore label, or ``None``.
       where: optional ``[...]`` boolean mask of the pixels to include.
       axis_name: ``pmap``/``shard_map`` axis name(s) over which the batch is split.
@@ -798,7 +835,8 @@ def stochastic_tce(
         logits, labels, tau=tau, ignore_index=ignore_index, where=where, axis_name=axis_name
     )
     return stochastic_tce_from_statistics(
-        stats, state, t=t, lam=lam, tau=tau, class_weighting=weighting
+        stats, state, t=t, lam=lam, tau=tau, class_weighting=weighting, estimator=estimator,
+        batch_loss=batch_loss,
     )
 
 
@@ -1248,12 +1286,15 @@ def stochastic_tce_from_statistics(
     lam: float | jax.Array,
     tau: float = 0.0,
     class_weighting: ClassWeighting = "frequency",
+    estimator: str = "ema",
+    batch_loss: str = "tilted",
 ) -> tuple[jax.Array, StochasticTCEState, dict[str, jax.Array]]:
     """:func:`stochastic_tce` from the statistics of the whole batch: one state update.
 
     Args:
       stats: ``[C]`` statistics of the batch (with the same ``tau``).
-      state, t, lam, tau, class_weighting: as for :func:`stochastic_tce`.
+      state, t, lam, tau, class_weighting, estimator, batch_loss: as for
+        :func:`stochastic_tce`.
 
     Returns:
       ``(loss, new_state, aux)`` as :func:`stochastic_tce` returns them.
@@ -1263,15 +1304,19 @@ def stochastic_tce_from_statistics(
     lam = _check_scalar("lam", lam, low=0.0, low_open=True, high=1.0)
     tau = _check_scalar("tau", tau, allow_traced=False)
     weighting = _check_class_weighting(class_weighting, num_classes)
+    _check_choice("estimator", estimator, ESTIMATORS)
+    _check_choice("batch_loss", batch_loss, BATCH_LOSSES)
     state = _check_state(state, num_classes)
     batch_losses = _class_losses(stats, tau=tau)
     present = stats.count > 0
     batch_estimate = lax.stop_gradient(batch_losses)
 
     lam = jnp.asarray(lam, jnp.float32)
-    blended = jnp.where(
-        state.seen, (1.0 - lam) * state.running_loss + lam * batch_estimate, batch_estimate
-    )
+    if estimator == "ema":
+        average = (1.0 - lam) * state.running_loss + lam * batch_estimate
+    else:
+        average = _tilted_average(state.running_loss, batch_estimate, lam, t)
+    blended = jnp.where(state.seen, average, batch_estimate)
     running_loss = jnp.where(present, blended, state.running_loss).astype(
         state.running_loss.dtype
     )
@@ -1298,7 +1343,12 @@ def stochastic_tce_from_statistics(
     prior = _state_prior(new_state, weighting)
     weights = _tilted_weights(new_state.running_loss, prior, t)
     # The weights renormalised over the batch classes, computed in log space.
-    batch_weights = _tilted_weights(new_state.running_loss, jnp.where(present, prior, 0.0), t)
+    if batch_loss == "tilted":
+        batch_weights = _tilted_weights(
+            new_state.running_loss, jnp.where(present, prior, 0.0), t
+        )
+    else:  # the pixel-count weights: the plain mean over the batch's valid pixels
+        batch_weights = _normalise(stats.count.astype(batch_losses.dtype))
     loss = jnp.sum(batch_weights * batch_losses)
     aux = {
         "objective": _tilted_mean(new_state.running_loss, _normalise(prior), t),

@@ -16,7 +16,8 @@ through unchanged by the other losses) and `aux` holds what is logged:
 Names (`LOSSES`, also the `:variant` syntax of the configs):
 
 * `ce`: mean pixel cross-entropy (MCCE);
-* `tce`, `stochastic_tce`: `loss.t`, `loss.tau`, `loss.class_weighting` (and `loss.lam`);
+* `tce`, `stochastic_tce`: `loss.t`, `loss.tau`, `loss.class_weighting` (and `loss.lam`,
+  `loss.estimator`, `loss.batch_loss`);
 * `weighted_ce`: class-weighted CE; `loss.class_weights` is `'inverse_frequency'`,
   `'median_frequency'` or `'enet'` (weights from the global batch's class counts), or C
   comma-separated numbers (fixed weights);
@@ -132,7 +133,8 @@ def create_loss_fn(config: ml_collections.ConfigDict) -> LossFn:
 
     def stochastic(logits, labels, tce_state, axis_name):
         return losses.stochastic_tce(
-            logits, labels, tce_state, lam=cfg.lam, axis_name=axis_name, **common
+            logits, labels, tce_state, lam=cfg.lam, estimator=cfg.estimator,
+            batch_loss=cfg.batch_loss, axis_name=axis_name, **common
         )
 
     return stochastic
@@ -211,7 +213,8 @@ def create_decomposition(config: ml_collections.ConfigDict) -> Decomposition:
         if cfg.name == "stochastic_tce":
             return losses.stochastic_tce_from_statistics(
                 classes, tce_state, t=cfg.t, lam=cfg.lam, tau=tau,
-                class_weighting=cfg.class_weighting,
+                class_weighting=cfg.class_weighting, estimator=cfg.estimator,
+                batch_loss=cfg.batch_loss,
             )
         if cfg.name == "weighted_ce":
             loss, aux = losses.weighted_cross_entropy_from_statistics(

@@ -119,11 +119,12 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
 
 def class_sampling_probs(config, tce_state: losses.StochasticTCEState) -> jax.Array:
     """[C] probabilities of tilted class-aware sampling from the Stochastic TCE state."""
+    prior = config.data.sampling_prior
     return losses.class_sampling_probs(
         tce_state,
         t=config.loss.t,
         mix=config.data.sampling_mix,
-        class_weighting=config.loss.class_weighting,
+        class_weighting=config.loss.class_weighting if prior == "loss" else "uniform",
     )
 
 

@@ -308,16 +308,24 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 _ABSENT = "<absent>"
 
 
+# Fields whose default is not what the code did before they existed: a run recorded without
+# the field ran with this value.
+BEHAVIOUR_BEFORE_FIELD = {
+    "data.sampling_prior": "loss",  # the sampler used the loss's class prior
+}
+
+
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple]:
     """{dotted field: (old value, new value)} of every field that differs.
 
     A field the old config lacks (added to the code since) counts as unchanged while the new
-    value is the field's default in `config_lib.get_base_config()`: the old code behaved so.
+    value is how the old code behaved: `BEHAVIOUR_BEFORE_FIELD` where the field's default
+    differs from that, else its default in `config_lib.get_base_config()`.
     """
     from tce_jax import config_lib
 
     old_flat, new_flat = _flatten(old), _flatten(new)
-    defaults = _flatten(config_to_dict(config_lib.get_base_config()))
+    defaults = _flatten(config_to_dict(config_lib.get_base_config())) | BEHAVIOUR_BEFORE_FIELD
     changes = {}
     for field in sorted(old_flat.keys() | new_flat.keys()):
         before = old_flat.get(field, defaults.get(field, _ABSENT))

@@ -70,6 +70,9 @@ CASES = {
     "tce_tau": loss_config("tce", t=-1.5, tau=0.7, class_weighting="uniform"),
     "stochastic_tce": loss_config("stochastic_tce", t=1.0, lam=0.5),
     "stochastic_tce_tau": loss_config("stochastic_tce", t=3.0, tau=-0.5, lam=0.3),
+    "stochastic_tce_tilted_ce": loss_config(
+        "stochastic_tce", t=2.0, lam=0.4, estimator="tilted", batch_loss="ce"
+    ),
     "weighted_ce": loss_config("weighted_ce", class_weights="median_frequency"),
     "weighted_ce_vector": loss_config("weighted_ce", class_weights="1,2,0.5,3,4"),
     "focal": loss_config("focal", focal_gamma=2.0),

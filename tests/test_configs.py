@@ -62,6 +62,11 @@ def test_every_config_file_loads_validates_and_builds(path):
         ("loss.class_weights", "inverse_typo", "config.loss.class_weights='inverse_typo'"),
         ("data.tta_scales", (), "config.data.tta_scales"),
         ("data.tta_scales", (1.0, -0.5), "expected a non-empty tuple of positive numbers"),
+        ("loss.estimator", "tilt", "config.loss.estimator='tilt' is invalid"),
+        ("loss.batch_loss", "mean", "config.loss.batch_loss='mean' is invalid"),
+        # Plain CE over uniformly drawn batches would be CE, not Stochastic TCE.
+        ("loss.batch_loss", "ce", "'tilted' unless data.class_aware_sampling=True"),
+        ("data.sampling_prior", "frequency", "config.data.sampling_prior='frequency'"),
     ],
 )
 def test_bad_values_name_the_field(field, value, message):

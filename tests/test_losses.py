@@ -456,21 +456,28 @@ def _batch(seed, classes, num_classes=5, shape=(2, 4, 4)):
     return logits, labels
 
 
-@functools.partial(jax.jit, static_argnames=("weighting",))
-def stce(logits, labels, state, t, lam, *, weighting="frequency"):
+STOCHASTIC_OPTIONS = ("weighting", "estimator", "batch_loss")
+
+
+@functools.partial(jax.jit, static_argnames=STOCHASTIC_OPTIONS)
+def stce(logits, labels, state, t, lam, *, weighting="frequency", estimator="ema",
+         batch_loss="tilted"):
     """Jitted stochastic_tce with traced t and lam; 'vector' uses vector_weights(C)."""
     cw = weighting_arg(weighting, logits.shape[-1])
-    return stochastic_tce(logits, labels, state, t=t, lam=lam, class_weighting=cw)
+    return stochastic_tce(logits, labels, state, t=t, lam=lam, class_weighting=cw,
+                          estimator=estimator, batch_loss=batch_loss)
 
 
-@functools.partial(jax.jit, static_argnames=("weighting",))
-def stce_vg(logits, labels, state, t, lam, *, weighting="frequency"):
+@functools.partial(jax.jit, static_argnames=STOCHASTIC_OPTIONS)
+def stce_vg(logits, labels, state, t, lam, *, weighting="frequency", estimator="ema",
+            batch_loss="tilted"):
     """Value, (new_state, aux) and logits-gradient of the stochastic surrogate."""
 
     def f(z):
         loss, new_state, aux = stochastic_tce(z, labels, state, t=t, lam=lam,
                                               class_weighting=weighting_arg(weighting,
-                                                                            z.shape[-1]))
+                                                                            z.shape[-1]),
+                                              estimator=estimator, batch_loss=batch_loss)
         return loss, (new_state, aux)
 
     (loss, (new_state, aux)), grad = jax.value_and_grad(f, has_aux=True)(logits)
@@ -657,6 +664,95 @@ def test_stochastic_nonfinite_batch_leaves_the_state_unchanged():
         (1 - lam) * s1.running_loss[1] + lam * ref["class_loss"][1],
         rtol=1e-5,
     )
+
+
+def np_tilted_average(old, new, lam, t):
+    """TERM's running tilted average (1/t) log((1 - lam) e^{t old} + lam e^{t new}), float64."""
+    old, new = np.asarray(old, np.float64), np.asarray(new, np.float64)
+    if t == 0:
+        return (1 - lam) * old + lam * new
+    top = np.maximum(t * old, t * new)
+    return (top + np.log((1 - lam) * np.exp(t * old - top) + lam * np.exp(t * new - top))) / t
+
+
+@pytest.mark.parametrize("t", [-2.0, 0.0, 0.5, 3.0, 60.0])
+def test_stochastic_tilted_estimator_matches_float64_reference(t):
+    """Five batches (classes appearing and disappearing): the running losses, the state
+    weights and the surrogate follow TERM's tilted running average computed in float64."""
+    num_classes, lam = 5, 0.3
+    state = stochastic_tce_init(num_classes)
+    running = np.zeros(num_classes)
+    seen = np.zeros(num_classes, bool)
+    freq = np.zeros(num_classes)
+    for step, classes in enumerate([[0, 1], [1, 2, 3], [0, 3], [4, 1], [0, 1, 2, 3, 4]]):
+        z, y = _batch(20 + step, classes)
+        z = z * 3  # class losses spread over several nats: large t (L_c - R_c) arguments
+        ref = np_tce(z, y, t=t)
+        present = ref["count"] > 0
+        average = np_tilted_average(running, ref["class_loss"], lam, t)
+        running = np.where(present, np.where(seen, average, ref["class_loss"]), running)
+        seen |= present
+        freq = (1 - lam) * freq + lam * ref["count"] / ref["count"].sum()
+        loss, state, aux = stce(z, y, state, t, lam, estimator="tilted")
+        np.testing.assert_allclose(state.running_loss, running, rtol=2e-5, atol=1e-5)
+        _, weights = np_tilted(running, np_prior(seen.astype(int), np.where(seen, freq, 0)), t)
+        np.testing.assert_allclose(aux["class_weight"], weights, rtol=1e-4, atol=1e-7)
+        batch_w = weights * present
+        np.testing.assert_allclose(
+            loss, np.sum(batch_w * ref["class_loss"]) / batch_w.sum(), rtol=1e-4, atol=1e-6)
+    assert np.isfinite(np.asarray(state.running_loss)).all()
+
+
+def test_stochastic_tilted_estimator_tends_to_the_ema_as_t_goes_to_zero():
+    num_classes, lam = 5, 0.3
+    z1, y1 = _batch(30, [0, 1, 2])
+    z2, y2 = _batch(31, [1, 2, 3])
+    _, s1, _ = stce(z1, y1, stochastic_tce_init(num_classes), 0.0, lam)
+    _, ema, _ = stce(z2, y2, s1, 0.0, lam, estimator="ema")
+    _, at_zero, _ = stce(z2, y2, s1, 0.0, lam, estimator="tilted")
+    np.testing.assert_array_equal(at_zero.running_loss, ema.running_loss)
+    for t in (1e-3, -1e-3, 1e-6):
+        _, near, _ = stce(z2, y2, s1, t, lam, estimator="tilted")
+        spread = np.ptp(np.asarray(s1.running_loss)) + 1.0
+        np.testing.assert_allclose(near.running_loss, ema.running_loss,
+                                   atol=abs(t) * spread ** 2 + 1e-6)
+    # Above the EMA for t > 0 (a log-mean-exp), below it for t < 0, where a class changed.
+    _, up, _ = stce(z2, y2, s1, 2.0, lam, estimator="tilted")
+    _, down, _ = stce(z2, y2, s1, -2.0, lam, estimator="tilted")
+    changed = np.asarray(s1.seen & (np.abs(ema.running_loss - s1.running_loss) > 1e-3))
+    assert changed.any()
+    assert np.all(np.asarray(up.running_loss)[changed] > np.asarray(ema.running_loss)[changed])
+    assert np.all(np.asarray(down.running_loss)[changed] < np.asarray(ema.running_loss)[changed])
+
+
+@pytest.mark.parametrize("estimator", ["ema", "tilted"])
+def test_stochastic_batch_loss_ce_is_cross_entropy_with_the_same_state(estimator):
+    """batch_loss='ce': value and gradient of plain CE over the batch; the state (and the
+    weights the sampler reads) are those of the tilted form."""
+    num_classes, t, lam = 5, 2.0, 0.3
+    z0, y0 = _batch(40, [0, 1, 2, 3])
+    _, state, _ = stce(z0, y0, stochastic_tce_init(num_classes), t, lam, estimator=estimator)
+    z, y = _batch(41, [1, 2, 4])
+    loss, new_state, aux, grad = stce_vg(z, y, state, t, lam, estimator=estimator,
+                                         batch_loss="ce")
+    ce_loss, ce_grad = jax.value_and_grad(cross_entropy)(z, y)
+    np.testing.assert_allclose(loss, ce_loss, rtol=1e-6)
+    np.testing.assert_allclose(grad, ce_grad, rtol=1e-5, atol=1e-8)
+    ref = np_tce(z, y, t=0.0)
+    np.testing.assert_allclose(loss, ref["loss"], rtol=1e-5)  # TCE_0 with counts: the mean
+    _, tilted_state, tilted_aux = stce(z, y, state, t, lam, estimator=estimator)
+    for got, want in zip(new_state, tilted_state, strict=True):
+        np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(aux["class_weight"], tilted_aux["class_weight"])
+
+
+def test_stochastic_rejects_unknown_estimator_and_batch_loss():
+    z, y = _batch(0, [0, 1])
+    state = stochastic_tce_init(5)
+    with pytest.raises(ValueError, match="estimator must be one of 'ema', 'tilted'"):
+        stochastic_tce(z, y, state, t=1.0, lam=0.1, estimator="tilt")
+    with pytest.raises(ValueError, match="batch_loss must be one of 'tilted', 'ce'"):
+        stochastic_tce(z, y, state, t=1.0, lam=0.1, batch_loss="mean")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import default
-from tce_jax import sampling, train
+from tce_jax import losses, sampling, train
 
 
 def test_class_index_counts_every_class_of_every_example_and_is_cached(prepared, monkeypatch):
@@ -93,6 +93,27 @@ def test_draw_follows_the_class_probabilities_and_is_deterministic():
     for other in (dict(seed=4, shard=0, step=7), dict(seed=3, shard=1, step=7),
                   dict(seed=3, shard=0, step=8)):  # fmt: skip
         assert not np.array_equal(a[1], sampling.draw(members, p, batch=8, **other)[1])
+
+
+def test_sampling_prior_chooses_the_class_prior_of_the_draw():
+    """'loss' keeps the frequency prior (road dominates the draw); 'uniform' draws by the running
+    losses alone, so the rare, badly classified class is drawn most."""
+    config = default.get_config("stochastic_tce")
+    config.loss.t, config.data.sampling_mix = 1.0, 0.2
+    state = losses.StochasticTCEState(
+        running_loss=jnp.array([0.1, 0.5, 3.0]),
+        running_freq=jnp.array([0.90, 0.09, 0.01]),
+        seen=jnp.array([True, True, True]),
+        step=jnp.array(10, jnp.int32),
+    )
+    config.data.sampling_prior = "loss"
+    by_loss = np.asarray(train.class_sampling_probs(config, state))
+    config.data.sampling_prior = "uniform"
+    by_uniform = np.asarray(train.class_sampling_probs(config, state))
+    for probs, prior in ((by_loss, np.array([0.90, 0.09, 0.01])), (by_uniform, np.ones(3))):
+        w = prior * np.exp(np.array([0.1, 0.5, 3.0]))
+        np.testing.assert_allclose(probs, 0.8 * w / w.sum() + 0.2 / 3, rtol=1e-5)
+    assert by_loss.argmax() == 0 and by_uniform.argmax() == 2
 
 
 def test_sampler_waits_for_the_trainer_and_stops_waiting_when_closed():

@@ -301,6 +301,19 @@ def test_run_length_and_paths_may_change_and_new_fields_at_their_defaults_are_no
     assert not workdir.is_resumable("loss.focal_gamma")
 
 
+def test_a_new_field_whose_default_changed_behaviour_is_compared_with_the_old_behaviour():
+    """Runs recorded before data.sampling_prior drew with the loss's prior: resuming one with
+    the new default ('uniform') is a change of experiment, with 'loss' it is not."""
+    old = workdir.config_to_dict(tiny_config(**{"data.class_aware_sampling": True}))
+    del old["data"]["sampling_prior"]
+    new = tiny_config(**{"data.class_aware_sampling": True})
+    changes = workdir.config_changes(old, workdir.config_to_dict(new))
+    assert changes == {"data.sampling_prior": ("loss", "uniform")}
+    assert not workdir.is_resumable("data.sampling_prior")
+    new.data.sampling_prior = "loss"
+    assert workdir.config_changes(old, workdir.config_to_dict(new)) == {}
+
+
 # ---------------------------------------------------------------------------------------------
 # Provenance.
 
