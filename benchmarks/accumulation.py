@@ -66,13 +66,14 @@ def main():
     import jax
     import numpy as np
 
-    from tce_jax import config_lib, train
+    from tce_jax import config_lib
+    from tce_jax import parallel as parallel_lib
 
     config = load_config(args.config)
     config.loss.name = args.loss
     ks = [int(k) for k in args.accum.split(",")]
     config_lib.validate_config(config)
-    parallel = train.create_parallel(config)
+    parallel = parallel_lib.create_parallel(config)
     h, w = config.data.crop_size
     rng = np.random.default_rng(0)
     host_batch = {

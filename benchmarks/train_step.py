@@ -89,7 +89,8 @@ def main():
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
-    from tce_jax import config_lib, input_pipeline, train
+    from tce_jax import config_lib, input_pipeline
+    from tce_jax import parallel as parallel_lib
 
     backend = jax.default_backend()
     device_kind = jax.devices()[0].device_kind
@@ -113,7 +114,7 @@ def main():
     )
     layout = input_pipeline.Layout(num_shards, jax.process_index(), jax.process_count())
     builder, spec = input_pipeline.load_builder(config)
-    parallel = train.create_parallel(config)
+    parallel = parallel_lib.create_parallel(config)
     data = input_pipeline.train_iterator(builder, spec, config, layout)
     batch = parallel.put_batch(next(data))
 

@@ -37,12 +37,10 @@ import os
 import time
 from collections.abc import Callable, Iterator
 
-import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
 from etils import epath
-from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from tce_jax import input_pipeline, train
@@ -360,31 +358,7 @@ def compile_predict(trainer: train.Trainer, geometry: input_pipeline.EvalGeometr
     step_fn = functools.partial(
         train.predict_step, label_shape=geometry.label_shape, **trainer.predict_kwargs(geometry)
     )
-    parallel = trainer.parallel
-    if isinstance(parallel, train.PmapParallel):
-        return jax.pmap(step_fn, axis_name=train.PMAP_AXIS)
-    # Per device (shard_map), as evaluation runs: inference loops over each device's examples.
-    per_device = jax.shard_map(
-        step_fn,
-        mesh=parallel.mesh,
-        in_specs=(P(), P(train.MESH_AXIS)),
-        out_specs=P(train.MESH_AXIS),
-        check_vma=False,
-    )
-    return jax.jit(
-        per_device,
-        in_shardings=(parallel.replicated, parallel.sharded),
-        out_shardings=parallel.sharded,
-    )
-
-
-def local_rows(parallel, predictions) -> np.ndarray:
-    """This process's rows of the predictions, in the order of its part of the batch."""
-    if isinstance(parallel, train.PmapParallel):
-        x = np.asarray(jax.device_get(predictions))
-        return x.reshape(-1, *x.shape[2:])
-    shards = sorted(predictions.addressable_shards, key=lambda s: s.index[0].start or 0)
-    return np.concatenate([np.asarray(s.data) for s in shards])
+    return trainer.parallel.compile_predict(step_fn)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -452,8 +426,8 @@ def _run(trainer, state, geometry, batches: Iterator, total: int, output_dir, lo
     done, start, last_log = 0, time.time(), 0
     try:
         for batch, rows in batches:
-            predictions = local_rows(
-                trainer.parallel, step_fn(state, trainer.parallel.put_batch(batch))
+            predictions = trainer.parallel.local_rows(
+                step_fn(state, trainer.parallel.put_batch(batch))
             )
             for row, label_size, prediction in zip(
                 rows, batch["label_size"], predictions, strict=True

@@ -1,11 +1,11 @@
 """Training and evaluation: `train_and_evaluate(config, workdir)` and `evaluate(config, workdir)`.
 
-One pure train step `(state, batch) -> (state, metrics)` is compiled either with `jax.jit` over
-a one-axis device `Mesh` (batch sharded on "data", state replicated; the default) or with
-`jax.pmap(axis_name="batch")`. Both see the same global batch and give the same numbers: under
-jit XLA reduces the loss statistics and BatchNorm moments over the global batch by itself;
-under pmap the loss `psum`s its class statistics over `axis_name`, BatchNorm uses the same
-axis name, and gradients are `pmean`ed (see `tce_jax.losses.tilted_ce`).
+One pure train step `(state, batch) -> (state, metrics)` is compiled (`tce_jax.parallel`)
+either with `jax.jit` over a one-axis device `Mesh` (batch sharded on "data", state replicated;
+the default) or with `jax.pmap(axis_name="batch")`. Both see the same global batch and give the
+same numbers: under jit XLA reduces the loss statistics and BatchNorm moments over the global
+batch by itself; under pmap the loss `psum`s its class statistics over `axis_name`, BatchNorm
+uses the same axis name, and gradients are `pmean`ed (see `tce_jax.losses.tilted_ce`).
 
 The step RNG is folded from the step number and the data of a step are a pure function of
 (seed, step), so a run restored from its latest checkpoint continues exactly.
@@ -27,9 +27,6 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
-from flax import jax_utils
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from tce_jax import (
     accumulation,
@@ -42,14 +39,12 @@ from tce_jax import (
     metrics,
     models,
     objectives,
+    parallel,
     pretrained,
     profiling,
     sampling,
 )
 from tce_jax import workdir as workdir_lib
-
-PMAP_AXIS = "batch"
-MESH_AXIS = "data"
 
 
 @flax.struct.dataclass
@@ -295,112 +290,6 @@ def eval_step(
 
 
 # ---------------------------------------------------------------------------------------------
-# Parallelism: where arrays live and how steps are compiled.
-
-
-class MeshParallel:
-    """`jax.jit` over a one-axis mesh of all devices: batch sharded, state replicated."""
-
-    axis_name = None
-    eval_axis_name = MESH_AXIS  # evaluation runs per device (shard_map)
-
-    def __init__(self):
-        self.mesh = Mesh(np.asarray(jax.devices()), (MESH_AXIS,))
-        self.replicated = NamedSharding(self.mesh, P())
-        self.sharded = NamedSharding(self.mesh, P(MESH_AXIS))
-
-    def compile_init(self, init_fn):
-        return jax.jit(init_fn, out_shardings=self.replicated)
-
-    def compile_train(self, step_fn):
-        return jax.jit(
-            step_fn,
-            in_shardings=(self.replicated, self.sharded),
-            out_shardings=(self.replicated, self.replicated),
-            donate_argnums=0,
-        )
-
-    def compile_eval(self, step_fn):
-        # Evaluation has no cross-device operation but the final psum (over `eval_axis_name`):
-        # under shard_map each device keeps its loops (sliding windows, per-example resizing
-        # to the label resolution) on its own examples, as under pmap.
-        per_device = jax.shard_map(
-            step_fn, mesh=self.mesh, in_specs=(P(), P(MESH_AXIS)), out_specs=P(), check_vma=False
-        )
-        return jax.jit(
-            per_device, in_shardings=(self.replicated, self.sharded), out_shardings=self.replicated
-        )
-
-    def put_batch(self, batch):
-        return jax.tree.map(
-            lambda x: jax.make_array_from_process_local_data(self.sharded, x), batch
-        )
-
-    def host_state(self, state):
-        return state  # global arrays: Orbax saves them as they are.
-
-    def device_state(self, state):
-        return state
-
-    def abstract_state(self, abstract):
-        return jax.tree.map(
-            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), abstract
-        )
-
-    @staticmethod
-    def fetch(tree):
-        return jax.device_get(tree)
-
-    @staticmethod
-    def current_step(state) -> int:
-        return int(jax.device_get(state.step))
-
-
-class PmapParallel:
-    """`jax.pmap(axis_name="batch")` over the local devices: state replicated per device."""
-
-    axis_name = PMAP_AXIS
-    eval_axis_name = PMAP_AXIS
-
-    def __init__(self):
-        self.num_local = jax.local_device_count()
-
-    def compile_init(self, init_fn):
-        return jax.jit(init_fn)
-
-    def compile_train(self, step_fn):
-        return jax.pmap(step_fn, axis_name=PMAP_AXIS, donate_argnums=0)
-
-    def compile_eval(self, step_fn):
-        return jax.pmap(step_fn, axis_name=PMAP_AXIS)
-
-    def put_batch(self, batch):
-        return jax.tree.map(lambda x: x.reshape(self.num_local, -1, *x.shape[1:]), batch)
-
-    def host_state(self, state):
-        # Orbax refuses the host-local arrays of `unreplicate` in multi-process runs.
-        return jax.device_get(jax_utils.unreplicate(state))
-
-    def device_state(self, state):
-        return jax_utils.replicate(state, axis_name=PMAP_AXIS)
-
-    def abstract_state(self, abstract):
-        return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
-
-    @staticmethod
-    def fetch(tree):
-        return jax.device_get(jax.tree.map(lambda x: x[0], tree))
-
-    @staticmethod
-    def current_step(state) -> int:
-        return int(jax.device_get(state.step[0]))
-
-
-def create_parallel(config):
-    return PmapParallel() if config.parallelism == "pmap" else MeshParallel()
-
-
-# ---------------------------------------------------------------------------------------------
 # The loops.
 
 
@@ -421,7 +310,7 @@ class Trainer:
         )
         self.spec = datasets.get_dataset_spec(config.data.name, config)
         self.num_classes = self.spec.num_classes
-        self.parallel = create_parallel(config)
+        self.parallel = parallel.create_parallel(config)
         self.model = create_model(config, self.num_classes, self.parallel.axis_name)
         self.tx = create_optimizer(config)
         self.schedule = create_learning_rate_schedule(config)

@@ -20,11 +20,11 @@ import pytest
 from run_utils import assert_trees_close, latest_checkpoint
 
 from configs import default
-from tce_jax import accumulation, config_lib, losses, objectives, train
+from tce_jax import accumulation, config_lib, losses, objectives, parallel, train
 
 NUM_CLASSES = 5
 IGNORE = 255
-AXIS = train.PMAP_AXIS
+AXIS = parallel.PMAP_AXIS
 
 
 class TinySegmenter(nn.Module):
@@ -211,10 +211,10 @@ def test_mesh_jit_accumulated_step_equals_one_pass():
     batch = make_batch(batch=16, seed=1)
     state = initial_state(model, tx, batch["image"], config)
     want = jax.jit(step_fn(config, model, tx, 1))(state, batch)
-    parallel = train.MeshParallel()
-    step = parallel.compile_train(step_fn(config, model, tx, 2))
-    state_on_mesh = jax.device_put(state, parallel.replicated)
-    got = step(state_on_mesh, parallel.put_batch(batch))
+    mesh = parallel.MeshParallel()
+    step = mesh.compile_train(step_fn(config, model, tx, 2))
+    state_on_mesh = jax.device_put(state, mesh.replicated)
+    got = step(state_on_mesh, mesh.put_batch(batch))
     assert_steps_equal(got, want)
 
 
