@@ -6,7 +6,7 @@ import math
 
 import ml_collections
 
-from tce_jax import losses
+from tce_jax import losses, objectives
 from tce_jax.objectives import LOSSES, parse_class_weights
 
 
@@ -286,10 +286,11 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "an integer >= 1",
     )
     _check(
-        accum == 1 or config.loss.name != "lovasz",
+        accum == 1 or objectives.supports_accumulation(config.loss.name),
         "grad_accum_steps",
         accum,
-        "1 with loss.name='lovasz' (it sorts the whole batch's errors: no exact accumulation)",
+        f"1 with loss.name={config.loss.name!r} (not a function of additive batch statistics: "
+        "no exact accumulation)",
     )
     _check(
         isinstance(config.profile_steps, int) and config.profile_steps >= 0,

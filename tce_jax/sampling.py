@@ -25,12 +25,13 @@ import io
 import os
 import re
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent import futures
 
 import jax.numpy as jnp
 import numpy as np
 
+from tce_jax import losses
 from tce_jax.datasets import archives
 
 # A fixed key that separates the sampler's random stream from every other use of the seed.
@@ -325,6 +326,26 @@ class ClassAwareSampler:
     def period(self, step: int) -> int:
         return step // self.refresh_steps
 
+    # The trainer's side: start at a step, then refresh after the steps that start a period.
+
+    def start(self, step: int, sampling_probs) -> None:
+        """Training starts (or resumes) after update ``step``: posts ``[p_b, p_{b+1}]`` of its
+        period ``b``, the train state's ``sampling_probs``."""
+        period = self.period(step)
+        self.post(period, sampling_probs[0])
+        self.post(period + 1, sampling_probs[1])
+
+    def refresh_due(self, step: int) -> bool:
+        """Whether update ``step`` starts a refresh period (see :meth:`after_step`)."""
+        return step % self.refresh_steps == 0
+
+    def after_step(self, step: int, read_sampling_probs: Callable[[], np.ndarray]) -> None:
+        """After update ``step`` of a period start ``b R``, the state's ``p_{b+1}`` becomes the
+        next period's probabilities; ``read_sampling_probs`` (the state's ``[2, C]``
+        ``sampling_probs``) is called only then."""
+        if self.refresh_due(step):
+            self.post(self.period(step) + 1, read_sampling_probs()[1])
+
     def post(self, period: int, probs) -> None:
         """Makes ``probs`` (``[C]``) the class probabilities of refresh period ``period``."""
         probs = np.array(probs, np.float64)
@@ -376,6 +397,18 @@ class ClassAwareSampler:
 
 # ---------------------------------------------------------------------------------------------
 # The probabilities in the train state.
+
+
+def class_probs(config, tce_state: losses.StochasticTCEState) -> jnp.ndarray:
+    """``[C]`` probabilities of tilted class-aware sampling from the Stochastic TCE state, with
+    the config's tilt, uniform share and class prior (``data.sampling_prior``)."""
+    prior = config.data.sampling_prior
+    return losses.class_sampling_probs(
+        tce_state,
+        t=config.loss.t,
+        mix=config.data.sampling_mix,
+        class_weighting=config.loss.class_weighting if prior == "loss" else "uniform",
+    )
 
 
 def init_sampling_probs(probs: jnp.ndarray) -> jnp.ndarray:

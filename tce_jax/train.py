@@ -13,6 +13,7 @@ The step RNG is folded from the step number and the data of a step are a pure fu
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -112,17 +113,6 @@ def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransfo
     return optax.adamw(schedule, weight_decay=opt.weight_decay, mask=decay_mask)
 
 
-def class_sampling_probs(config, tce_state: losses.StochasticTCEState) -> jax.Array:
-    """[C] probabilities of tilted class-aware sampling from the Stochastic TCE state."""
-    prior = config.data.sampling_prior
-    return losses.class_sampling_probs(
-        tce_state,
-        t=config.loss.t,
-        mix=config.data.sampling_mix,
-        class_weighting=config.loss.class_weighting if prior == "loss" else "uniform",
-    )
-
-
 def init_state(config, model, tx, num_classes: int, rng: jax.Array, backbone=None) -> TrainState:
     """A fresh state; `backbone` (pretrained ResNet variables, see `tce_jax.pretrained`)
     replaces the randomly initialised backbone of a DeepLabV3+."""
@@ -139,7 +129,7 @@ def init_state(config, model, tx, num_classes: int, rng: jax.Array, backbone=Non
         batch_stats=batch_stats,
         opt_state=tx.init(params),
         tce_state=tce_state,
-        sampling_probs=sampling.init_sampling_probs(class_sampling_probs(config, tce_state)),
+        sampling_probs=sampling.init_sampling_probs(sampling.class_probs(config, tce_state)),
     )
 
 
@@ -211,10 +201,8 @@ def train_step(
         tce_state=tce_state,
         sampling_probs=probs,
     )
-    step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
-    for key in ("objective", "class_loss", "class_weight", "num_invalid"):
-        if key in aux:
-            step_metrics[key] = aux[key]
+    # aux holds what objectives.AUX_KEYS allows: the per-class figures that are logged.
+    step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
     return new_state, step_metrics
 
 
@@ -321,7 +309,7 @@ class Trainer:
         sampling_kwargs = {}
         if config.data.class_aware_sampling:
             sampling_kwargs = dict(
-                sampling_probs_fn=functools.partial(class_sampling_probs, config),
+                sampling_probs_fn=functools.partial(sampling.class_probs, config),
                 refresh_steps=config.data.sampling_refresh_steps,
             )
         accumulation_kwargs = {}
@@ -451,85 +439,16 @@ class Trainer:
     # -- training --------------------------------------------------------------------------
 
     def train(self) -> TrainState:
-        config = self.config
         state = self.initial_state()
         start = self.parallel.current_step(state)
-        writer = metric_writers.create_default_writer(self.workdir, just_logging=not self.is_main)
-        if start == 0 and self.is_main:
-            writer.write_hparams(_flat_hparams(config))
-        progress = periodic_actions.ReportProgress(
-            num_train_steps=config.num_train_steps,
-            writer=writer,
-            every_steps=config.log_every_steps,
-            every_secs=None,
-        )
-        sampler = None
-        if config.data.class_aware_sampling:
-            sampler = input_pipeline.class_aware_sampler(
-                self.builder, self.spec, config, self.layout
-            )
-            # [p_b, p_{b+1}] of the current period b, from the (restored) state.
-            probs = self.parallel.fetch(state.sampling_probs)
-            period = sampler.period(start)
-            sampler.post(period, probs[0])
-            sampler.post(period + 1, probs[1])
+        sampler = self._start_sampler(state, start)
         data = input_pipeline.train_iterator(
-            self.builder, self.spec, config, self.layout, start_step=start, index_fn=sampler
+            self.builder, self.spec, self.config, self.layout, start_step=start, index_fn=sampler
         )
-        profiler = profiling.StepProfiler(
-            self.workdir, config.profile_steps, start_step=start, enabled=self.is_main
-        )
-        pending: list[dict] = []
-        unchecked = None  # (step, metrics) of a step whose loss was not yet checked
-        t0, last_step_logged = time.time(), start
+        log = _TrainLog(self, start)
         try:
             with checkpointing.StopRequests(self.manager) as stop:
-                for step in range(start + 1, config.num_train_steps + 1):
-                    batch = self.parallel.put_batch(next(data))
-                    state, step_metrics = self._train_step(state, batch)
-                    profiler(step, state)
-                    if unchecked is not None:
-                        # The previous step is checked once this one is queued: the device
-                        # stays busy while the host waits.
-                        self._check_finite(*unchecked)
-                    unchecked = (step, step_metrics)
-                    pending.append(step_metrics)
-                    progress(step)
-                    stopping = stop.requested(step)
-                    last = step == config.num_train_steps
-                    refresh = sampler is not None and step % sampler.refresh_steps == 0
-                    log_now = step % config.log_every_steps == 0 or last
-                    eval_now = step % config.eval_every_steps == 0 or last
-                    # An evaluated state is saved too, so that "best" can be any evaluated one.
-                    save_now = step % config.checkpoint_every_steps == 0 or last or eval_now
-                    if refresh or log_now or eval_now or save_now or stopping:
-                        self._check_finite(*unchecked)  # before anything reads the state
-                        unchecked = None
-                    if refresh:
-                        # The state after update b*R gives p_{b+1}, the next period's
-                        # probabilities.
-                        probs = self.parallel.fetch(state.sampling_probs)
-                        sampler.post(sampler.period(step) + 1, probs[1])
-                    if log_now:
-                        scalars = self._log_train(writer, step, pending)
-                        rate = (step - last_step_logged) / max(time.time() - t0, 1e-9)
-                        t0, last_step_logged = time.time(), step
-                        self._print_progress(step, scalars, rate)
-                        pending = []
-                    eval_figures = None
-                    if eval_now:
-                        eval_figures = self.evaluate(state, config.data.eval_split)
-                        self._log_eval(writer, step, config.data.eval_split, eval_figures)
-                    if save_now or stopping:
-                        self.save(state, step, eval_figures)
-                    if stopping:
-                        self.manager.wait_until_finished()
-                        raise checkpointing.Preempted(
-                            f"stopped at step {step} by {stop.reason}; checkpoint saved; "
-                            "rerun the same command to resume",
-                            stop.exit_code,
-                        )
-            profiler.close(state)
+                state = self._run_steps(state, start, data, sampler, log, stop)
         except BaseException:
             # Let a save in flight finish (only checked states are saved) and stop Orbax's
             # threads, so that the error is the last thing printed.
@@ -540,8 +459,62 @@ class Trainer:
                 sampler.close()  # the reader may be waiting for a period beyond the last step
             data.close()  # release the tf.data iterator now, not during interpreter shutdown
         self.manager.wait_until_finished()
-        writer.flush()
+        log.writer.flush()
         return state
+
+    def _start_sampler(self, state: TrainState, start: int):
+        """Tilted class-aware sampling's `IndexFn`, started from the (restored) state; None
+        when batches are drawn uniformly."""
+        if not self.config.data.class_aware_sampling:
+            return None
+        sampler = input_pipeline.class_aware_sampler(
+            self.builder, self.spec, self.config, self.layout
+        )
+        sampler.start(start, self.parallel.fetch(state.sampling_probs))
+        return sampler
+
+    def _run_steps(self, state, start: int, data, sampler, log, stop) -> TrainState:
+        profiler = profiling.StepProfiler(
+            self.workdir, self.config.profile_steps, start_step=start, enabled=self.is_main
+        )
+        unchecked = None  # (step, metrics) of a step whose loss was not yet checked
+        for step in range(start + 1, self.config.num_train_steps + 1):
+            state, step_metrics = self._train_step(state, self.parallel.put_batch(next(data)))
+            profiler(step, state)
+            if unchecked is not None:
+                # The previous step is checked once this one is queued: the device stays
+                # busy while the host waits.
+                self._check_finite(*unchecked)
+            unchecked = (step, step_metrics)
+            log.add(step, step_metrics)
+            due = _Due.at(step, self.config, sampler, stop.requested(step))
+            if due:
+                self._check_finite(*unchecked)  # before anything reads the state
+                unchecked = None
+                self._periodic(state, step, due, sampler, log, stop)
+        profiler.close(state)
+        return state
+
+    def _periodic(self, state, step: int, due: _Due, sampler, log, stop) -> None:
+        """What happens every so many steps: sampler refresh, logs, evaluation, checkpoint,
+        and the stop a signal asked for."""
+        if due.refresh:
+            sampler.after_step(step, lambda: self.parallel.fetch(state.sampling_probs))
+        if due.log:
+            log.write(step)
+        eval_figures = None
+        if due.evaluate:
+            eval_figures = self.evaluate(state, self.config.data.eval_split)
+            self._log_eval(log.writer, step, self.config.data.eval_split, eval_figures)
+        if due.save or due.stop:
+            self.save(state, step, eval_figures)
+        if due.stop:
+            self.manager.wait_until_finished()
+            raise checkpointing.Preempted(
+                f"stopped at step {step} by {stop.reason}; checkpoint saved; "
+                "rerun the same command to resume",
+                stop.exit_code,
+            )
 
     def _check_finite(self, step: int, step_metrics: dict) -> None:
         """Raises Diverged if the loss or gradient norm of `step` is NaN or infinite."""
@@ -567,22 +540,6 @@ class Trainer:
             "or use a new --workdir"
         )
 
-    def _log_train(self, writer, step: int, pending: list[dict]) -> dict:
-        fetched = self.parallel.fetch(pending)
-        mean = {k: np.mean([m[k] for m in fetched], axis=0) for k in fetched[0]}
-        scalars = {f"train/{k}": float(v) for k, v in mean.items() if np.ndim(v) == 0}
-        scalars["train/learning_rate"] = float(self.schedule(step - 1))
-        for key in ("class_loss", "class_weight"):
-            if key in mean:
-                for name, value in zip(self.spec.class_names, mean[key], strict=True):
-                    scalars[f"train/{key}/{name}"] = float(value)
-        if self.is_main:
-            writer.write_scalars(step, scalars)
-            _append_jsonl(
-                os.path.join(self.workdir, "train_metrics.jsonl"), {"step": step, **scalars}
-            )
-        return scalars
-
     def _log_eval(self, writer, step: int, split: str, figures: dict) -> None:
         flat = metrics.flatten_figures(figures, self.spec.class_names)
         if self.is_main:
@@ -596,17 +553,6 @@ class Trainer:
                 f"pixel acc {100 * flat['pixel_accuracy']:.1f}",
                 flush=True,
             )
-
-    def _print_progress(self, step: int, scalars: dict, rate: float) -> None:
-        if not self.is_main:
-            return
-        remaining = (self.config.num_train_steps - step) / max(rate, 1e-9)
-        print(
-            f"[{self.config.loss.name}] step {step}/{self.config.num_train_steps}  "
-            f"loss {scalars['train/loss']:.4f}  {rate:.2f} steps/s  "
-            f"ETA {_format_seconds(remaining)}",
-            flush=True,
-        )
 
     # -- final reports ---------------------------------------------------------------------
 
@@ -641,6 +587,88 @@ class Trainer:
             }
             workdir_lib.write_json(os.path.join(self.workdir, "final_metrics.json"), final)
         return results
+
+
+@dataclasses.dataclass(frozen=True)
+class _Due:
+    """What is due after a training step (all false on most steps)."""
+
+    refresh: bool  # class-sampling probabilities of the next period
+    log: bool
+    evaluate: bool
+    save: bool
+    stop: bool  # a signal asked the run to stop
+
+    @classmethod
+    def at(cls, step: int, config, sampler, stop: bool) -> _Due:
+        last = step == config.num_train_steps
+        evaluate = step % config.eval_every_steps == 0 or last
+        return cls(
+            refresh=sampler is not None and sampler.refresh_due(step),
+            log=step % config.log_every_steps == 0 or last,
+            evaluate=evaluate,
+            # An evaluated state is saved too, so that "best" can be any evaluated one.
+            save=step % config.checkpoint_every_steps == 0 or last or evaluate,
+            stop=stop,
+        )
+
+    def __bool__(self) -> bool:
+        return any(dataclasses.astuple(self))
+
+
+class _TrainLog:
+    """Training metrics: kept per step on the device, averaged and written every
+    `log_every_steps` (TensorBoard, train_metrics.jsonl, one progress line)."""
+
+    def __init__(self, trainer: Trainer, start: int):
+        self.trainer = trainer
+        config = trainer.config
+        self.writer = metric_writers.create_default_writer(
+            trainer.workdir, just_logging=not trainer.is_main
+        )
+        if start == 0 and trainer.is_main:
+            self.writer.write_hparams(_flat_hparams(config))
+        self.progress = periodic_actions.ReportProgress(
+            num_train_steps=config.num_train_steps,
+            writer=self.writer,
+            every_steps=config.log_every_steps,
+            every_secs=None,
+        )
+        self.pending: list[dict] = []
+        self.last_time, self.last_step = time.time(), start
+
+    def add(self, step: int, step_metrics: dict) -> None:
+        self.pending.append(step_metrics)
+        self.progress(step)
+
+    def write(self, step: int) -> None:
+        trainer = self.trainer
+        fetched = trainer.parallel.fetch(self.pending)
+        self.pending = []
+        mean = {k: np.mean([m[k] for m in fetched], axis=0) for k in fetched[0]}
+        scalars = {f"train/{k}": float(v) for k, v in mean.items() if np.ndim(v) == 0}
+        scalars["train/learning_rate"] = float(trainer.schedule(step - 1))
+        for key in ("class_loss", "class_weight"):
+            if key in mean:
+                for name, value in zip(trainer.spec.class_names, mean[key], strict=True):
+                    scalars[f"train/{key}/{name}"] = float(value)
+        rate = (step - self.last_step) / max(time.time() - self.last_time, 1e-9)
+        self.last_time, self.last_step = time.time(), step
+        if trainer.is_main:
+            self.writer.write_scalars(step, scalars)
+            _append_jsonl(
+                os.path.join(trainer.workdir, "train_metrics.jsonl"), {"step": step, **scalars}
+            )
+            self._print(step, scalars["train/loss"], rate)
+
+    def _print(self, step: int, loss: float, rate: float) -> None:
+        config = self.trainer.config
+        remaining = (config.num_train_steps - step) / max(rate, 1e-9)
+        print(
+            f"[{config.loss.name}] step {step}/{config.num_train_steps}  "
+            f"loss {loss:.4f}  {rate:.2f} steps/s  ETA {_format_seconds(remaining)}",
+            flush=True,
+        )
 
 
 def _append_jsonl(path: str, record: dict) -> None:

@@ -17,7 +17,7 @@ from jax import lax
 from jax.test_util import check_grads
 
 from configs import default
-from tce_jax import objectives
+from tce_jax import config_lib, objectives
 from tce_jax.losses import (
     class_balancing_weights,
     cross_entropy,
@@ -441,14 +441,15 @@ def test_objectives_select_the_baselines(name, fields, expected):
     assert float(aux["class_loss"][4]) == 0.0  # absent
 
 
-def test_objectives_reject_bad_baseline_fields():
+def test_bad_baseline_fields_are_rejected_once_by_the_config_check():
+    """Validation happens in config_lib, before any objective is built."""
     config = default.get_config("weighted_ce")
     with config.loss.unlocked():
         config.loss.class_weights = "median"
     with pytest.raises(ValueError, match="loss.class_weights"):
-        objectives.create_loss_fn(config)
+        config_lib.validate_config(config)
     config = default.get_config("focal")
     with config.loss.unlocked():
         config.loss.focal_gamma = -2.0
     with pytest.raises(ValueError, match="loss.focal_gamma"):
-        objectives.create_loss_fn(config)
+        config_lib.validate_config(config)

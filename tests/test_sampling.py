@@ -107,9 +107,9 @@ def test_sampling_prior_chooses_the_class_prior_of_the_draw():
         step=jnp.array(10, jnp.int32),
     )
     config.data.sampling_prior = "loss"
-    by_loss = np.asarray(train.class_sampling_probs(config, state))
+    by_loss = np.asarray(sampling.class_probs(config, state))
     config.data.sampling_prior = "uniform"
-    by_uniform = np.asarray(train.class_sampling_probs(config, state))
+    by_uniform = np.asarray(sampling.class_probs(config, state))
     for probs, prior in ((by_loss, np.array([0.90, 0.09, 0.01])), (by_uniform, np.ones(3))):
         w = prior * np.exp(np.array([0.1, 0.5, 3.0]))
         np.testing.assert_allclose(probs, 0.8 * w / w.sum() + 0.2 / 3, rtol=1e-5)
@@ -141,6 +141,27 @@ def test_sampler_waits_for_the_trainer_and_stops_waiting_when_closed():
         sampler.probs(3)
     sampler.close()  # training ended: a reader running ahead must not block
     np.testing.assert_array_equal(sampler.probs(3), np.ones(5))
+
+
+def test_trainer_side_start_and_after_step_post_the_right_periods():
+    presence, _ = _members()
+    sampler = sampling.ClassAwareSampler(
+        {0: presence}, batch_per_shard=2, seed=0, refresh_steps=4, num_steps=100
+    )
+    sampler.start(7, np.array([[1, 0, 0, 0, 0], [0, 1, 0, 0, 0]]))  # resumed in period 1
+    assert sorted(sampler._probs) == [1, 2]
+    np.testing.assert_array_equal(sampler.probs(1), [1, 0, 0, 0, 0])
+    reads = []
+
+    def read():
+        reads.append(1)
+        return np.array([[0, 1, 0, 0, 0], [0, 0, 1, 0, 0]])
+
+    sampler.after_step(7, read)  # not a period start: the state is not even read
+    assert not reads and not sampler.refresh_due(7)
+    sampler.after_step(8, read)  # update 8 starts period 2: p_3 is the state's second row
+    assert reads == [1] and sampler.refresh_due(8)
+    np.testing.assert_array_equal(sampler.probs(3), [0, 0, 1, 0, 0])
 
 
 def test_advance_sampling_probs_moves_on_at_period_starts():

@@ -1,0 +1,41 @@
+"""The loss registry: names, the aux contract, and which losses accumulate exactly."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import default
+from tce_jax import losses, objectives
+
+
+def test_losses_are_the_registry_names_and_every_entry_builds():
+    assert objectives.LOSSES == tuple(objectives.OBJECTIVES)
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(2, 4, 4, 5)), jnp.float32)
+    labels = jnp.asarray(np.random.default_rng(1).integers(0, 5, size=(2, 4, 4)), jnp.int32)
+    for name in objectives.LOSSES:
+        config = default.get_config(name)
+        loss, _, aux = objectives.create_loss_fn(config)(
+            logits, labels, losses.stochastic_tce_init(5), None
+        )
+        assert np.isfinite(float(loss)), name
+        assert set(aux) <= set(objectives.AUX_KEYS), name
+        assert {"class_loss", "num_invalid"} <= set(aux), name
+        assert objectives.supports_accumulation(name) == (name != "lovasz")
+
+
+def test_the_aux_contract_is_enforced_for_every_objective(monkeypatch):
+    def make(aux):
+        def loss(cfg):
+            return lambda logits, labels, state, axis_name: (jnp.float32(0.0), state, aux)
+
+        return loss
+
+    config = default.get_config("ce")
+    state = losses.stochastic_tce_init(3)
+    monkeypatch.setitem(objectives.OBJECTIVES, "ce", objectives.Objective(make({"x": 1})))
+    with pytest.raises(KeyError, match=r"'ce' returns no \['class_loss', 'num_invalid'\]"):
+        objectives.create_loss_fn(config)(None, None, state, None)
+    full = {"class_loss": 1, "num_invalid": 0, "nonfinite_batch": True, "extra": 2}
+    monkeypatch.setitem(objectives.OBJECTIVES, "ce", objectives.Objective(make(full)))
+    _, _, aux = objectives.create_loss_fn(config)(None, None, state, None)
+    assert aux == {"class_loss": 1, "num_invalid": 0}  # only what the train step logs
