@@ -34,6 +34,7 @@ __all__ = [
     "flatten_figures",
     "write_report",
     "format_table",
+    "markdown_table",
     "SUMMARY_KEYS",
 ]
 
@@ -277,20 +278,23 @@ def _cell(value: Any) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], right: int = 1) -> str:
-    """A padded markdown table; columns from index ``right`` on are right-aligned."""
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
+    """A padded markdown table: the first ``left`` columns left-aligned, the others right-aligned.
+
+    Used by the run reports here and by ``experiments/report.py``.
+    """
     widths = [max(3, len(h)) for h in header]
     for row in rows:
         widths = [max(w, len(c)) for w, c in zip(widths, row, strict=True)]
 
     def line(cells: Sequence[str]) -> str:
         padded = [
-            c.ljust(w) if i < right else c.rjust(w)
+            c.ljust(w) if i < left else c.rjust(w)
             for i, (c, w) in enumerate(zip(cells, widths, strict=True))
         ]
         return "| " + " | ".join(padded) + " |"
 
-    rule = ["-" * w if i < right else "-" * (w - 1) + ":" for i, w in enumerate(widths)]
+    rule = ["-" * w if i < left else "-" * (w - 1) + ":" for i, w in enumerate(widths)]
     return "\n".join(
         [line(header), "|" + "|".join(f" {r} " for r in rule) + "|"] + [line(r) for r in rows]
     )
@@ -367,15 +371,15 @@ def write_report(
         "",
         "## Per-class results (%)",
         "",
-        _markdown_table(["class", "IoU", "accuracy", "frequency"], class_rows),
+        markdown_table(["class", "IoU", "accuracy", "frequency"], class_rows),
         "",
         "## Summary (%)",
         "",
-        _markdown_table(["figure", "value"], summary[:3]),
+        markdown_table(["figure", "value"], summary[:3]),
         "",
         f"## Fairness over the {int(figures['num_present'])} present classes (%)",
         "",
-        _markdown_table(["figure", "value"], summary[3:]),
+        markdown_table(["figure", "value"], summary[3:]),
         "",
         f"Classes absent from both labels and predictions are excluded; "
         f"{int(figures['num_pixels'])} labelled pixels.",
@@ -385,7 +389,7 @@ def write_report(
         parts += [
             "## Details",
             "",
-            _markdown_table(["key", "value"], [[_cell(k), _cell(v)] for k, v in extra.items()]),
+            markdown_table(["key", "value"], [[_cell(k), _cell(v)] for k, v in extra.items()]),
             "",
         ]
     md_path = directory / "report.md"
@@ -412,4 +416,4 @@ def format_table(
     ]
     for key in SUMMARY_KEYS:
         rows.append([f"**{_DISPLAY_NAMES[key]}**"] + [_pct(figures_by_name[r][key]) for r in runs])
-    return _markdown_table(["IoU (%)"] + [_cell(r) for r in runs], rows)
+    return markdown_table(["IoU (%)"] + [_cell(r) for r in runs], rows)

@@ -4,6 +4,7 @@ config a sweep run trains with, and the report on fabricated workdirs (numbers c
 
 import io
 import json
+import math
 import os
 import pathlib
 import sys
@@ -193,14 +194,22 @@ def test_train_run_builds_the_config_the_sweep_asked_for():
 # Report, on fabricated workdirs.
 
 CLASSES = ("road", "pole", "rider")
+# Student's t quantiles t(0.975, df) from a printed table (an independent reference).
+T_975 = {1: 12.7062, 2: 4.3027, 4: 2.7764, 9: 2.2622, 29: 2.0452}
 
 
-def fake_run(root, arm, seed, loss, val, test, t=None, per_class=None, steps=(10, 20), **cfg):
-    """A finished workdir: config.json, final_metrics.json, train_metrics.jsonl."""
+def fake_run(root, arm, seed, loss, val, test, t=None, per_class=None, steps=(10, 20),
+             data=None, test_figures=None, **cfg):
+    """A finished workdir: config.json, final_metrics.json, train_metrics.jsonl.
+
+    ``val``/``test``: (mIoU, worst-class IoU); worst-25% mIoU is worst + 0.01 unless
+    ``test_figures`` sets the test split's figures.
+    """
     path = os.path.join(root, arm, f"seed{seed}")
     os.makedirs(path, exist_ok=True)
     config = {"seed": seed, "num_train_steps": 20,
-              "data": {"name": "fake", "data_dir": f"/data/{seed}", "crop_size": [8, 8]},
+              "data": {"name": "fake", "data_dir": f"/data/{seed}", "crop_size": [8, 8],
+                       **(data or {})},
               "loss": {"name": loss, "t": 1.0 if t is None else t, **cfg}}
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(config, f)
@@ -213,16 +222,30 @@ def fake_run(root, arm, seed, loss, val, test, t=None, per_class=None, steps=(10
         return out
 
     with open(os.path.join(path, "final_metrics.json"), "w") as f:
-        json.dump({"validation": figures(*val), "test": figures(*test)}, f)
+        json.dump({"validation": figures(*val), "test": {**figures(*test),
+                                                         **(test_figures or {})}}, f)
     with open(os.path.join(path, "train_metrics.jsonl"), "w") as f:
         for step in steps:
             record = {"step": step, "train/loss": 1.0 / step}
             record.update({f"train/class_loss/{c}": step * (i + 1) + seed
                            for i, c in enumerate(CLASSES)})
-            if loss != "focal":
+            if loss not in ("focal", "lovasz"):
                 record.update({f"train/class_weight/{c}": 1 / 3 for c in CLASSES})
             f.write(json.dumps(record) + "\n")
     return path
+
+
+def table_rows(text, heading):
+    """The cells of each body row of the first table under the heading starting ``heading``."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"## {heading}"))
+    body = []
+    for line in lines[start + 1:]:
+        if line.startswith("## "):
+            break
+        if line.startswith("|"):
+            body.append([c.strip() for c in line.strip("|").split("|")])
+    return body[2:]  # without the header and the rule
 
 
 @pytest.fixture
@@ -242,11 +265,59 @@ def fabricated(tmp_path):
     return root
 
 
+# The study's arms (experiments/grids/embedded.py), as (run dir, loss, t, loss fields, data).
+STUDY_ARMS = (
+    ("ce", "ce", None, {}, {}),
+    ("tce_t1", "tce", 1.0, {}, {}),
+    ("tce_t2", "tce", 2.0, {}, {}),
+    ("tce_t5", "tce", 5.0, {}, {}),
+    ("stochastic_tce_ema", "stochastic_tce", 2.0, {"estimator": "ema"}, {}),
+    ("stochastic_tce_tilted", "stochastic_tce", 2.0, {"estimator": "tilted"}, {}),
+    ("stochastic_tce_sampling", "stochastic_tce", 2.0, {"estimator": "tilted", "batch_loss": "ce"},
+     {"class_aware_sampling": True, "sampling_prior": "uniform", "sampling_mix": 0.5,
+      "sampling_refresh_steps": 20}),
+    ("tce_uniform_t1", "tce", 1.0, {"class_weighting": "uniform"}, {}),
+    ("weighted_ce_median", "weighted_ce", None, {"class_weights": "median_frequency"}, {}),
+    ("lovasz", "lovasz", None, {}, {}),
+)
+CE_MIOU, CE_WORST = (0.50, 0.52, 0.54), (0.10, 0.12, 0.14)
+# Per-seed test differences from CE (mIoU, worst-class IoU; worst-25% mIoU follows the latter).
+STUDY_DIFFERENCES = {
+    "ce": ((0.0, 0.0, 0.0), (0.0, 0.0, 0.0)),
+    "tce_t2": ((0.02, -0.01, 0.05), (0.06, 0.07, 0.08)),
+    "weighted_ce_median": ((-0.10, -0.11, -0.12), (0.0, 0.01, -0.01)),
+    "lovasz": ((0.01, 0.03), (0.0, 0.0)),  # no seed 2: unpaired
+}
+VALIDATION_MIOU = {"tce_t1": 0.60, "tce_t2": 0.65, "tce_t5": 0.55}
+
+
+@pytest.fixture
+def fabricated_study(tmp_path):
+    """The study's 10 arms; TCE t=2 best on validation, t=1 on test; Lovász lacks seed 2.
+
+    The config of TCE t=1 seed 0 names the loss fields that the other runs' config.json lack
+    (an older config): with the defaults filled in, they are one arm.
+    """
+    root = str(tmp_path / "study")
+    for arm, loss, t, fields, data in STUDY_ARMS:
+        miou_d, worst_d = STUDY_DIFFERENCES.get(arm, ((0.01, 0.02, 0.03), (0.0, 0.0, 0.0)))
+        for seed in range(len(miou_d)):
+            miou, worst = CE_MIOU[seed] + miou_d[seed], CE_WORST[seed] + worst_d[seed]
+            if arm == "tce_t1":
+                miou = 0.80  # best on test, not selected
+            if arm == "tce_t1" and seed == 0:
+                fields = {"estimator": "ema", "class_weighting": "frequency", "tau": 0.0}
+            per_class = (0.9, 0.3 + 0.05 * (seed + 1), 0.1) if arm == "tce_t2" else None
+            fake_run(root, arm, seed, loss, t=t, val=(VALIDATION_MIOU.get(arm, 0.5), 0.1),
+                     test=(miou, worst), per_class=per_class, data=data, **fields)
+    return root
+
+
 def test_report_groups_selects_on_validation_and_aggregates(fabricated):
     runs, unfinished = report.find_runs(fabricated)
     assert len(runs) == 10 and unfinished == [os.path.join(fabricated, "ce", "seed9")]
     arms = report.group_runs(runs)
-    assert [a.name for a in arms] == ["CE", "TCE (t=1)", "TCE (t=2)", "focal"]
+    assert [a.name for a in arms] == ["CE", "TCE, t=1", "TCE, t=2", "focal"]
     assert [a.seeds for a in arms] == [[0, 1, 2], [0, 1, 2], [0, 1, 2], [0]]
     ce, tce1, tce2, focal = arms
     # mean and sample std (ddof=1) over the seeds
@@ -256,21 +327,18 @@ def test_report_groups_selects_on_validation_and_aggregates(fabricated):
     assert np.isnan(focal.stat("test", "miou")[1])  # one seed: no std
 
     chosen = report.select(arms, "validation", "miou")
-    assert chosen["tce"] is tce1  # validation picks t=1 although t=2 is better on test
-    assert report.select(arms, "validation", "worst_iou")["tce"] is tce2
-    assert report.select(arms, "validation", "iou_std")["tce"] is tce1  # ties: the first
+    assert chosen["TCE"] is tce1  # validation picks t=1 although t=2 is better on test
+    assert report.select(arms, "validation", "worst_iou")["TCE"] is tce2
+    assert report.select(arms, "validation", "iou_std")["TCE"] is tce1  # ties: the first
 
     text = report.render_markdown(arms, chosen, select_split="validation", report_split="test",
                                   metric="miou", title="T", unfinished=unfinished)
-    lines = text.splitlines()
-    row = next(r for r in lines if r.startswith("| TCE ") and "t=1" in r and "selected" not in r)
-    cells = [c.strip() for c in row.strip("|").split("|")]
+    rows = table_rows(text, "Selected configurations")
     # loss, selected, seeds, mIoU, pixel acc., IoU std, worst IoU, worst-25%
-    assert cells == ["TCE", "t=1", "3", "62.0 ± 2.0", "90.0 ± 0.0", "20.0 ± 0.0", "11.0 ± 1.0",
-                     "12.0 ± 1.0"]
-    row = next(r for r in lines if r.startswith("| pole "))
-    assert [c.strip() for c in row.strip("|").split("|")] == [
-        "pole", "30.0 ± 0.0", "50.0 ± 10.0", "30.0"]
+    assert rows[1] == ["TCE", "t=1 (of 2)", "3", "62.0 ± 2.0", "90.0 ± 0.0", "20.0 ± 0.0",
+                       "11.0 ± 1.0", "12.0 ± 1.0"]
+    row = next(r for r in table_rows(text, "Per-class IoU (") if r[0] == "pole")
+    assert row == ["pole", "30.0 ± 0.0", "50.0 ± 10.0", "30.0"]
     assert "t=1 (selected)" in text and "t=2 (selected)" not in text
     assert "seed9" in text and "Warning" not in text
 
@@ -282,12 +350,107 @@ def test_report_warns_when_arms_differ_outside_the_loss(fabricated):
     config["num_train_steps"] = 40
     config_path.write_text(json.dumps(config))
     arms = report.group_runs(report.find_runs(fabricated)[0])
-    assert [a.name for a in arms if a.family == "ce"] == ["CE (num_train_steps=20)",
-                                                          "CE (num_train_steps=40)"]
+    assert [a.name for a in arms if a.loss == "ce"] == ["CE (num_train_steps=20)",
+                                                        "CE (num_train_steps=40)"]
     text = report.render_markdown(arms, report.select(arms, "validation", "miou"),
                                   select_split="validation", report_split="test", metric="miou",
                                   title="T")
     assert "Warning" in text and "`num_train_steps`" in text
+    assert "Paired differences from CE (num_train_steps=20)" in text
+
+
+def test_report_families_match_the_study(fabricated_study):
+    arms = report.group_runs(report.find_runs(fabricated_study)[0])
+    assert [a.name for a in arms] == [
+        "CE",
+        "TCE, t=1",
+        "TCE, t=2",
+        "TCE, t=5",
+        "TCE (uniform prior), t=1",
+        "Stochastic TCE (EMA), t=2",
+        "Stochastic TCE (tilted estimate), t=2",
+        "Stochastic TCE (TERM: tilted sampling, CE batch loss), t=2",
+        "weighted CE (median frequency)",
+        "Lovász-softmax",
+    ]
+    # The older config of TCE t=1 seed 0 joined the others (missing fields take the defaults).
+    assert [len(a.runs) for a in arms] == [3] * 9 + [2]
+    chosen = report.select(arms, "validation", "miou")
+    assert len(chosen) == 8 and chosen["TCE"] is arms[2]  # t=2 on validation; t=1 wins on test
+    assert [a.family_size for a in report.selected_arms(arms, chosen)] == [1, 3] + [1] * 6
+    assert report.reference_arm(arms, chosen) is arms[0]
+    text = report.render_markdown(arms, chosen, select_split="validation", report_split="test",
+                                  metric="miou", title="T")
+    # The sampler's fields belong to the method: no like-for-like warning.
+    assert "Warning" not in text
+    assert "TCE, t=2 was selected among 3 values of t by validation mIoU" in text
+
+
+def test_t_quantiles_match_the_printed_table():
+    for df, value in T_975.items():
+        assert report.t_quantile(df) == pytest.approx(value, abs=1e-4)
+
+
+def hand_interval(diffs):
+    """Mean and 95% t-interval of the differences, from the printed t table."""
+    n = len(diffs)
+    mean = sum(diffs) / n
+    s = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1))
+    half = T_975[n - 1] * s / math.sqrt(n)
+    return mean, mean - half, mean + half
+
+
+def test_report_paired_differences_and_intervals(fabricated_study):
+    arms = {a.name: a for a in report.group_runs(report.find_runs(fabricated_study)[0])}
+    ce, tce, weighted, lovasz = (arms[n] for n in ("CE", "TCE, t=2",
+                                                    "weighted CE (median frequency)",
+                                                    "Lovász-softmax"))
+    cases = [
+        (tce, "miou", [0.02, -0.01, 0.05], False),  # mean +2.0, interval about [-5.5, +9.5]
+        (tce, "worst25_miou", [0.06, 0.07, 0.08], True),  # [+4.5, +9.5]
+        (weighted, "miou", [-0.10, -0.11, -0.12], True),  # below 0
+        (lovasz, "miou", [0.01, 0.03], False),  # two pairs: t(0.975, 1) = 12.71
+        (tce, "iou/pole", [0.05, 0.10, 0.15], False),
+    ]
+    for arm, key, diffs, excludes in cases:
+        seeds, values = report.paired_differences(arm, ce, "test", key)
+        assert seeds == list(range(len(diffs)))
+        np.testing.assert_allclose(values, diffs, atol=1e-12)
+        iv = report.difference(arm, ce, "test", key)
+        mean, low, high = hand_interval(diffs)
+        assert (iv.n, iv.excludes_zero) == (len(diffs), excludes)
+        assert (iv.mean, iv.low, iv.high) == (pytest.approx(mean), pytest.approx(low, abs=1e-4),
+                                              pytest.approx(high, abs=1e-4))
+    assert report.paired_seeds(lovasz, ce) == [0, 1]
+    one = report.t_interval([0.3])
+    assert one.n == 1 and np.isnan(one.low) and not one.excludes_zero
+
+    chosen = report.select(list(arms.values()), "validation", "miou")
+    text = report.render_markdown(list(arms.values()), chosen, select_split="validation",
+                                  report_split="test", metric="miou", title="T")
+    rows = {r[0] + r[1]: r for r in table_rows(text, "Paired differences")}
+    # loss, configuration, pairs, mIoU, pixel acc., IoU std, worst-class IoU, worst-25% mIoU
+    assert rows["TCEt=2 (of 3)"] == ["TCE", "t=2 (of 3)", "3 (0, 1, 2)", "+2.0 [-5.5, +9.5]",
+                                     "+0.0 [+0.0, +0.0]", "+0.0 [+0.0, +0.0]",
+                                     "**+7.0 [+4.5, +9.5]**", "**+7.0 [+4.5, +9.5]**"]
+    assert rows["Lovász-softmax-"][2:4] == ["2 (0, 1)", "+2.0 [-10.7, +14.7]"]
+    assert rows["weighted CE (median frequency)-"][3] == "**-11.0 [-13.5, -8.5]**"
+    pole = next(r for r in table_rows(text, "Per-class IoU, paired") if r[0] == "pole")
+    assert pole[1] == "+10.0 [-2.4, +22.4]"
+    summary = text[text.index("## Summary"):text.index("## Paired")]
+    assert ("* **TCE, t=2** (3 pairs): worst-25% mIoU: higher than CE (interval excludes 0: "
+            "+7.0 [+4.5, +9.5] pp); mIoU: not shown (interval contains 0: +2.0 [-5.5, +9.5] pp)."
+            in summary)
+    assert ("* **weighted CE (median frequency)** (3 pairs): worst-25% mIoU: not shown "
+            "(interval contains 0: +0.0 [-2.5, +2.5] pp); mIoU: lower than CE (interval excludes "
+            "0: -11.0 [-13.5, -8.5] pp)." in summary)
+    assert summary.count("\n* **") == 7  # every selected arm but CE
+
+
+def test_pareto_front_of_the_means():
+    points = [(50, 10), (55, 8), (52, 12), (49, 9), (55, 7), (52, 12)]
+    # (50, 10), (49, 9) and (55, 7) are dominated; equal points both stay.
+    assert report.pareto_front(points) == [2, 5, 1]
 
 
 def test_report_training_curves_average_seeds(fabricated):
@@ -296,6 +459,13 @@ def test_report_training_curves_average_seeds(fabricated):
     np.testing.assert_array_equal(steps, [10, 20])
     np.testing.assert_allclose(curves["pole"], [20 + 1, 40 + 1])  # mean of seeds 0, 1, 2
     assert report.training_curves(arms[3], "class_weight")[1] == {}
+
+
+def check_pngs(figures, prefix):
+    for name in ("per_class_iou.png", "frontier.png", "curves.png"):
+        path = figures / f"{prefix}{name}"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert path.stat().st_size < 300_000
 
 
 def test_report_command_line_writes_tables_json_and_plots(fabricated, tmp_path, capsys):
@@ -307,19 +477,42 @@ def test_report_command_line_writes_tables_json_and_plots(fabricated, tmp_path, 
     assert out.read_text().startswith("# Fake study")
     summary = json.loads((tmp_path / "results" / "study.json").read_text())
     selected = [a for a in summary["arms"] if a["selected"]]
-    assert [(a["family"], a["label"]) for a in selected] == [("ce", ""), ("tce", "t=1"),
+    assert [(a["family"], a["label"]) for a in selected] == [("CE", ""), ("TCE", "t=1"),
                                                             ("focal", "")]
     tce = selected[1]["figures"]["test"]["worst_iou"]
     assert tce["mean"] == pytest.approx(0.11) and tce["n"] == 3
     assert selected[2]["figures"]["test"]["miou"]["std"] is None
     assert selected[0]["runs"] == ["ce/seed0", "ce/seed1", "ce/seed2"]
-    for name in ("x_per_class_iou.png", "x_tradeoff.png", "x_curves.png"):
-        path = figures / name
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert path.stat().st_size < 200_000
+    check_pngs(figures, "x_")
     assert report.main([f"--workdir={tmp_path / 'empty'}"]) == 1
     assert report.main([f"--workdir={fabricated}", "--report_split=train"]) == 1
     assert "split 'train' missing" in capsys.readouterr().err
+
+
+def test_report_command_line_on_the_study(fabricated_study, tmp_path):
+    out = tmp_path / "study.md"
+    figures = tmp_path / "figures"
+    assert report.main([f"--workdir={fabricated_study}", f"--out={out}",
+                        f"--figures={figures}", "--prefix=s_"]) == 0
+    summary = json.loads((tmp_path / "study.json").read_text())
+    assert summary["reference"] == "CE" and summary["confidence"] == 0.95
+    arms = {a["name"]: a for a in summary["arms"]}
+    paired = arms["TCE, t=2"]["difference_from_reference"]["test"]["worst25_miou"]
+    mean, low, high = hand_interval([0.06, 0.07, 0.08])
+    assert paired["seeds"] == [0, 1, 2] and paired["n"] == 3 and paired["excludes_zero"]
+    np.testing.assert_allclose(paired["differences"], [0.06, 0.07, 0.08], atol=1e-12)
+    assert (paired["mean"], paired["ci_low"], paired["ci_high"]) == (
+        pytest.approx(mean), pytest.approx(low, abs=1e-4), pytest.approx(high, abs=1e-4))
+    assert arms["Lovász-softmax"]["difference_from_reference"]["test"]["miou"]["seeds"] == [0, 1]
+    assert "difference_from_reference" not in arms["CE"]
+    # The arm's own interval (the frontier plot's error bars).
+    own = arms["CE"]["figures"]["test"]["miou"]
+    assert (own["ci_low"], own["ci_high"]) == (
+        pytest.approx(0.52 - 4.3027 * 0.02 / math.sqrt(3), abs=1e-4),
+        pytest.approx(0.52 + 4.3027 * 0.02 / math.sqrt(3), abs=1e-4))
+    assert {(s["arm"], s["figure"]): s["result"] for s in summary["summary"]}[
+        ("weighted CE (median frequency)", "miou")] == "lower"
+    check_pngs(figures, "s_")
 
 
 def test_read_jsonl_keeps_the_last_record_of_a_step(tmp_path):
