@@ -30,16 +30,6 @@ ACCELERATOR_CROP = (512, 1024)
 ACCELERATOR_BATCH = 8
 
 
-def load_config(path: str):
-    import importlib.util
-
-    file, _, arg = path.partition(":")
-    spec = importlib.util.spec_from_file_location("bench_config", os.path.join(ROOT, file))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg or None)
-
-
 def build_step(config, loss_name, parallel, num_classes):
     import jax
 
@@ -85,20 +75,21 @@ def main():
                         f"config's on CPU, {ACCELERATOR_BATCH} on GPU/TPU)")
     args = parser.parse_args()
 
-    import jax
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
-    from tce_jax import config_lib, input_pipeline
+    from experiments.train_run import load_config
+    from tce_jax import config_lib, input_pipeline, startup
     from tce_jax import parallel as parallel_lib
+
+    config = load_config(args.config)
+    if args.data_dir:
+        config.data.data_dir = args.data_dir
+    startup.start(config)
+    import jax
 
     backend = jax.default_backend()
     device_kind = jax.devices()[0].device_kind
     print(f"backend {backend}, device kind {device_kind}, {jax.device_count()} device(s)",
           flush=True)
-    config = load_config(args.config)
-    if args.data_dir:
-        config.data.data_dir = args.data_dir
+    # The sizes below are valid for every config: no second validation.
     on_accelerator = backend != "cpu"
     if args.crop_size:
         config.data.crop_size = tuple(int(v) for v in args.crop_size.split(","))
@@ -108,7 +99,6 @@ def main():
         config.global_batch_size = args.batch_size
     elif on_accelerator:
         config.global_batch_size = ACCELERATOR_BATCH
-    config_lib.validate_config(config)
     num_shards = config_lib.validate_layout(
         config, num_devices=jax.device_count(), num_processes=jax.process_count()
     )

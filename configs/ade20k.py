@@ -16,7 +16,7 @@ Variants, after a colon, comma-separated:
 * ``slide``: sliding-window evaluation (512x512 windows, stride 341) instead of whole images;
 * ``tta``: test-time augmentation in evaluation and prediction, as mmsegmentation's aug-test
   (scales 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 and horizontal flip; mean softmax probabilities);
-* ``runlocal`` (alias ``tiny``): a few steps on tiny crops with a small U-Net, for smoke tests.
+* ``tiny`` (alias ``runlocal``): six steps on tiny crops with a small U-Net, for smoke tests.
 
 Fewer accelerators than the recipe's (or less memory): ``--config.grad_accum_steps=k`` runs the
 global batch of 16 as k micro-batches with the same loss and gradients (exact; BatchNorm
@@ -31,9 +31,6 @@ split at the same scale, with predictions resized back to each annotation's reso
 
 from tce_jax import config_lib
 
-# The variant combinations tests/test_configs.py builds.
-VARIANTS = config_lib.RECIPE_TEST_VARIANTS
-
 
 def get_config(arg: str | None = None):
     config = config_lib.get_recipe_config()
@@ -47,7 +44,7 @@ def get_config(arg: str | None = None):
     config.num_train_steps = 160_000
     config.eval_every_steps = 16_000
     config.checkpoint_every_steps = 8_000
-    runlocal = dict(
+    tiny_data = dict(
         crop_size=(32, 32), base_size=(64, 128), eval_window=(32, 32), eval_stride=(21, 21)
     )
-    return config_lib.apply_recipe_variants(config, arg, runlocal=runlocal)
+    return config_lib.apply_variants(config, arg, tiny_data=tiny_data)

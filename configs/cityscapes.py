@@ -17,7 +17,7 @@ Variants, after a colon, comma-separated:
   images;
 * ``tta``: test-time augmentation in evaluation and prediction, as mmsegmentation's aug-test
   (scales 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 and horizontal flip; mean softmax probabilities);
-* ``runlocal`` (alias ``tiny``): a few steps on tiny crops with a small U-Net, for smoke tests.
+* ``tiny`` (alias ``runlocal``): six steps on tiny crops with a small U-Net, for smoke tests.
 
 Fewer accelerators than the recipe's (or less memory): ``--config.grad_accum_steps=k`` runs the
 global batch of 8 as k micro-batches with the same loss and gradients (exact; BatchNorm
@@ -30,9 +30,6 @@ and photometric distortion; evaluation on the validation split at full resolutio
 """
 
 from tce_jax import config_lib
-
-# The variant combinations tests/test_configs.py builds.
-VARIANTS = config_lib.RECIPE_TEST_VARIANTS
 
 
 def get_config(arg: str | None = None):
@@ -47,9 +44,9 @@ def get_config(arg: str | None = None):
     config.num_train_steps = 80_000
     config.eval_every_steps = 8_000
     config.checkpoint_every_steps = 4_000
-    # runlocal: tiny crops of downscaled images; evaluation at the labels' full resolution
+    # tiny: tiny crops of downscaled images; evaluation at the labels' full resolution
     # (predictions resized back).
-    runlocal = dict(
+    tiny_data = dict(
         crop_size=(64, 128), base_size=(128, 256), eval_window=(64, 128), eval_stride=(43, 86)
     )
-    return config_lib.apply_recipe_variants(config, arg, runlocal=runlocal)
+    return config_lib.apply_variants(config, arg, tiny_data=tiny_data)

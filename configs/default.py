@@ -5,8 +5,10 @@ Variants are chosen after a colon, comma-separated, e.g.::
     python -m tce_jax.main --config=configs/default.py:ce --workdir=/tmp/ce
     python -m tce_jax.main --config=configs/default.py:stochastic_tce,tiny --workdir=/tmp/s
 
-* `ce`, `tce`, `stochastic_tce`: the loss (default `tce`);
-* `tiny`: a few steps on small crops for tests and smoke runs.
+* `ce`, `tce`, `stochastic_tce`, `weighted_ce`, `focal`, `lovasz`: the loss (default `tce`);
+* `tiny`: six steps of a small U-Net on small crops of a subset, for tests and smoke runs;
+* the other variants every config accepts (`sampling`, `r50`, `r101`, `bf16`, `slide`, `tta`;
+  see `tce_jax.config_lib.VARIANTS`).
 
 Any field can be overridden on the command line: `--config.loss.t=2.0`.
 """
@@ -25,4 +27,6 @@ def get_config(arg: str | None = None):
     # Fixed before any run: with the 'frequency' prior spanning ~200x (e^5.3), a tilt of 2
     # lets a class whose loss is ~2.5 nats above road's outweigh its prior.
     config.loss.t = 2.0
-    return config_lib.apply_variants(config, arg)
+    return config_lib.apply_variants(
+        config, arg, tiny_data={"name": "street_scenes_small", "crop_size": (32, 64)}
+    )

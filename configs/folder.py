@@ -20,7 +20,7 @@ Variants, after a colon, comma-separated:
 * ``r50`` / ``r101``: the DeepLabV3+ backbone (default ResNet-50), output stride 8;
 * ``bf16``: bfloat16 compute (parameters stay float32);
 * ``slide``: sliding-window evaluation (512x512 windows, stride 341) instead of whole images;
-* ``runlocal`` (alias ``tiny``): a few steps on tiny crops with a small U-Net, for smoke tests.
+* ``tiny`` (alias ``runlocal``): six steps on tiny crops with a small U-Net, for smoke tests.
 
 The default recipe is mmsegmentation's DeepLabV3+ R-50-D8 512x512 (SGD lr 0.01, momentum
 0.9, weight decay 5e-4, poly decay, batch 16, random resize [0.5, 2.0], crops padded with the
@@ -31,9 +31,6 @@ validation split; add the test split (labelled) with
 """
 
 from tce_jax import config_lib
-
-# The variant combinations tests/test_configs.py builds.
-VARIANTS = config_lib.RECIPE_TEST_VARIANTS + ("unet", "unet,ce,bf16")
 
 
 def get_config(arg: str | None = None):
@@ -55,6 +52,6 @@ def get_config(arg: str | None = None):
         opt = config.optimizer
         opt.name, opt.learning_rate, opt.weight_decay = "adamw", 3e-3, 1e-4
         opt.schedule, opt.warmup_steps = "poly", 50
-    runlocal = dict(crop_size=(32, 32), base_size=(), eval_window=(32, 32), eval_stride=(21, 21))
+    tiny_data = dict(crop_size=(32, 32), base_size=(), eval_window=(32, 32), eval_stride=(21, 21))
     recipe_variants = ",".join(v for v in variants if v != "unet")
-    return config_lib.apply_recipe_variants(config, recipe_variants, runlocal=runlocal)
+    return config_lib.apply_variants(config, recipe_variants, tiny_data=tiny_data)

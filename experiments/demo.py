@@ -25,13 +25,10 @@ def main() -> None:
     parser.add_argument("--data_dir", default="", help="TFDS data dir (default: TFDS's)")
     args = parser.parse_args()
 
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tensorflow as tf
-
-    tf.config.set_visible_devices([], "GPU")
     from configs import default
-    from tce_jax import metrics, train
+    from tce_jax import metrics, startup, train
 
+    startup.start(default.get_config())
     results, spec = {}, None
     for loss in LOSSES:
         config = default.get_config(loss)

@@ -67,21 +67,10 @@ def main(argv: list[str]) -> int:
     workdir = os.path.abspath(argv[1])
     with open(os.path.join(workdir, "run_spec.json")) as f:
         spec = json.load(f)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    from absl import logging
-
-    # Orbax and TFDS log every step at INFO; keep the log for the progress lines.
-    logging.set_verbosity(logging.WARNING)
     config = build_config(spec)
+    from tce_jax import startup
 
-    from tce_jax import config_lib, distributed
-
-    config_lib.validate_config(config)
-    distributed.initialize(config)  # before any other JAX call
-    import tensorflow as tf
-
-    # TensorFlow only feeds data: keep it off the accelerators JAX uses.
-    tf.config.set_visible_devices([], "GPU")
+    startup.start(config)
     from tce_jax import train
 
     print(f"=== {spec.get('arm', '?')} seed {spec.get('seed', '?')}: {spec['config']} "

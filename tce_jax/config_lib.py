@@ -155,30 +155,6 @@ def validate_folder_config(config: ml_collections.ConfigDict) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def apply_variants(config: ml_collections.ConfigDict, arg: str | None) -> ml_collections.ConfigDict:
-    """Applies the comma-separated variants of `arg` (see the module docstring)."""
-    for variant in filter(None, (arg or "").split(",")):
-        if variant in LOSSES:
-            config.loss.name = variant
-        elif variant == "tiny":
-            config.data.name = "street_scenes_small"
-            config.data.crop_size = (32, 64)
-            config.model.name = "unet_small"
-            config.global_batch_size = 8
-            config.data.eval_batch_size = 8
-            config.num_train_steps = 6
-            config.log_every_steps = 2
-            config.eval_every_steps = 3
-            config.checkpoint_every_steps = 3
-            config.optimizer.warmup_steps = 1
-        else:
-            raise ValueError(
-                f"Unknown config variant {variant!r}; use any of "
-                f"{', '.join(LOSSES + ('tiny',))}, comma-separated."
-            )
-    return config
-
-
 # The keys of tce_jax.models.MODELS (checked equal by the tests), here so that a config can be
 # validated without importing Flax.
 MODEL_NAMES = ("unet", "unet_small", "deeplabv3plus_resnet50", "deeplabv3plus_resnet101")
@@ -453,19 +429,6 @@ def validate_layout(
     return num_shards
 
 
-RECIPE_VARIANTS = ("sampling", "r50", "r101", "bf16", "slide", "tta", "runlocal", "tiny")
-# Combinations that exercise every recipe variant (built by tests/test_configs.py).
-RECIPE_TEST_VARIANTS = (
-    "",
-    "ce",
-    "tce",
-    "stochastic_tce,sampling",
-    "r50,bf16,slide,tta",
-    "runlocal",
-    "stochastic_tce,sampling,slide,runlocal",
-)
-
-
 def get_recipe_config() -> ml_collections.ConfigDict:
     """The standard DeepLabV3+ recipe of the real-dataset configs (mmsegmentation's R-101-D8).
 
@@ -491,38 +454,77 @@ def get_recipe_config() -> ml_collections.ConfigDict:
     return config
 
 
-def apply_recipe_variants(
-    config: ml_collections.ConfigDict, arg: str | None, *, runlocal: dict
+# ---------------------------------------------------------------------------------------------
+# Variants: `--config=path.py:variant,variant`, the same names for every config file.
+
+
+def _sampling(config):
+    config.data.class_aware_sampling = True
+
+
+def _backbone(depth: int):
+    def apply(config):
+        config.model.name = f"deeplabv3plus_resnet{depth}"
+
+    return apply
+
+
+def _bf16(config):
+    config.mixed_precision = True
+
+
+def _slide(config):
+    config.data.eval_mode = "sliding"
+
+
+def _tta(config):  # mmsegmentation's aug-test ratios, with flip
+    config.data.tta_scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    config.data.tta_flip = True
+
+
+# name -> what it sets; the loss names (LOSSES) set config.loss.name, and `tiny` is below.
+VARIANTS = {
+    "sampling": _sampling,  # tilted class-aware sampling (with stochastic_tce)
+    "r50": _backbone(50),
+    "r101": _backbone(101),
+    "bf16": _bf16,  # bfloat16 compute, float32 parameters
+    "slide": _slide,  # sliding-window evaluation
+    "tta": _tta,  # test-time augmentation: flip and scales 0.5 to 1.75
+}
+TINY = ("tiny", "runlocal")  # `runlocal`: the name the real-dataset configs also accept
+
+
+def _tiny(config, tiny_data: dict) -> None:
+    """A few steps of a small U-Net on small crops: smoke runs and tests (checkpoints at steps 3
+    and 6). `tiny_data`: the config file's small sizes (data fields) for its dataset."""
+    for field, value in tiny_data.items():
+        config.data[field] = value
+    config.model.name = "unet_small"
+    config.global_batch_size = config.data.eval_batch_size = 8
+    config.num_train_steps = 6
+    config.log_every_steps = 2
+    config.eval_every_steps = config.checkpoint_every_steps = 3
+    config.optimizer.warmup_steps = 1
+    config.data.sampling_refresh_steps = 2
+
+
+def apply_variants(
+    config: ml_collections.ConfigDict, arg: str | None, *, tiny_data: dict
 ) -> ml_collections.ConfigDict:
-    """Variants of the real-dataset configs: the losses, `sampling` (tilted class-aware
-    sampling), `r50`/`r101`, `bf16`, `slide` (sliding-window evaluation), `tta` (test-time
-    augmentation: flip and scales 0.5 to 1.75) and `runlocal` (alias
-    `tiny`: three steps of a small U-Net on tiny crops; `runlocal` gives the dataset's sizes:
-    crop_size, base_size, eval_window, eval_stride)."""
+    """Applies the comma-separated variants of `arg`: a loss name (`LOSSES`), any of
+    `VARIANTS`, and `tiny` (applied last, whatever the order)."""
     variants = [v for v in (arg or "").split(",") if v]
     for variant in variants:
-        if variant == "sampling":
-            config.data.class_aware_sampling = True
-        elif variant in ("r50", "r101"):
-            config.model.name = f"deeplabv3plus_resnet{variant[1:]}"
-        elif variant == "bf16":
-            config.mixed_precision = True
-        elif variant == "slide":
-            config.data.eval_mode = "sliding"
-        elif variant == "tta":  # mmsegmentation's aug-test ratios, with flip
-            config.data.tta_scales = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-            config.data.tta_flip = True
-        elif variant not in LOSSES + RECIPE_VARIANTS:
+        if variant in LOSSES:
+            config.loss.name = variant
+        elif variant in VARIANTS:
+            VARIANTS[variant](config)
+        elif variant not in TINY:
+            known = (*LOSSES, *VARIANTS, "tiny")
             raise ValueError(
-                f"Unknown config variant {variant!r}; use any of "
-                f"{', '.join(LOSSES + RECIPE_VARIANTS)}, comma-separated."
+                f"Unknown config variant {variant!r}{_did_you_mean(variant, known)}; use any "
+                f"of {', '.join(known)}, comma-separated."
             )
-    if {"runlocal", "tiny"} & set(variants):
-        for field, value in runlocal.items():
-            config.data[field] = value
-        config.data.sampling_refresh_steps = 2
-        config.model.name = "unet_small"
-        config.global_batch_size = config.data.eval_batch_size = 8
-        config.num_train_steps = config.eval_every_steps = config.checkpoint_every_steps = 3
-        config.log_every_steps = 1
-    return apply_variants(config, ",".join(v for v in variants if v in LOSSES))
+    if set(TINY) & set(variants):
+        _tiny(config, tiny_data)
+    return config

@@ -147,25 +147,16 @@ def main(argv):
 
 
 def run(config) -> None:
-    if not FLAGS["verbosity"].present:
-        # Orbax and TFDS log every step at INFO; keep the terminal for the progress lines.
-        logging.set_verbosity(logging.WARNING)
-    # Validate before JAX or TensorFlow start: a bad value should cost nothing.
-    from tce_jax import config_lib, distributed, workdir
+    from tce_jax import config_lib, startup, workdir
 
+    # Both checks before JAX or TensorFlow start: a bad value or workdir should cost nothing.
     config_lib.validate_config(config)
     path = workdir.resolve(FLAGS.workdir)
-    distributed.initialize(config)  # before any other JAX call
+    startup.start(config, quiet_logs=not FLAGS["verbosity"].present)
 
     import jax
-    import tensorflow as tf
 
-    # TensorFlow only feeds data: keep it off the accelerators JAX uses.
-    tf.config.set_visible_devices([], "GPU")
-    distributed.log_topology()
-    distributed.warn_if_cpu_for_paper_scale(config)
-
-    from tce_jax import checkpointing, train
+    from tce_jax import checkpointing, distributed, train
 
     try:
         if FLAGS.mode == "train":

@@ -23,9 +23,36 @@ def load_config_module(path):
     return module
 
 
+# Variant combinations built for each config file: together they exercise every variant.
+_RECIPE_VARIANTS = (
+    "",
+    "ce",
+    "tce",
+    "stochastic_tce,sampling",
+    "r50,bf16,slide,tta",
+    "runlocal",
+    "stochastic_tce,sampling,slide,runlocal",
+)
+TEST_VARIANTS = {
+    "default.py": ("", *objectives.LOSSES, "tiny", "stochastic_tce,sampling,tiny"),
+    "cityscapes.py": _RECIPE_VARIANTS,
+    "ade20k.py": _RECIPE_VARIANTS,
+    "folder.py": (*_RECIPE_VARIANTS, "unet", "unet,ce,bf16"),
+}
+
+
 def variants(module):
-    names = getattr(module, "VARIANTS", ("",) + objectives.LOSSES + ("tiny",))
-    return list(names)
+    return list(TEST_VARIANTS[os.path.basename(module.__file__)])
+
+
+def test_every_config_file_has_test_variants_and_tiny_means_the_same_run_everywhere():
+    assert sorted(TEST_VARIANTS) == sorted(os.path.basename(p) for p in CONFIG_FILES)
+    runs = set()
+    for path in CONFIG_FILES:
+        config = load_config_module(path).get_config("tiny")
+        runs.add((config.model.name, config.num_train_steps, config.checkpoint_every_steps,
+                  config.global_batch_size, config.log_every_steps))
+    assert runs == {("unet_small", 6, 3, 8, 2)}
 
 
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
@@ -156,8 +183,9 @@ def test_cli_unknown_variant_and_missing_config_file_are_one_line(tmp_path):
         assert result.returncode == 1
         assert "Traceback" not in result.stderr
     assert variant.stderr.strip().splitlines()[-1].endswith(
-        "ValueError: Unknown config variant 'cee'; use any of ce, tce, stochastic_tce, "
-        "weighted_ce, focal, lovasz, tiny, comma-separated."
+        "ValueError: Unknown config variant 'cee' (did you mean 'ce'?); use any of ce, tce, "
+        "stochastic_tce, weighted_ce, focal, lovasz, sampling, r50, r101, bf16, slide, tta, "
+        "tiny, comma-separated."
     )
     assert missing.stderr.strip().splitlines()[-1] == (
         "error: --config=configs/nonexistent.py: [Errno 2] No such file or directory: "
