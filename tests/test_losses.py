@@ -24,6 +24,7 @@ from tce_jax.losses import (
     stochastic_tce_init,
     tilted_ce,
 )
+from tce_jax.losses import _statistics as statistics_lib
 
 IGNORE = 255
 
@@ -440,7 +441,9 @@ def test_class_statistics_and_losses():
 
 
 def test_docstring_examples():
-    result = doctest.testmod(losses, optionflags=doctest.NORMALIZE_WHITESPACE)
+    from tce_jax.losses import tilted
+
+    result = doctest.testmod(tilted, optionflags=doctest.NORMALIZE_WHITESPACE)
     assert result.attempted > 0 and result.failed == 0
 
 
@@ -760,8 +763,8 @@ def test_stochastic_rejects_unknown_estimator_and_batch_loss():
 # (compare-and-reduce, gather gradient) against numpy, and the losses with either form.
 
 REDUCTION_FORMS = {
-    "cpu": (losses._segment_sum_form, losses._segment_max_form),
-    "accelerator": (losses._compare_sum_form, losses._compare_max_form),
+    "cpu": (statistics_lib._segment_sum_form, statistics_lib._segment_max_form),
+    "accelerator": (statistics_lib._compare_sum_form, statistics_lib._compare_max_form),
 }
 
 
@@ -823,7 +826,7 @@ def test_per_class_sum_under_vmap_grad_and_jit():
     w = np.linspace(-1.0, 2.0, num_classes, dtype=np.float32)
 
     def weighted(v, s):
-        return jnp.sum(w * losses._per_class_sum(v, s, num_classes))
+        return jnp.sum(w * statistics_lib._per_class_sum(v, s, num_classes))
 
     batched = jax.jit(jax.vmap(jax.value_and_grad(weighted)))(values, segments)
     for r, (v, s) in enumerate(rows):
@@ -831,16 +834,18 @@ def test_per_class_sum_under_vmap_grad_and_jit():
                                    rtol=1e-5)
         np.testing.assert_array_equal(
             batched[1][r], np.where(s < num_classes, w[np.minimum(s, num_classes - 1)], 0.0))
-    per_row = jax.vmap(lambda v, s: losses._per_class_sum(v, s, num_classes))(values, segments)
+    per_class_sum = statistics_lib._per_class_sum
+    per_row = jax.vmap(lambda v, s: per_class_sum(v, s, num_classes))(values, segments)
     np.testing.assert_allclose(per_row, [np_segment_sums(v, s, num_classes) for v, s in rows],
                                rtol=1e-5, atol=1e-5)
 
 
 def force_accelerator_forms(monkeypatch):
     """Makes the CPU branches of the platform-dependent helpers run the GPU/TPU forms."""
-    monkeypatch.setattr(losses, "_segment_sum_form", losses._compare_sum_form)
-    monkeypatch.setattr(losses, "_segment_max_form", losses._compare_max_form)
-    monkeypatch.setattr(losses, "_gather_label_logits", losses._select_label_logits)
+    stats = statistics_lib
+    monkeypatch.setattr(stats, "_segment_sum_form", stats._compare_sum_form)
+    monkeypatch.setattr(stats, "_segment_max_form", stats._compare_max_form)
+    monkeypatch.setattr(stats, "_gather_label_logits", stats._select_label_logits)
 
 
 SCATTER_FREE_LOSSES = {

@@ -194,14 +194,15 @@ def test_stochastic_tce_under_pmap(num_devices):
 
 def test_accelerator_form_under_pmap_and_shard_map(monkeypatch):
     """The GPU/TPU per-class reductions (forced on CPU) are exact across 8 replicas too."""
-    from tce_jax import losses
+    from tce_jax.losses import _statistics as statistics_lib
 
     num_devices = 8
     params, x, labels = make_data()
     expected = {kind: single_device(params, x, labels, kind) for kind in ("tce_tau", "tce")}
-    monkeypatch.setattr(losses, "_segment_sum_form", losses._compare_sum_form)
-    monkeypatch.setattr(losses, "_segment_max_form", losses._compare_max_form)
-    monkeypatch.setattr(losses, "_gather_label_logits", losses._select_label_logits)
+    stats = statistics_lib
+    monkeypatch.setattr(stats, "_segment_sum_form", stats._compare_sum_form)
+    monkeypatch.setattr(stats, "_segment_max_form", stats._compare_max_form)
+    monkeypatch.setattr(stats, "_gather_label_logits", stats._select_label_logits)
 
     def step(params, x, labels):  # a new function: no compilation shared with other tests
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
