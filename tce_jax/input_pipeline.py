@@ -41,6 +41,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from tce_jax import sampling
+from tce_jax.datasets import class_index as class_index_lib
 
 # Re-exported for callers: the error for missing or corrupt data, and dataset preparation
 # (which lives in tce_jax.datasets.preparation).
@@ -101,20 +102,6 @@ def epoch_index_fn(shard_sizes: dict[int, int], batch_per_shard: int, seed: int)
     return indices
 
 
-def class_index(builder, spec, split) -> sampling.ClassIndex:
-    """The class index of `split` (see `tce_jax.sampling`), cached next to the TFDS data.
-
-    In multi-process runs process 0 computes it first; the others then read the cache.
-    """
-    if jax.process_count() > 1:
-        if jax.process_index() == 0:
-            sampling.load_class_index(builder, spec, split)
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"class index {spec.tfds_name} {split}")
-    return sampling.load_class_index(builder, spec, split)
-
-
 def class_aware_sampler(
     builder, spec, config: ml_collections.ConfigDict, layout: Layout
 ) -> sampling.ClassAwareSampler:
@@ -123,11 +110,11 @@ def class_aware_sampler(
     The trainer posts its class probabilities (`ClassAwareSampler.post`) before it reads.
     """
     split = config.data.train_split
-    presence = class_index(builder, spec, split).presence
+    presence = class_index_lib.get_class_index(builder, spec, split).presence
     shards = {}
     for s in layout.owned_shards:
         shard_split = _shard_split(split, s, layout.num_shards)
-        shards[s] = presence[sampling.shard_positions(builder, split, shard_split)]
+        shards[s] = presence[class_index_lib.shard_positions(builder, split, shard_split)]
     return sampling.ClassAwareSampler(
         shards,
         batch_per_shard=config.global_batch_size // layout.num_shards,
@@ -589,7 +576,7 @@ def eval_geometry(builder, spec, config: ml_collections.ConfigDict, split) -> Ev
     if shape[0] is not None and shape[1] is not None:
         sizes = np.array([shape[:2]], np.int64)
     else:
-        sizes = class_index(builder, spec, split).sizes.astype(np.int64)
+        sizes = class_index_lib.get_class_index(builder, spec, split).sizes.astype(np.int64)
     label_shape = tuple(int(v) for v in sizes.max(axis=0))
     resized = rescaled_size(sizes, base_size) if base_size else sizes
     largest = tuple(int(v) for v in resized.max(axis=0))

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from configs import ade20k as ade_config
-from tce_jax import datasets, input_pipeline, sampling, train
-from tce_jax.datasets import ade20k
+from tce_jax import datasets, input_pipeline, train
+from tce_jax.datasets import ade20k, class_index
 
 IGNORE = 255
 
@@ -135,7 +135,7 @@ def test_a_corrupt_jpeg_fails_preparation_with_its_path(tmp_path):
 
 def test_class_index_of_the_training_split(prepared):
     _, builder, spec, raw = prepared
-    index = input_pipeline.class_index(builder, spec, "train")
+    index = class_index.get_class_index(builder, spec, "train")
     source = builder.as_data_source(split="train")
     for i in range(len(source)):
         mapped = ade20k.LABEL_MAP[raw[source[i]["image_id"].decode()]]
@@ -143,7 +143,7 @@ def test_class_index_of_the_training_split(prepared):
             index.counts[i], np.bincount(mapped.ravel(), minlength=256)[:150]
         )
         np.testing.assert_array_equal(index.sizes[i], mapped.shape)
-    assert os.path.exists(sampling.index_path(builder.data_dir, "train"))
+    assert os.path.exists(class_index.index_path(builder.data_dir, "train"))
 
 
 def test_small_config_trains_and_evaluates_at_label_resolution(prepared, tmp_path):
