@@ -24,7 +24,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
-from train_step import load_config, time_steps  # noqa: E402
+import results_file  # noqa: E402
+from train_step import time_steps  # noqa: E402
+
+from experiments.train_run import load_config  # noqa: E402
 
 
 def build(config, k: int, parallel, num_classes: int, batch):
@@ -110,11 +113,7 @@ def main():
             f"| {k} | {1000 * median[k]:.1f} | {median[k] / median[base]:.2f} | "
             f"{memory / 2**20:.1f} | {memory / runs[base][2]:.2f} |"
         )
-    table = "\n".join(lines)
-    print(table)
-    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "benchmarks", "results", "accumulation.md"), "w") as f:
-        f.write(table + "\n")
+    results_file.write("accumulation.md", "\n".join(lines))
 
 
 if __name__ == "__main__":

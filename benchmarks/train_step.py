@@ -22,6 +22,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 LOSSES = ("ce", "tce", "stochastic_tce")
@@ -74,6 +75,8 @@ def main():
     parser.add_argument("--batch_size", type=int, default=0, help="global batch (default: the "
                         f"config's on CPU, {ACCELERATOR_BATCH} on GPU/TPU)")
     args = parser.parse_args()
+
+    import results_file
 
     from experiments.train_run import load_config
     from tce_jax import config_lib, input_pipeline, startup
@@ -149,11 +152,7 @@ def main():
         "| --- | ---: | ---: | ---: |",
         f"| train iterator | {pipeline_rate:.0f} | {pipeline_rate / consumed_rate:.2f}x | >= 2x |",
     ]
-    table = "\n".join(lines)
-    print(table)
-    os.makedirs(os.path.join(ROOT, "benchmarks", "results"), exist_ok=True)
-    with open(os.path.join(ROOT, "benchmarks", "results", "train_step.md"), "w") as f:
-        f.write(table + "\n")
+    results_file.write("train_step.md", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ import argparse
 import datetime
 import io
 import os
-import pathlib
 import platform
 import tempfile
 import time
@@ -32,6 +31,7 @@ import zipfile
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
+import results_file  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from tce_jax.datasets import archives  # noqa: E402
@@ -124,12 +124,8 @@ def main() -> None:
             f"| {name} | {seconds:.2f} | {per_pair * 1e3:.0f} ms | {seconds / baseline:.1f} | "
             f"{per_pair * CITYSCAPES_FILES / 60:.1f} min |"
         )
-    text = "\n".join(lines) + "\n"
-    print(text)
-    results = pathlib.Path(__file__).parent / "results"
-    results.mkdir(exist_ok=True)
     name = "verify_archives_quick.md" if args.quick else "verify_archives.md"
-    (results / name).write_text(text)
+    results_file.write(name, "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -51,6 +50,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
+from tce_jax import workdir
 from tce_jax.metrics import markdown_table
 
 FINAL_FILE = "final_metrics.json"
@@ -145,28 +145,6 @@ def mean_std(values: Iterable[float]) -> tuple[float, float, int]:
     return float(np.mean(v)), std, int(v.size)
 
 
-def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-@functools.cache
-def recorded_defaults() -> dict[str, Any]:
-    """What a run whose config.json lacks a field ran with (flattened, as config.json holds it).
-
-    The current defaults, except where the code behaved differently before the field existed.
-    """
-    from tce_jax import config_lib, workdir
-
-    defaults = flatten(workdir.config_to_dict(config_lib.get_base_config()))
-    return defaults | dict(workdir.BEHAVIOUR_BEFORE_FIELD)
-
-
 def _hashable(value: Any) -> Any:
     if isinstance(value, list | tuple):
         return tuple(_hashable(v) for v in value)
@@ -182,7 +160,7 @@ def find_runs(root: str) -> tuple[list[Run], list[str]]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "checkpoints")
         if FINAL_FILE in filenames:
             with open(os.path.join(dirpath, CONFIG_FILE)) as f:
-                config = recorded_defaults() | flatten(json.load(f))
+                config = workdir.absent_field_values() | workdir.flatten(json.load(f))
             with open(os.path.join(dirpath, FINAL_FILE)) as f:
                 final = json.load(f)
             finished.append(Run(dirpath, config, final))

@@ -121,6 +121,11 @@ def _mean_over_valid(classes: losses.ClassStatistics, total: jax.Array) -> jax.A
     return total / jnp.maximum(jnp.sum(classes.count), 1).astype(classes.loss_sum.dtype)
 
 
+def _statistics_aux(classes: losses.ClassStatistics) -> dict:
+    """What `_batch_class_aux` logs, from the statistics of the whole batch."""
+    return {"class_loss": losses.class_losses(classes), "num_invalid": classes.num_invalid}
+
+
 # ---------------------------------------------------------------------------------------------
 # The registry: one entry per loss.
 #
@@ -149,9 +154,9 @@ def _ce(cfg):
 def _ce_finish(cfg):
     def finish(stats, tce_state):
         classes = stats.classes
-        aux = {"class_loss": losses.class_losses(classes), "num_invalid": classes.num_invalid}
-        valid = jnp.maximum(jnp.sum(classes.count), 1).astype(classes.loss_sum.dtype)
-        aux["class_weight"] = classes.count.astype(valid.dtype) / valid
+        aux = _statistics_aux(classes)
+        count = classes.count.astype(classes.loss_sum.dtype)
+        aux["class_weight"] = _mean_over_valid(classes, count)
         return _mean_over_valid(classes, jnp.sum(classes.loss_sum)), tce_state, aux
 
     return finish
@@ -251,9 +256,8 @@ def _focal(cfg):
 
 def _focal_finish(cfg):
     def finish(stats, tce_state):
-        classes = stats.classes
-        aux = {"class_loss": losses.class_losses(classes), "num_invalid": classes.num_invalid}
-        return _mean_over_valid(classes, stats.sums["focal"]), tce_state, aux
+        aux = _statistics_aux(stats.classes)
+        return _mean_over_valid(stats.classes, stats.sums["focal"]), tce_state, aux
 
     return finish
 

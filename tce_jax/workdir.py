@@ -295,11 +295,12 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested dict (a config as config.json holds it) as {dotted field: value}."""
     flat = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            flat.update(_flatten(value, f"{prefix}{key}."))
+            flat.update(flatten(value, f"{prefix}{key}."))
         else:
             flat[f"{prefix}{key}"] = value
     return flat
@@ -315,6 +316,14 @@ BEHAVIOUR_BEFORE_FIELD = {
 }
 
 
+def absent_field_values() -> dict[str, Any]:
+    """What a run whose config.json lacks a field ran with, flattened: the field's current
+    default, or `BEHAVIOUR_BEFORE_FIELD` where the code behaved differently before it."""
+    from tce_jax import config_lib
+
+    return flatten(config_to_dict(config_lib.get_base_config())) | BEHAVIOUR_BEFORE_FIELD
+
+
 def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple]:
     """{dotted field: (old value, new value)} of every field that differs.
 
@@ -322,10 +331,8 @@ def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, 
     value is how the old code behaved: `BEHAVIOUR_BEFORE_FIELD` where the field's default
     differs from that, else its default in `config_lib.get_base_config()`.
     """
-    from tce_jax import config_lib
-
-    old_flat, new_flat = _flatten(old), _flatten(new)
-    defaults = _flatten(config_to_dict(config_lib.get_base_config())) | BEHAVIOUR_BEFORE_FIELD
+    old_flat, new_flat = flatten(old), flatten(new)
+    defaults = absent_field_values()
     changes = {}
     for field in sorted(old_flat.keys() | new_flat.keys()):
         before = old_flat.get(field, defaults.get(field, _ABSENT))

@@ -453,4 +453,10 @@ def test_gs_lock_of_a_dead_process_on_this_host_is_taken_over_and_another_hosts_
 
 
 def test_model_names_of_the_config_check_are_the_model_registry():
-    assert set(config_lib.MODEL_NAMES) == set(models.MODELS)
+    config = tiny_config()
+    for name in models.MODELS:
+        config.model.name = name
+        config_lib.validate_config(config)
+    config.model.name = "unet_large"
+    with pytest.raises(config_lib.ConfigError, match="did you mean 'unet_small'"):
+        config_lib.validate_config(config)

@@ -15,6 +15,7 @@ release (100 thing classes), so this builder exists.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
@@ -24,6 +25,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from tce_jax.datasets import archives
+from tce_jax.datasets.spec import DatasetSpec
 
 TFDS_NAME = "ade20k"
 IMAGE_KEY = "image"
@@ -336,3 +338,20 @@ class Ade20k(tfds.core.GeneratorBasedBuilder):
             for image_id in list_examples(archive, path)[folder]:
                 image, annotation = read_example(archive, path, folder, image_id)
                 yield image_id, {"image_id": image_id, "image": image, "annotation": annotation}
+
+
+SPEC = DatasetSpec(
+    tfds_name=TFDS_NAME,
+    num_classes=NUM_CLASSES,
+    class_names=CLASS_NAMES,
+    palette=PALETTE,
+    image_key=IMAGE_KEY,
+    label_key=LABEL_KEY,
+    splits={"train": "train", "validation": "validation"},
+    ignore_index=IGNORE_LABEL,
+    label_map=LABEL_MAP,
+    archives=(ARCHIVE,),
+    # Quick checks only: the builder decodes every file itself (first thing it does).
+    check_manual_dir=functools.partial(check_manual_dir, decode=False),
+    source=DOWNLOAD_URL,
+)

@@ -24,6 +24,7 @@ import numpy as np
 from cityscapesscripts.helpers import labels as cs_labels
 
 from tce_jax.datasets import archives
+from tce_jax.datasets.spec import DatasetSpec
 
 TFDS_NAME = "cityscapes/semantic_segmentation"
 IMAGE_KEY = "image_left"
@@ -175,3 +176,20 @@ def _check_png(archive, archive_path: str, member: str, *, colours, what: str) -
             archives.describe_png(header, head),
             DOWNLOADS_PAGE,
         )
+
+
+SPEC = DatasetSpec(
+    tfds_name=TFDS_NAME,
+    num_classes=NUM_CLASSES,
+    class_names=CLASS_NAMES,
+    palette=PALETTE,
+    image_key=IMAGE_KEY,
+    label_key=LABEL_KEY,
+    splits={"train": "train", "validation": "validation", "test": "test"},
+    ignore_index=IGNORE_LABEL,
+    label_map=LABEL_MAP,
+    archives=ARCHIVES,
+    # TFDS's Cityscapes builder stores the files without decoding them: decode every one here.
+    check_manual_dir=check_manual_dir,
+    source=DOWNLOADS_PAGE,
+)

@@ -17,7 +17,6 @@ archives in ``config.data.manual_dir``. Preparation guards against damaged or re
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -30,19 +29,9 @@ from absl import logging
 from tensorflow_datasets.core.download.extractor import ExtractError
 
 from tce_jax import datasets
-from tce_jax.datasets import ade20k, archives, cityscapes
+from tce_jax.datasets import archives
 from tce_jax.datasets.archives import DatasetNotFoundError
 
-# Checks of the official archives in the manual directory, run before TFDS prepares, so that a
-# wrong directory or a damaged file fails naming the file rather than deep inside TFDS. TFDS's
-# Cityscapes builder stores files without decoding them: the check decodes every one. Our ADE20K
-# builder decodes every file itself (first thing in `_split_generators`): quick checks here.
-_ARCHIVE_CHECKS = {
-    cityscapes.TFDS_NAME: cityscapes.check_manual_dir,
-    ade20k.TFDS_NAME: functools.partial(ade20k.check_manual_dir, decode=False),
-}
-# Where to download each dataset's archives again (for messages).
-_SOURCES = {cityscapes.TFDS_NAME: cityscapes.DOWNLOADS_PAGE, ade20k.TFDS_NAME: ade20k.DOWNLOAD_URL}
 # Written next to the prepared TFDS files: the fingerprints of the archives they came from.
 ARCHIVES_RECORD = "tce_archives.json"
 
@@ -91,9 +80,8 @@ def prepare(builder, spec, config) -> None:
       DatasetNotFoundError: naming the archive (and the file in it) and the fix.
     """
     manual_dir = _manual_dir(builder, config)
-    check = _ARCHIVE_CHECKS.get(spec.tfds_name)
-    if check is not None:
-        check(manual_dir)
+    if spec.check_manual_dir is not None:
+        spec.check_manual_dir(manual_dir)
     fingerprints = {
         name: archives.archive_fingerprint(os.path.join(manual_dir, name)) for name in spec.archives
     }
@@ -144,18 +132,14 @@ def _extract_error(error: ExtractError, spec, manual_dir: str) -> DatasetNotFoun
                     path,
                     member,
                     "fails the zip's CRC-32 check (its bytes are not the ones the zip recorded)",
-                    _source(spec),
+                    spec.source,
                 )
             return DatasetNotFoundError(
                 f"Could not extract {path} ({error.__cause__ or error}): free disk space under "
-                f"the data dir, or download the archive again from {_source(spec)} if it is "
+                f"the data dir, or download the archive again from {spec.source} if it is "
                 "damaged."
             )
     return DatasetNotFoundError(f"Could not extract the archives of {spec.tfds_name}: {error}")
-
-
-def _source(spec) -> str:
-    return _SOURCES.get(spec.tfds_name, "the dataset's official site")
 
 
 def _remove_extractions(extract_dir: str, names) -> None:

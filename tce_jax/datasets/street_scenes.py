@@ -31,6 +31,8 @@ import functools
 import numpy as np
 import tensorflow_datasets as tfds
 
+from tce_jax.datasets.spec import DatasetSpec
+
 HEIGHT = 64
 WIDTH = 128
 
@@ -744,3 +746,16 @@ class StreetScenes(tfds.core.GeneratorBasedBuilder):
         for index in range(num):
             image, label = generate_scene(SPLIT_SEEDS[split], index)
             yield index, {"image": image, "label": label[..., None], "id": f"{split}/{index:05d}"}
+
+
+SPEC = DatasetSpec(
+    tfds_name="street_scenes",
+    num_classes=NUM_CLASSES,
+    class_names=CLASS_NAMES,
+    palette=PALETTE,
+    image_key="image",
+    label_key="label",
+    splits={"train": "train", "validation": "validation", "test": "test"},
+    ignore_index=IGNORE_LABEL,
+)
+SMALL_SPEC = dataclasses.replace(SPEC, tfds_name="street_scenes/small")
