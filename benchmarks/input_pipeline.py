@@ -7,10 +7,11 @@ sharp-edged shapes and sensor noise: PNGs of about 2 MB, like real Cityscapes im
 label maps, then measures in one process, in interleaved rounds of `--count` images:
 
 * decode: `tf.io.decode_png` of the same files, in a parallel tf.data map;
-* transform: what training runs per example, `input_pipeline.train_transform` (decode, then
-  `train_augment`) with the Cityscapes recipe (`configs/cityscapes.py`: base size 1024x2048,
-  random ratio 0.5-2.0, 512x1024 crop, flip, photometric jitter), in the same kind of
-  parallel tf.data map.
+* transform: what training runs per example on the host, `input_pipeline.train_transform`
+  (decode, then `train_augment`) with the Cityscapes recipe (`configs/cityscapes.py`: base
+  size 1024x2048, random ratio 0.5-2.0, 512x1024 crop, flip, photometric jitter drawn), in the
+  same kind of parallel tf.data map. The jitter itself is applied in the train step on the
+  device (`input_pipeline.photometric_on_device`), like the normalisation.
 
 Prints images/s of both (median over rounds), their ratio (target: transform >= 0.5x decode),
 images/s per core, the bytes per training example that leave the pipeline, and the backend.
@@ -127,7 +128,7 @@ def main():
             rates[name].append(time_pipeline(dataset, args.count))
     median = {name: statistics.median(v) for name, v in rates.items()}
     example = next(iter(pipelines["transform"]))
-    out_bytes = sum(int(np.prod(t.shape)) * t.dtype.size for t in example)
+    out_bytes = sum(int(np.prod(t.shape)) * t.dtype.size for t in example.values())
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     decode_rate, transform_rate = median["decode"], median["transform"]
@@ -136,7 +137,7 @@ def main():
     for name, rate in (("PNG decode", decode_rate), ("training transform", transform_rate)):
         print(f"{name + ':':20s}{rate:6.2f} images/s ({rate / cores:.2f} per core)")
     print(f"transform / decode: {ratio:.3f} (target >= 0.5)")
-    image_dtype = example[0].dtype.name
+    image_dtype = example["image"].dtype.name
     print(f"bytes per training example leaving the pipeline: {out_bytes:,} ({image_dtype})")
     print(
         f"| {decode_rate:.1f} | {transform_rate:.1f} | {ratio:.3f} | "

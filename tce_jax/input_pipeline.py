@@ -142,6 +142,68 @@ def normalise_on_device(images, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> jax.Arr
     return (x - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
 
 
+def _rgb_to_hsv(rgb):
+    """TensorFlow's RGBToHSV kernel in jax.numpy: h in [0, 1), s in [0, 1], v = max(r, g, b)
+    (any scale)."""
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    v = jnp.max(rgb, axis=-1)
+    spread = v - jnp.min(rgb, axis=-1)
+    s = jnp.where(v > 0, spread / jnp.where(v > 0, v, 1.0), 0.0)
+    norm = 1.0 / (6.0 * jnp.where(spread > 0, spread, 1.0))
+    h = jnp.where(
+        r == v, norm * (g - b), jnp.where(g == v, norm * (b - r) + 2 / 6, norm * (r - g) + 4 / 6)
+    )
+    h = jnp.where(spread > 0, h, 0.0)
+    return jnp.where(h < 0, h + 1.0, h), s, v
+
+
+def _hsv_to_rgb(h, s, v):
+    """TensorFlow's HSVToRGB kernel in jax.numpy."""
+    c = s * v
+    m = v - c
+    dh = h * 6.0
+    sector = jnp.floor(dh)
+    x = c * (1.0 - jnp.abs(jnp.mod(dh, 2.0) - 1.0))
+    zero = jnp.zeros_like(c)
+    # (r, g, b) before adding m, by the sector of the hue circle.
+    table = [(c, x, zero), (x, c, zero), (zero, c, x), (zero, x, c), (x, zero, c), (c, zero, x)]
+    rgb = [zero, zero, zero]
+    for k, channels in enumerate(table):
+        rgb = [jnp.where(sector == k, new, old) for new, old in zip(channels, rgb, strict=True)]
+    return jnp.stack(rgb, axis=-1) + m[..., None]
+
+
+def photometric_on_device(images, jitter) -> jax.Array:
+    """float32 [B, h, w, 3] in 0..255: uint8 crops jittered as `train_augment` drew it.
+
+    Per example (`jitter` float32 [B, PHOTOMETRIC_SIZE]): on the box of the crop that holds
+    the image, brightness then contrast (about the box's mean after the brightness shift, as
+    `tf.image.adjust_contrast` does on the crop), saturation and hue (TensorFlow's kernels,
+    one HSV round trip), clipped to 0..255; the padding is left as it is. Runs in the train
+    step, where it costs a fraction of the model's first convolution.
+    """
+    x = jnp.asarray(images).astype(jnp.float32)
+    jitter = jnp.asarray(jitter, jnp.float32)
+    delta, factor, saturation, hue = (jitter[:, k, None, None, None] for k in range(4))
+    h_idx = jnp.arange(x.shape[1])[None, :, None]
+    w_idx = jnp.arange(x.shape[2])[None, None, :]
+    box = jitter[:, 4:].astype(jnp.int32)
+    inside = (
+        (h_idx >= box[:, 0, None, None]) & (h_idx < box[:, 1, None, None])
+        & (w_idx >= box[:, 2, None, None]) & (w_idx < box[:, 3, None, None])
+    )[..., None]
+    area = jnp.maximum(jnp.sum(inside, axis=(1, 2, 3), keepdims=True), 1)
+    mean = jnp.sum(jnp.where(inside, x, 0.0), axis=(1, 2), keepdims=True) / area + delta
+    # Brightness then contrast, ((x + delta) - mean) * factor + mean, as one affine map.
+    y = x * factor + (mean * (1.0 - factor) + delta * factor)
+    h, s, v = _rgb_to_hsv(y)
+    s = jnp.clip(s * saturation[..., 0], 0.0, 1.0)
+    h = h + hue[..., 0]
+    h = h - jnp.floor(h)
+    y = jnp.clip(_hsv_to_rgb(h, s, v), 0.0, 255.0)
+    return jnp.where(inside, y, x)
+
+
 def device_normaliser(data_config) -> Callable[[jax.Array], jax.Array]:
     """`normalise_on_device` with `data_config.mean` / `data_config.std`."""
     return functools.partial(
@@ -177,7 +239,7 @@ def _map_labels(label, label_map):
 
 
 def train_transform(spec, data_config) -> Callable:
-    """`(image bytes, label bytes, seed int64 [2]) -> (uint8 [h, w, 3], uint8 [h, w])`: what
+    """`(image bytes, label bytes, seed int64 [2]) -> example dict` (see `train_augment`): what
     the training pipeline runs per example (decode, then `train_augment`)."""
 
     def transform(image_bytes, label_bytes, seed):
@@ -220,19 +282,6 @@ def rescaled_size(hw, base_size) -> np.ndarray:
 # The crop is computed in the coordinates of the original image: only the crop window is
 # resized, with the sampling positions `tf.image.resize` uses for the whole image (its
 # kernels' formulas, in float32), so the output equals resize-then-crop.
-
-
-def _bilinear_taps(positions, in_size, out_size):
-    """Source rows (or columns) and weights of bilinear `tf.image.resize` from `in_size` to
-    `out_size` (half-pixel centres, no antialiasing) at the output `positions` (int32 [n]):
-    `src = (p + 0.5) * in / out - 0.5`, taps `max(floor(src), 0)` and
-    `min(ceil(src), in - 1)`, weight of the second `src - floor(src)`."""
-    scale = tf.cast(in_size, tf.float32) / tf.cast(out_size, tf.float32)
-    src = (tf.cast(positions, tf.float32) + 0.5) * scale - 0.5
-    floor = tf.floor(src)
-    lower = tf.clip_by_value(tf.cast(floor, tf.int32), 0, in_size - 1)
-    upper = tf.clip_by_value(tf.cast(tf.math.ceil(src), tf.int32), 0, in_size - 1)
-    return lower, upper, src - floor
 
 
 def _nearest_taps(positions, in_size, out_size):
@@ -294,33 +343,21 @@ def _resize_window(image, offset, window, size):
     return crop[0]
 
 
-def _resized_mean(image, size):
-    """float32 [3]: the per-channel mean of `image` (uint8 [H, W, 3]) bilinearly resized to
-    `size`, from the source pixels' total weights (no resized copy is made)."""
-    in_hw = tf.shape(image)[:2]
-
-    def weights(axis):
-        lower, upper, frac = _bilinear_taps(tf.range(size[axis]), in_hw[axis], size[axis])
-        total = tf.math.unsorted_segment_sum(1.0 - frac, lower, in_hw[axis])
-        total += tf.math.unsorted_segment_sum(frac, upper, in_hw[axis])
-        return total / tf.cast(size[axis], tf.float32)
-
-    pixels = tf.cast(image, tf.float32)  # 0..255, like the window
-    return tf.einsum("w,wc->c", weights(1), tf.einsum("h,hwc->wc", weights(0), pixels))
-
-
-def train_augment(image, label, seed, data_config, ignore_index: int, label_map=None):
-    """Random resize, crop (padded: labels with `ignore_index`), flip and photometric jitter.
+def train_augment(image, label, seed, data_config, ignore_index: int, label_map=None) -> dict:
+    """Random resize, crop (padded: labels with `ignore_index`), flip; photometric jitter drawn.
 
     `image` uint8 [H, W, 3], `label` uint8 [H, W, 1], `seed` int64 [2] for the stateless
     random ops. The image is resized by `base_scale` (fit `data_config.base_size`) times a
     random ratio in [min_scale, max_scale] to (h', w'), padded to at least the crop size,
     and a random window is cropped (`tf.image.stateless_random_crop`'s draw). Only that window
     is computed: the same pixels as resizing the whole image first (bilinear; labels nearest),
-    at a fraction of the cost. The photometric jitter's contrast uses the mean of the whole
-    resized image, as it would without cropping. Returns the crop, uint8 [h, w, 3] (padding
-    has `pad_colour`), and its labels, uint8 [h, w]. With `label_map` ([256] look-up table),
-    `label` holds raw values, mapped to train ids after cropping (a quarter of the pixels).
+    at a fraction of the cost. With `label_map` ([256] look-up table), `label` holds raw
+    values, mapped to train ids after cropping (a quarter of the pixels).
+
+    Returns `{"image": uint8 [h, w, 3] (padding has `pad_colour`), "label": uint8 [h, w]}`,
+    and with `data_config.photometric` also `"photometric"`: float32 [PHOTOMETRIC_SIZE], the
+    jitter drawn for this example, which the train step applies on the device
+    (`photometric_on_device`): the pipeline's most expensive per-pixel work otherwise.
     """
     seeds = tf.random.experimental.stateless_split(seed, 4)
     crop_h, crop_w = data_config.crop_size
@@ -343,30 +380,45 @@ def train_augment(image, label, seed, data_config, ignore_index: int, label_map=
     label = _map_labels(label, label_map)
     label = tf.where(inside, label, tf.cast(ignore_index, tf.uint8))
     window = _resize_window(image, offset, (crop_h, crop_w), size)
-    if data_config.photometric:
-        window = _photometric(window, _resized_mean(image, size), seeds[3])
     window = tf.where(inside[..., None], _to_uint8(window), pad_colour(data_config))
     both = tf.concat([window, label[..., None]], axis=-1)
+    # The draw of tf.image.stateless_random_flip_left_right, made here to know the side of
+    # the padding after the flip.
+    flip = tf.random.stateless_uniform([], seeds[2], 0.0, 1.0) < 0.5
     if data_config.flip:
-        both = tf.image.stateless_random_flip_left_right(both, seed=seeds[2])
-    return both[..., :3], both[..., 3]
+        both = tf.cond(flip, lambda: tf.reverse(both, axis=[1]), lambda: both)
+    example = {"image": both[..., :3], "label": both[..., 3]}
+    if data_config.photometric:
+        valid = tf.minimum(size - offset, crop)  # the image's part of the crop: its top rows
+        flipped = tf.logical_and(flip, bool(data_config.flip))
+        first_col = tf.where(flipped, crop_w - valid[1], 0)
+        box = tf.stack([0, valid[0], first_col, first_col + valid[1]])
+        example["photometric"] = _photometric_draw(seeds[3], box)
+    return example
 
 
-def _photometric(image, image_mean, seed):
-    """Brightness, contrast, saturation and hue jitter of `image` (float [h, w, 3] in 0..255,
-    part of a larger image whose per-channel mean is `image_mean`), as the stateless
-    `tf.image.stateless_random_*` ops would jitter the larger image scaled to [0, 1] (then
-    clipped to it), times 255; not clipped."""
+# The photometric jitter of an example: brightness delta (0..255 units), contrast factor,
+# saturation factor, hue delta (turns), then the box [row0, row1, col0, col1) of the crop that
+# holds the image (the rest is padding, left unchanged).
+PHOTOMETRIC_SIZE = 8
+
+
+def _photometric_draw(seed, box):
+    """The draws of `tf.image.stateless_random_brightness` (32/255), `_contrast` (0.5-1.5),
+    `_saturation` (0.5-1.5) and `_hue` (18/360) with the seeds split from `seed`, and `box`."""
     seeds = tf.random.experimental.stateless_split(seed, 4)
-    # The draws of stateless_random_brightness (for images in [0, 1]) and _contrast.
-    delta = tf.random.stateless_uniform([], seeds[0], -32.0 / 255.0, 32.0 / 255.0) * 255.0
-    factor = tf.random.stateless_uniform([], seeds[1], 0.5, 1.5)
-    mean = image_mean + delta  # the contrast's mean is over the whole (brightened) image
-    # Brightness then contrast, ((x + delta) - mean) * factor + mean, as one affine map.
-    image = image * factor + (mean * (1.0 - factor) + delta * factor)
-    image = tf.image.stateless_random_saturation(image, 0.5, 1.5, seeds[2])
-    # Saturation and hue are scale-invariant; the caller clips when rounding to uint8.
-    return tf.image.stateless_random_hue(image, 18.0 / 360.0, seeds[3])
+    return tf.concat(
+        [
+            [
+                tf.random.stateless_uniform([], seeds[0], -32.0 / 255.0, 32.0 / 255.0) * 255.0,
+                tf.random.stateless_uniform([], seeds[1], 0.5, 1.5),
+                tf.random.stateless_uniform([], seeds[2], 0.5, 1.5),
+                tf.random.stateless_uniform([], seeds[3], -18.0 / 360.0, 18.0 / 360.0),
+            ],
+            tf.cast(box, tf.float32),
+        ],
+        axis=0,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -487,7 +539,8 @@ def train_iterator(
     """This process's part of every global training batch from `start_step` on.
 
     Yields dicts with `image` uint8 [B, h, w, 3] (normalise on the device with
-    `normalise_on_device`) and `label` uint8 [B, h, w], where
+    `normalise_on_device`), `label` uint8 [B, h, w] and, with `data.photometric`,
+    `photometric` float32 [B, PHOTOMETRIC_SIZE] (apply with `photometric_on_device`), where
     B = global_batch_size / process_count, rows ordered by shard. A Python generator walks
     the step's indices (`index_fn`, which may wait for class-sampling probabilities); reading,
     decoding and augmentation run in tf.data's parallel map. Close the iterator when done
@@ -521,8 +574,7 @@ def train_iterator(
 
     def transform(ex):
         seed = tf.stack([tf.constant(config.seed, tf.int64), ex["position"]])
-        image, label = augment(*read(ex["shard"], ex["index"]), seed)
-        return {"image": image, "label": label}
+        return augment(*read(ex["shard"], ex["index"]), seed)
 
     signature = {
         "shard": tf.TensorSpec([batch_per_shard], tf.int32),

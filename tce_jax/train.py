@@ -153,9 +153,13 @@ def train_step(
     on every `refresh_steps` steps (`tce_jax.sampling.advance_sampling_probs`). With
     `grad_accum_steps` k > 1 the batch runs as k micro-batches and `decomposition` (the same
     objective as `loss_fn`) gives the exact loss and gradient of the whole batch
-    (`tce_jax.accumulation`). The uint8 images of the batch are normalised (`normalise`) on
-    the device first.
+    (`tce_jax.accumulation`). The uint8 images of the batch are jittered (when the batch
+    carries `photometric` draws, `input_pipeline.photometric_on_device`) and normalised
+    (`normalise`) on the device first.
     """
+    if "photometric" in batch:
+        jittered = input_pipeline.photometric_on_device(batch["image"], batch["photometric"])
+        batch = {**batch, "image": jittered}
 
     def apply_model(params, images):
         logits, updates = model.apply(

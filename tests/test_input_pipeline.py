@@ -114,9 +114,9 @@ def test_evaluation_covers_every_example_once(prepared, process_count):
 
 
 def resize_then_crop(image, label, seed, data_config, ignore_index, label_map=None):
-    """The slow reference: resize the whole image, jitter it, pad, then crop and flip (the
-    stateless TF ops, in that order). Returns float images in [0, 1] (padding: the pad
-    colour) and int32 labels."""
+    """The slow reference: resize the whole image, pad, crop and flip (the stateless TF ops, in
+    that order), then jitter the image's part of the crop with the stateless TF ops. Returns
+    float images in [0, 1] (padding: the pad colour, not jittered) and int32 labels."""
     seeds = tf.random.experimental.stateless_split(seed, 4)
     crop_h, crop_w = data_config.crop_size
     image = tf.cast(image, tf.float32) / 255.0
@@ -128,24 +128,36 @@ def resize_then_crop(image, label, seed, data_config, ignore_index, label_map=No
     size = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), 1)
     image = tf.image.resize(image, size, method="bilinear")
     label = tf.cast(tf.image.resize(label, size, method="nearest"), tf.int32)
-    if data_config.photometric:
-        jitter = tf.random.experimental.stateless_split(seeds[3], 4)
-        image = tf.image.stateless_random_brightness(image, 32.0 / 255.0, jitter[0])
-        image = tf.image.stateless_random_contrast(image, 0.5, 1.5, jitter[1])
-        image = tf.image.stateless_random_saturation(image, 0.5, 1.5, jitter[2])
-        image = tf.image.stateless_random_hue(image, 18.0 / 360.0, jitter[3])
-        image = tf.clip_by_value(image, 0.0, 1.0)
     paddings = [[0, tf.maximum(crop_h - size[0], 0)], [0, tf.maximum(crop_w - size[1], 0)], [0, 0]]
     colour = input_pipeline.pad_colour(data_config).astype(np.float32) / 255.0
     image = tf.stack(
         [tf.pad(image[..., c], paddings[:2], constant_values=colour[c]) for c in range(3)], -1
     )
     label = tf.pad(label, paddings, constant_values=ignore_index)
-    both = tf.concat([image, tf.cast(label, tf.float32)], axis=-1)
-    both = tf.image.stateless_random_crop(both, [crop_h, crop_w, 4], seed=seeds[1])
+    inside = tf.pad(tf.ones(tf.concat([size, [1]], 0)), paddings)  # 1 on the image, 0 on padding
+    both = tf.concat([image, tf.cast(label, tf.float32), inside], axis=-1)
+    both = tf.image.stateless_random_crop(both, [crop_h, crop_w, 5], seed=seeds[1])
     if data_config.flip:
         both = tf.image.stateless_random_flip_left_right(both, seed=seeds[2])
-    return both[..., :3].numpy(), both[..., 3].numpy().astype(np.int32)
+    image, label, inside = both[..., :3].numpy(), both[..., 3].numpy(), both[..., 4].numpy()
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    box = (slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1))
+    return image, label.astype(np.int32), box
+
+
+def tf_jitter(image, box, seed):
+    """The stateless TF photometric ops on the image's part (`box`) of a float crop in [0, 1],
+    with the seeds `train_augment` uses; the padding left as it is."""
+    jitter = tf.random.experimental.stateless_split(
+        tf.random.experimental.stateless_split(seed, 4)[3], 4
+    )
+    part = tf.image.stateless_random_brightness(image[box], 32.0 / 255.0, jitter[0])
+    part = tf.image.stateless_random_contrast(part, 0.5, 1.5, jitter[1])
+    part = tf.image.stateless_random_saturation(part, 0.5, 1.5, jitter[2])
+    part = tf.image.stateless_random_hue(part, 18.0 / 360.0, jitter[3])
+    out = image.copy()
+    out[box] = tf.clip_by_value(part, 0.0, 1.0).numpy()
+    return out
 
 
 @pytest.mark.parametrize("photometric", [False, True])
@@ -180,16 +192,26 @@ def test_crop_first_equals_resize_then_crop(photometric, image_size, crop_size, 
         # Odd k: raw labels through ADE20K's kind of table, 0 -> ignore and v -> v - 1 (so 255
         # -> 254: the padding's ignore label must not go through it).
         lut = ((np.arange(256) - 1) % 256).astype(np.uint8) if k % 2 else None
-        want_image, want_label = resize_then_crop(image, label, seed, data_config, IGNORE, lut)
-        got_image, got_label = input_pipeline.train_augment(
+        want_image, want_label, box = resize_then_crop(image, label, seed, data_config, IGNORE, lut)
+        got = input_pipeline.train_augment(
             tf.constant(image), tf.constant(label), seed, data_config, IGNORE, label_map=lut
         )
-        assert got_image.dtype == tf.uint8 and got_label.dtype == tf.uint8
-        np.testing.assert_array_equal(got_label.numpy(), want_label)
+        assert got["image"].dtype == tf.uint8 and got["label"].dtype == tf.uint8
+        np.testing.assert_array_equal(got["label"].numpy(), want_label)
         # Rounded to uint8 (0.5) after float32 rounding of the sampling positions (the box
         # maths of crop_and_resize; measured below 0.03 levels). On these noise images a
         # misalignment of 0.01 pixel would already differ by about 2 levels.
-        np.testing.assert_allclose(got_image.numpy(), want_image * 255, rtol=0, atol=0.55)
+        crop = got["image"].numpy()
+        np.testing.assert_allclose(crop, want_image * 255, rtol=0, atol=0.55)
+        assert ("photometric" in got) == photometric
+        if photometric:
+            # Drawn on the host, applied on the device: TF's ops on the same crop, padding
+            # untouched (float32 HSV round trips differ by far less than a level).
+            jittered = input_pipeline.photometric_on_device(
+                crop[None], got["photometric"].numpy()[None]
+            )[0]
+            want = tf_jitter(crop.astype(np.float32) / 255, box, seed) * 255
+            np.testing.assert_allclose(np.asarray(jittered), want, rtol=0, atol=0.02)
 
 
 def test_normalising_on_the_device_matches_the_float_pipeline():
