@@ -397,6 +397,36 @@ def write_report(
     return os.fspath(md_path), os.fspath(csv_path)
 
 
+def write_run_reports(
+    workdir: str | os.PathLike,
+    results: Mapping[str, Mapping[str, Any]],
+    class_names: Sequence[str],
+    *,
+    title: str,
+    extra: Mapping[str, Any],
+) -> None:
+    """The final files of a run: :func:`write_report` for every split of ``results`` (split ->
+    figures; the first split's at the top of ``workdir``, the others under ``<split>/``), and
+    ``final_metrics.json`` with every split's :func:`flatten_figures`."""
+    # Imported here, as in write_report: the training system's modules.
+    from etils import epath
+
+    from tce_jax import workdir as workdir_lib
+
+    root = epath.Path(workdir)
+    for i, (split, figures) in enumerate(results.items()):
+        write_report(
+            root if i == 0 else root / split,
+            figures,
+            class_names,
+            title=f"{title}/{split}",
+            extra={**extra, "split": split},
+        )
+    final = {split: flatten_figures(f, class_names) for split, f in results.items()}
+    # Last and atomically: its presence means the run finished (experiments/sweep.py).
+    workdir_lib.write_json(root / "final_metrics.json", final)
+
+
 def format_table(
     figures_by_name: Mapping[str, Mapping[str, Any]], class_names: Sequence[str]
 ) -> str:

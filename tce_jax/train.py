@@ -548,7 +548,7 @@ class Trainer:
         flat = metrics.flatten_figures(figures, self.spec.class_names)
         if self.is_main:
             writer.write_scalars(step, {f"{split}/{k}": v for k, v in flat.items()})
-            _append_jsonl(
+            workdir_lib.append_jsonl(
                 os.path.join(self.workdir, "metrics.jsonl"), {"step": step, "split": split, **flat}
             )
             print(
@@ -569,27 +569,18 @@ class Trainer:
                 continue
             results[split] = self.evaluate(state, split)
         if self.is_main and results:
-            for split, figures in results.items():
-                report_dir = (
-                    self.workdir if split == splits[0] else os.path.join(self.workdir, split)
-                )
-                metrics.write_report(
-                    report_dir,
-                    figures,
-                    self.spec.class_names,
-                    title=f"{self.config.loss.name} on {self.config.data.name}/{split}",
-                    extra={
-                        "loss": self.config.loss.name,
-                        "t": self.config.loss.t,
-                        "step": self.parallel.current_step(state),
-                        "split": split,
-                    },
-                )
-            final = {
-                split: metrics.flatten_figures(f, self.spec.class_names)
-                for split, f in results.items()
-            }
-            workdir_lib.write_json(os.path.join(self.workdir, "final_metrics.json"), final)
+            config = self.config
+            metrics.write_run_reports(
+                self.workdir,
+                results,
+                self.spec.class_names,
+                title=f"{config.loss.name} on {config.data.name}",
+                extra={
+                    "loss": config.loss.name,
+                    "t": config.loss.t,
+                    "step": self.parallel.current_step(state),
+                },
+            )
         return results
 
 
@@ -660,7 +651,7 @@ class _TrainLog:
         self.last_time, self.last_step = time.time(), step
         if trainer.is_main:
             self.writer.write_scalars(step, scalars)
-            _append_jsonl(
+            workdir_lib.append_jsonl(
                 os.path.join(trainer.workdir, "train_metrics.jsonl"), {"step": step, **scalars}
             )
             self._print(step, scalars["train/loss"], rate)
@@ -673,10 +664,6 @@ class _TrainLog:
             f"loss {loss:.4f}  {rate:.2f} steps/s  ETA {_format_seconds(remaining)}",
             flush=True,
         )
-
-
-def _append_jsonl(path: str, record: dict) -> None:
-    workdir_lib.append_jsonl(path, record)
 
 
 def _format_seconds(seconds: float) -> str:
