@@ -33,7 +33,9 @@ def free_port() -> int:
 
 def launch(workdir, data_dir, *, devices, overrides=(), process=None):
     """Starts `python -m tce_jax.main`; `process=(id, count, port)` for multi-process runs."""
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    # Fully optimised programs, as users run them: the tolerances below were measured so (the
+    # test session's JAX_DISABLE_MOST_OPTIMIZATIONS changes float32 summation orders).
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", JAX_DISABLE_MOST_OPTIMIZATIONS="false")
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
     args = [
         sys.executable,
@@ -73,9 +75,10 @@ def wait_all(procs, timeout=TIMEOUT):
     return results
 
 
-def run(workdir, data_dir, *, devices, processes=1, overrides=()):
+def start(workdir, data_dir, *, devices, processes=1, overrides=()):
+    """Starts every process of one run; returns their Popen objects."""
     port = free_port()
-    procs = [
+    return [
         launch(
             workdir,
             data_dir,
@@ -85,7 +88,10 @@ def run(workdir, data_dir, *, devices, processes=1, overrides=()):
         )
         for i in range(processes)
     ]
-    for code, out in wait_all(procs):
+
+
+def run(workdir, data_dir, **layout):
+    for code, out in wait_all(start(workdir, data_dir, **layout)):
         assert code == 0, out[-4000:]
 
 
@@ -108,13 +114,21 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def runs(small_data_dir, tmp_path_factory):
+    """Every layout's run, all started at once: start-up (imports) is mostly one core's work,
+    so concurrent runs share the machine's cores better than one after another."""
     base = tmp_path_factory.mktemp("layouts")
-    out = {}
-    for name, layout in LAYOUTS.items():
-        layout = {**layout, "overrides": SGD + layout.get("overrides", ())}
-        run(str(base / name), small_data_dir, **layout)
-        out[name] = read_run(str(base / name))
-    return out
+    procs = {
+        name: start(
+            str(base / name),
+            small_data_dir,
+            **{**layout, "overrides": SGD + layout.get("overrides", ())},
+        )
+        for name, layout in LAYOUTS.items()
+    }
+    results = wait_all([p for group in procs.values() for p in group], timeout=2 * TIMEOUT)
+    for code, out in results:
+        assert code == 0, out[-4000:]
+    return {name: read_run(str(base / name)) for name in LAYOUTS}
 
 
 @pytest.mark.parametrize("name", [n for n in LAYOUTS if n != "1dev"])
