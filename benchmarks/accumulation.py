@@ -15,7 +15,6 @@ Writes a markdown table to benchmarks/results/accumulation.md.
 """
 
 import argparse
-import functools
 import os
 import statistics
 import sys
@@ -25,33 +24,18 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import results_file  # noqa: E402
-from train_step import time_steps  # noqa: E402
+from train_step import build_step, time_steps  # noqa: E402
 
 from experiments.train_run import load_config  # noqa: E402
 
 
 def build(config, k: int, parallel, num_classes: int, batch):
-    import jax
+    from tce_jax import objectives
 
-    from tce_jax import objectives, train
-
-    model = train.create_model(config, num_classes, parallel.axis_name)
-    tx = train.create_optimizer(config)
-    init = functools.partial(train.init_state, config, model, tx, num_classes)
-    state = parallel.device_state(parallel.compile_init(init)(jax.random.key(0)))
     kwargs = {}
     if k > 1:
         kwargs = dict(grad_accum_steps=k, decomposition=objectives.create_decomposition(config))
-    step = parallel.compile_train(
-        functools.partial(
-            train.train_step,
-            model=model,
-            tx=tx,
-            loss_fn=objectives.create_loss_fn(config),
-            axis_name=parallel.axis_name,
-            **kwargs,
-        )
-    )
+    state, step = build_step(config, config.loss.name, parallel, num_classes, **kwargs)
     compiled = step.lower(state, batch).compile()
     return state, compiled, compiled.memory_analysis().temp_size_in_bytes
 

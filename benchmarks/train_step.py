@@ -31,7 +31,9 @@ ACCELERATOR_CROP = (512, 1024)
 ACCELERATOR_BATCH = 8
 
 
-def build_step(config, loss_name, parallel, num_classes):
+def build_step(config, loss_name, parallel, num_classes, **step_kwargs):
+    """(initial state, compiled train step) of `config` with loss `loss_name`; `step_kwargs`
+    go to `train.train_step` (e.g. gradient accumulation)."""
     import jax
 
     from tce_jax import objectives, train
@@ -49,6 +51,7 @@ def build_step(config, loss_name, parallel, num_classes):
             tx=tx,
             loss_fn=objectives.create_loss_fn(config),
             axis_name=parallel.axis_name,
+            **step_kwargs,
         )
     )
     return state, step
