@@ -136,13 +136,11 @@ def test_jit_over_sharded_global_arrays(num_devices):
         assert s_grad.sharding.is_equivalent_to(batch_sharding, s_grad.ndim)
 
 
-def test_shard_map_gradient_is_already_global():
-    """shard_map (check_vma=True, replicated params): no pmean needed, as documented."""
-    num_devices = 4
-    params, x, labels = make_data()
+def shard_map_tce(params, x, labels, num_devices):
+    """Loss and parameter gradient of TCE under jit(shard_map) over `num_devices` devices
+    (check_vma=True, replicated parameters: no pmean)."""
     mesh = Mesh(np.array(jax.devices()[:num_devices]), (AXIS,))
     batch_sharding = NamedSharding(mesh, P(AXIS))
-    (loss, _), grads = single_device(params, x, labels, "tce")
 
     def local(params, x, labels):
         return jax.value_and_grad(lambda p: loss_fn(p, x, labels, "tce", axis_name=AXIS)[0])(
@@ -150,8 +148,16 @@ def test_shard_map_gradient_is_already_global():
 
     f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)),
                               out_specs=(P(), P())))
-    s_loss, s_grads = f(jax.device_put(params, NamedSharding(mesh, P())),
-                        jax.device_put(x, batch_sharding), jax.device_put(labels, batch_sharding))
+    return f(jax.device_put(params, NamedSharding(mesh, P())),
+             jax.device_put(x, batch_sharding), jax.device_put(labels, batch_sharding))
+
+
+def test_shard_map_gradient_is_already_global():
+    """shard_map (check_vma=True, replicated params): no pmean needed, as documented."""
+    num_devices = 4
+    params, x, labels = make_data()
+    (loss, _), grads = single_device(params, x, labels, "tce")
+    s_loss, s_grads = shard_map_tce(params, x, labels, num_devices)
     np.testing.assert_allclose(s_loss, loss, rtol=2e-6)
     assert_tree_close(s_grads, grads)
 
@@ -217,17 +223,7 @@ def test_accelerator_form_under_pmap_and_shard_map(monkeypatch):
         assert_tree_close(jax.tree.map(lambda a, r=r: a[r], p_aux), aux)
         assert_tree_close(jax.tree.map(lambda a, r=r: a[r], p_grads), grads)
 
-    mesh = Mesh(np.array(jax.devices()[:num_devices]), (AXIS,))
-    batch_sharding = NamedSharding(mesh, P(AXIS))
-
-    def local(params, x, labels):
-        return jax.value_and_grad(lambda p: loss_fn(p, x, labels, "tce", axis_name=AXIS)[0])(
-            params)
-
-    f = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), P(AXIS), P(AXIS)),
-                              out_specs=(P(), P())))
-    s_loss, s_grads = f(jax.device_put(params, NamedSharding(mesh, P())),
-                        jax.device_put(x, batch_sharding), jax.device_put(labels, batch_sharding))
+    s_loss, s_grads = shard_map_tce(params, x, labels, num_devices)
     (loss, _), grads = expected["tce"]
     np.testing.assert_allclose(s_loss, loss, rtol=2e-6)
     assert_tree_close(s_grads, grads)

@@ -150,17 +150,23 @@ def test_accepted_formats_load_the_same_variables(fmt, tmp_path):
         np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
 
 
-def test_mismatches_fail_with_a_clear_message(tmp_path):
-    r50 = str(tmp_path / "resnet50.npz")
-    pretrained.save_npz(
-        r50, pretrained.torchvision_to_flax(torchvision_resnet_state_dict((3, 4, 6, 3)))
-    )
+def assert_resnet50_refused_for_resnet101(r50: str) -> None:
+    """ResNet-50 weights in `r50` are refused for DeepLabV3+ ResNet-101, naming the file, the
+    missing layers and both depths."""
     r101 = abstract_variables(models.DeepLabV3PlusResNet101(num_classes=19))
     with pytest.raises(pretrained.PretrainedMismatchError) as e:
         pretrained.load_for_model(r50, r101, model="deeplabv3plus_resnet101")
     message = str(e.value)
     assert r50 in message and "missing from the file" in message and "layer3_6" in message
     assert "ResNet-50" in message and "ResNet-101" in message
+
+
+def test_mismatches_fail_with_a_clear_message(tmp_path):
+    r50 = str(tmp_path / "resnet50.npz")
+    pretrained.save_npz(
+        r50, pretrained.torchvision_to_flax(torchvision_resnet_state_dict((3, 4, 6, 3)))
+    )
+    assert_resnet50_refused_for_resnet101(r50)
 
     with pytest.raises(pretrained.PretrainedMismatchError, match="not part of a torchvision"):
         pretrained.torchvision_to_flax({"conv1.weight": np.zeros((64, 3, 7, 7)), "head.w": 1.0})
@@ -233,12 +239,7 @@ def test_bfloat16_safetensors_are_read_as_float32(tmp_path):
 def test_mismatching_safetensors_fail_like_the_npz(tmp_path):
     r50 = str(tmp_path / "resnet50.safetensors")
     safetensors.numpy.save_file(torchvision_resnet_state_dict((3, 4, 6, 3)), r50)
-    r101 = abstract_variables(models.DeepLabV3PlusResNet101(num_classes=19))
-    with pytest.raises(pretrained.PretrainedMismatchError) as e:
-        pretrained.load_for_model(r50, r101, model="deeplabv3plus_resnet101")
-    message = str(e.value)
-    assert r50 in message and "missing from the file" in message and "layer3_6" in message
-    assert "ResNet-50" in message and "ResNet-101" in message
+    assert_resnet50_refused_for_resnet101(r50)
     # timm's deep-stem variants (resnet50d: conv1.0/1/3...) are different networks.
     deep_stem = str(tmp_path / "resnet50d.safetensors")
     safetensors.numpy.save_file(
