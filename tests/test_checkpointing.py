@@ -255,17 +255,25 @@ def reference_run(small_data_dir, tmp_path_factory):
     return workdir
 
 
-def test_sigterm_saves_and_the_rerun_continues_exactly(small_data_dir, reference_run, tmp_path):
-    workdir = str(tmp_path / "w")
-    code, out = interrupt_after_first_step(launch(workdir, small_data_dir), signal.SIGTERM)
-    assert code == 128 + signal.SIGTERM, out[-3000:]
+def stop_by_signal(workdir: str, data_dir: str, sig: signal.Signals) -> tuple[int, str]:
+    """Sends `sig` to a CLI run after its first step; checks the exit status (128 + sig), the
+    one-line message and that the step it names is the last checkpoint. Returns (step, output)."""
+    code, out = interrupt_after_first_step(launch(workdir, data_dir), sig)
+    assert code == 128 + sig, out[-3000:]
     stopped = re.fullmatch(
-        r"stopped at step (\d+) by SIGTERM; checkpoint saved; rerun the same command to resume",
+        rf"stopped at step (\d+) by {sig.name}; checkpoint saved; rerun the same command to "
+        "resume",
         last_line(out),
     )
     assert stopped, out[-3000:]
     step = int(stopped.group(1))
     assert checkpoint_steps(workdir)[-1] == step
+    return step, out
+
+
+def test_sigterm_saves_and_the_rerun_continues_exactly(small_data_dir, reference_run, tmp_path):
+    workdir = str(tmp_path / "w")
+    step, _ = stop_by_signal(workdir, small_data_dir, signal.SIGTERM)
     assert not os.path.exists(os.path.join(workdir, "report.md"))
 
     code, out = run_cli(workdir, small_data_dir)
@@ -277,16 +285,8 @@ def test_sigterm_saves_and_the_rerun_continues_exactly(small_data_dir, reference
 
 
 def test_sigint_saves_with_a_one_line_message(small_data_dir, tmp_path):
-    workdir = str(tmp_path / "w")
-    code, out = interrupt_after_first_step(launch(workdir, small_data_dir), signal.SIGINT)
-    assert code == 128 + signal.SIGINT, out[-3000:]
-    stopped = re.fullmatch(
-        r"stopped at step (\d+) by SIGINT; checkpoint saved; rerun the same command to resume",
-        last_line(out),
-    )
-    assert stopped, out[-3000:]
+    _, out = stop_by_signal(str(tmp_path / "w"), small_data_dir, signal.SIGINT)
     assert "Traceback" not in out
-    assert checkpoint_steps(workdir)[-1] == int(stopped.group(1))
 
 
 def test_divergence_stops_the_run_and_saves_nothing_non_finite(small_data_dir, tmp_path):
