@@ -263,3 +263,17 @@ def write_ade20k(
                 if name != drop:
                     archive.writestr(name, b"\xff\xd8\xff garbage" if name == corrupt else data)
     return annotations
+
+
+def prepare(root, write: Callable[[str], dict], config) -> tuple:
+    """Writes fake archives with `write` into `root/manual` and prepares them into `root/tfds`
+    with `config` (a real-dataset config). Returns (config, builder, spec, what `write`
+    returned)."""
+    from tce_jax import input_pipeline
+
+    manual_dir = str(root / "manual")
+    raw = write(manual_dir)
+    config.data.data_dir = str(root / "tfds")
+    config.data.manual_dir = manual_dir
+    builder, spec = input_pipeline.load_builder(config)
+    return config, builder, spec, raw

@@ -21,14 +21,9 @@ IGNORE = 255
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ade20k")
-    manual_dir = str(root / "manual")
-    raw = fake_archives.write_ade20k(manual_dir)
-    config = ade_config.get_config("runlocal")
-    config.data.data_dir = str(root / "tfds")
-    config.data.manual_dir = manual_dir
-    builder, spec = input_pipeline.load_builder(config)
-    return config, builder, spec, raw
+    return fake_archives.prepare(
+        tmp_path_factory.mktemp("ade20k"), fake_archives.write_ade20k, ade_config.get_config("tiny")
+    )
 
 
 def test_label_map_names_and_palette():

@@ -23,14 +23,11 @@ IGNORE = 255
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
     """Fake archives in a manual dir, prepared by TFDS's cityscapes builder."""
-    root = tmp_path_factory.mktemp("cityscapes")
-    manual_dir = str(root / "manual")
-    raw = fake_archives.write_cityscapes(manual_dir)
-    config = cs_config.get_config("runlocal")
-    config.data.data_dir = str(root / "tfds")
-    config.data.manual_dir = manual_dir
-    builder, spec = input_pipeline.load_builder(config)
-    return config, builder, spec, raw
+    return fake_archives.prepare(
+        tmp_path_factory.mktemp("cityscapes"),
+        fake_archives.write_cityscapes,
+        cs_config.get_config("tiny"),
+    )
 
 
 def test_label_map_is_the_official_table():
