@@ -14,6 +14,12 @@ from tce_jax.losses._validation import (
     _check_scalar,
 )
 
+__all__ = [
+    "ClassStatistics",
+    "class_losses",
+    "class_statistics",
+]
+
 
 class ClassStatistics(NamedTuple):
     """Per-class sufficient statistics of the pixel losses (a pytree of arrays).

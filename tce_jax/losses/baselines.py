@@ -22,6 +22,17 @@ from tce_jax.losses._validation import (
     _check_weight_vector,
 )
 
+__all__ = [
+    "CLASS_WEIGHT_SCHEMES",
+    "class_balancing_weights",
+    "class_image_pixels",
+    "cross_entropy",
+    "lovasz_softmax",
+    "softmax_focal_loss",
+    "weighted_cross_entropy",
+    "weighted_cross_entropy_from_statistics",
+]
+
 
 def cross_entropy(
     logits: jax.typing.ArrayLike,

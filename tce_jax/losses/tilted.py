@@ -22,6 +22,18 @@ from tce_jax.losses._validation import (
     _check_scalar,
 )
 
+__all__ = [
+    "BATCH_LOSSES",
+    "ESTIMATORS",
+    "StochasticTCEState",
+    "class_sampling_probs",
+    "stochastic_tce",
+    "stochastic_tce_from_statistics",
+    "stochastic_tce_init",
+    "tilted_ce",
+    "tilted_ce_from_statistics",
+]
+
 # Stochastic TCE: how the running class losses average the batch ones, and what loss the batch
 # takes (docs/maths.md).
 ESTIMATORS = ("ema", "tilted")
