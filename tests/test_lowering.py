@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from tce_jax import datasets, losses, objectives, train
+from tce_jax import datasets, input_pipeline, losses, objectives, train
 
 PLATFORMS = ("cuda", "tpu")
 # A per-class statistic has C elements, a confusion matrix C * C; the bins of
@@ -196,9 +196,16 @@ def _abstract_state(config, model, tx, num_classes):
 
 
 @pytest.mark.parametrize(
-    "loss, accum", [("tce", 1), ("stochastic_tce", 1), ("weighted_ce", 1), ("tce", 2)]
+    "loss, accum, photometric",
+    [
+        ("tce", 1, False),
+        ("stochastic_tce", 1, False),
+        ("weighted_ce", 1, False),
+        ("tce", 2, False),
+        ("tce", 1, True),  # the photometric jitter applied in the step
+    ],
 )
-def test_train_step_has_no_float_scatter(loss, accum):
+def test_train_step_has_no_float_scatter(loss, accum, photometric):
     config, spec = _tiny(loss)
     if loss == "weighted_ce":
         config.loss.class_weights = "median_frequency"
@@ -221,6 +228,9 @@ def test_train_step_has_no_float_scatter(loss, accum):
         "image": jax.ShapeDtypeStruct((config.global_batch_size, h, w, 3), jnp.uint8),
         "label": jax.ShapeDtypeStruct((config.global_batch_size, h, w), jnp.int32),
     }
+    if photometric:  # the jitter drawn by the input pipeline, applied on the device
+        size = (config.global_batch_size, input_pipeline.PHOTOMETRIC_SIZE)
+        batch["photometric"] = jax.ShapeDtypeStruct(size, jnp.float32)
     state = _abstract_state(config, model, tx, spec.num_classes)
     assert_no_small_float_scatter(step, (state, batch), spec.num_classes)
 
