@@ -147,10 +147,10 @@ def main(argv):
 
 
 def run(config) -> None:
-    from tce_jax import config_lib, startup, workdir
+    from tce_jax import startup, workdir
 
-    # Both checks before JAX or TensorFlow start: a bad value or workdir should cost nothing.
-    config_lib.validate_config(config)
+    # Both checks (the config's in `start`) before any device is set up: a bad value or
+    # workdir should cost nothing.
     path = workdir.resolve(FLAGS.workdir)
     startup.start(config, quiet_logs=not FLAGS["verbosity"].present)
 
