@@ -221,6 +221,13 @@ def pad_colour(data_config) -> np.ndarray:
 # tf.data transformations.
 
 
+def _plain_graph(fn: Callable) -> Callable:
+    """`fn` for `Dataset.map`, traced as written: its branches on tensors are `tf.cond`s
+    already, so AutoGraph's source-to-source conversion (seconds of every process's start-up,
+    re-parsing these functions) would change nothing."""
+    return tf.autograph.experimental.do_not_convert(fn)
+
+
 def _decode(spec, image_bytes, label_bytes, map_labels: bool = True):
     """uint8 image [H, W, 3] and uint8 label map [H, W, 1] from the encoded bytes: train ids,
     or the raw values with `map_labels=False` (map them later with `_map_labels`)."""
@@ -582,7 +589,7 @@ def train_iterator(
         "position": tf.TensorSpec([batch_per_shard], tf.int64),
     }
     ds = tf.data.Dataset.from_generator(step_indices, output_signature=signature).unbatch()
-    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(_plain_graph(transform), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(batch_per_shard * len(sources), drop_remainder=True)
     return Batches(
         ds.prefetch(config.data.prefetch),
@@ -709,7 +716,7 @@ def eval_iterator(
         }
 
     ds = tf.data.Dataset.range(total)
-    ds = ds.map(transform, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+    ds = ds.map(_plain_graph(transform), num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     ds = ds.batch(local_batch, drop_remainder=True)  # `total` is a multiple of it
     return Batches(
         ds.prefetch(config.data.prefetch),
