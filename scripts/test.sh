@@ -5,6 +5,7 @@ set -euo pipefail
 . "$(dirname "$0")/setup_env.sh"
 ruff check tce_jax tests configs experiments benchmarks scripts
 # Test files run in parallel worker processes (one per core, at most 4), each file whole in one
-# worker so that its module fixtures (trained workdirs, multi-process runs) are built once.
-python -m pytest -q -n auto --maxprocesses=4 --dist loadfile --doctest-modules tce_jax/losses \
-  tests "$@"
+# worker so that its module fixtures (trained workdirs, multi-process runs) are built once;
+# files go out in collection order, which tests/conftest.py sets to the slowest first.
+python -m pytest -q -n auto --maxprocesses=4 --dist loadfile --no-loadscope-reorder \
+  --doctest-modules tce_jax/losses tests "$@"

@@ -15,6 +15,23 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # the same way.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "true")
 
+# One on-disk compilation cache for the test processes and every run they start: the tests
+# compile the same tiny programs (a train step, the slices Orbax saves with) over and over, in
+# many processes. Entries are keyed by the program, the compiler options and the JAX version,
+# so a stale one is never used; a half-written one (a run killed by a test, two processes
+# writing the same entry) makes JAX warn and compile again (see filterwarnings in
+# pyproject.toml).
+os.environ.setdefault(
+    "JAX_COMPILATION_CACHE_DIR",
+    os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        ".pytest_cache",
+        "jax_compilation_cache",
+    ),
+)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+
 import jax  # noqa: E402
 
 # Tests compile many small programs; optimisation buys nothing at these sizes.
@@ -46,3 +63,24 @@ def prepared(small_data_dir):
     config.data.data_dir = small_data_dir
     builder, spec = input_pipeline.load_builder(config)
     return config, builder, spec
+
+
+# Files that start training processes or train several times take minutes each; pytest-xdist
+# hands files to its workers in collection order, so these go first (longest first), and no
+# worker is left running one of them alone at the end.
+SLOW_FILES_FIRST = (
+    "test_checkpointing.py",
+    "test_distributed.py",
+    "test_distributed_failures.py",
+    "test_workdir.py",
+    "test_accumulation.py",
+    "test_sampling.py",
+    "test_models.py",
+    "test_train.py",
+    "test_predict.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept

@@ -9,13 +9,13 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 
 import jax
 import numpy as np
 import pytest
+from distributed_runs import free_port
 from run_utils import assert_trees_close, flat_leaves, latest_checkpoint
 
 from tce_jax import checkpointing
@@ -168,12 +168,6 @@ TINY = (
     "--config.eval_every_steps=8",
     "--config.log_every_steps=1",
 )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Starts the CLI with SIGINT's default action, as an interactive shell does (a child of a

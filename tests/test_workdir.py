@@ -16,6 +16,7 @@ import time
 import numpy as np
 import pytest
 import run_utils
+from distributed_runs import free_port
 from etils.epath import gpath as epath_gpath
 from etils.epath import testing as epath_testing
 
@@ -58,12 +59,6 @@ def run_cli(path, data_dir, *overrides):
 def last_stderr_line(result) -> str:
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     return result.stderr.strip().splitlines()[-1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dead_pid() -> int:
