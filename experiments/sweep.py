@@ -25,7 +25,8 @@ way already holds complete comparisons for its first seeds. Ctrl-C stops the chi
 invocation resumes.
 
 Parallelism: ``--jobs=N`` runs N trainings at once (each child then gets one intra-op thread
-for XLA and TensorFlow). On 2 CPU cores one job at a time is usually faster for JAX.
+for XLA and TensorFlow). Whether that is faster depends on the model: on 2 CPU cores, two at
+once trained the default UNet 1.6x faster in all, the small UNet slower (docs/experiments.md).
 Compiled programs are cached on disk in ``<workdir>/.jax_cache`` (JAX's persistent compilation
 cache), so seeds after the first of an arm skip most of the compilation.
 """
