@@ -1,4 +1,5 @@
-"""Test-session set-up: 8 fake CPU devices, quiet TensorFlow, no GPU for TF.
+"""Test-session set-up: 8 fake CPU devices, quiet TensorFlow, no GPU for TF, one compilation
+cache for every test process, the slowest test files scheduled first, and the `slow` mark.
 
 XLA_FLAGS must be set before JAX initialises its backends, so this runs at import time.
 """
