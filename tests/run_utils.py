@@ -1,7 +1,11 @@
-"""Helpers shared by the tests that inspect finished training workdirs."""
+"""Helpers shared by the tests that run the command line or inspect finished training workdirs."""
 
+import contextlib
+import dataclasses
+import io
 import json
 import os
+import sys
 
 import jax
 import numpy as np
@@ -63,3 +67,47 @@ def set_fields(config, **fields):
             node = node[p]
         node[leaf] = value
     return config
+
+
+@dataclasses.dataclass
+class MainResult:
+    """What `python -m tce_jax.main ...` ended with, as `subprocess.run` reports it."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main_in_process(*args: str) -> MainResult:
+    """Runs `python -m tce_jax.main ARGS` inside the test process: the same flag parsing, error
+    handling and exit status as the command line, on this process's devices and compilation
+    settings, without the start-up of a new Python with TensorFlow and JAX (most of a tiny
+    run's time). Signals, locks held by another process and multi-process runs need a real
+    process; everything else can run here."""
+    from absl import flags, logging
+
+    from tce_jax import main
+
+    verbosity, argv = logging.get_verbosity(), sys.argv
+    sys.argv = [main.__file__, *args]  # what provenance.jsonl records as the command
+    _reset_flags(flags.FLAGS)
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            main.main(main.parse_flags(sys.argv))
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    finally:
+        sys.argv = argv
+        _reset_flags(flags.FLAGS)
+        logging.set_verbosity(verbosity)
+    return MainResult(code, out.getvalue(), err.getvalue())
+
+
+def _reset_flags(flag_values) -> None:
+    """Back to before any parse: ml_collections defines a `--config.FIELD` flag for every field
+    of the config file it loads, and refuses to define one twice."""
+    for name in list(flag_values):
+        if name.startswith("config."):
+            delattr(flag_values, name)
+    flag_values.unparse_flags()

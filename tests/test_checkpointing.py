@@ -1,8 +1,9 @@
 """Checkpoints: the best step by validation mIoU across restarts, verification of restored
 states, and what a CLI run does on SIGTERM / SIGINT, divergence and a corrupt checkpoint.
 
-The CLI tests run `python -m tce_jax.main` on the tiny config (one device) and compare with
-an uninterrupted run of the same config.
+The signal tests run `python -m tce_jax.main` on the tiny config (one device) and compare with
+an uninterrupted run of the same config; the divergence and corrupt-checkpoint runs need no
+process of their own and run the command line inside the test process.
 """
 
 import os
@@ -16,7 +17,7 @@ import jax
 import numpy as np
 import pytest
 from distributed_runs import free_port
-from run_utils import assert_trees_close, flat_leaves, latest_checkpoint
+from run_utils import assert_trees_close, flat_leaves, latest_checkpoint, run_main_in_process
 
 from tce_jax import checkpointing
 
@@ -215,6 +216,18 @@ def run_cli(workdir, data_dir, *overrides) -> tuple[int, str]:
     return finish(launch(workdir, data_dir, *overrides))
 
 
+def run_in_process(workdir, data_dir, *overrides) -> tuple[int, str]:
+    """As `run_cli`, inside the test process (its 8 devices): for the runs that need no signal."""
+    result = run_main_in_process(
+        "--config=configs/default.py:tiny",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        *TINY,
+        *overrides,
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
 def interrupt_after_first_step(proc, signum) -> tuple[int, str]:
     """Sends `signum` once the run has printed a training step; returns (code, output)."""
     lines = []
@@ -285,7 +298,7 @@ def test_sigint_saves_with_a_one_line_message(small_data_dir, tmp_path):
 
 def test_divergence_stops_the_run_and_saves_nothing_non_finite(small_data_dir, tmp_path):
     workdir = str(tmp_path / "w")
-    code, out = run_cli(
+    code, out = run_in_process(
         workdir,
         small_data_dir,
         "--config.optimizer.name=sgd",
@@ -323,9 +336,11 @@ def test_a_corrupt_checkpoint_is_refused_in_one_line(
     shutil.copytree(reference_run, workdir)
     DAMAGE[damage][0](largest_array_file(os.path.join(workdir, "checkpoints", "8")))
     if mode == "train":  # resume from the latest checkpoint and train on
-        code, out = run_cli(workdir, small_data_dir, "--config.num_train_steps=12")
+        code, out = run_in_process(workdir, small_data_dir, "--config.num_train_steps=12")
     else:
-        code, out = run_cli(workdir, small_data_dir, "--mode=evaluate", "--checkpoint=latest")
+        code, out = run_in_process(
+            workdir, small_data_dir, "--mode=evaluate", "--checkpoint=latest"
+        )
     assert code == 1, out[-3000:]
     assert last_line(out).startswith(
         f"The checkpoint of step 8 in {workdir}/checkpoints is corrupt: "

@@ -1,5 +1,6 @@
 """Every config file loads, validates and builds; bad values fail early with the field named."""
 
+import contextlib
 import glob
 import importlib.util
 import os
@@ -8,6 +9,7 @@ import sys
 
 import jax
 import pytest
+from run_utils import run_main_in_process
 
 from tce_jax import config_lib, objectives, train
 
@@ -123,7 +125,7 @@ def test_unknown_variant():
         load_config_module(DEFAULT_CONFIG).get_config("cee")
 
 
-def run_main(*args, timeout=120):
+def run_process(*args, timeout=120):
     return subprocess.run(
         [sys.executable, "-m", "tce_jax.main", *args],
         cwd=ROOT,
@@ -133,12 +135,23 @@ def run_main(*args, timeout=120):
     )
 
 
+def run_main(*args):
+    """The command line inside the test process (same parsing, messages and exit status; see
+    `run_utils.run_main_in_process`), from the repository's root as `run_process`."""
+    with contextlib.chdir(ROOT):
+        return run_main_in_process(*args)
+
+
 def test_cli_rejects_a_misspelt_field_and_a_bad_value(tmp_path):
-    typo = run_main(
+    # A real process: exit status, stderr and no traceback as a shell sees them.
+    typo = run_process(
         "--config=configs/default.py:tiny", f"--workdir={tmp_path}", "--config.loss.tt=2"
     )
-    assert typo.returncode != 0
-    assert "tt" in typo.stderr
+    assert typo.returncode == 1
+    assert "Traceback" not in typo.stderr
+    assert typo.stderr.strip().splitlines()[-1] == (
+        "error: --config.loss.tt: config.loss has no field 'tt'; did you mean --config.loss.t?"
+    )
     bad = run_main(
         "--config=configs/default.py:tiny", f"--workdir={tmp_path}", "--config.loss.name=mse"
     )
@@ -200,7 +213,6 @@ def test_cli_missing_dataset_is_reported_without_traceback(tmp_path):
         f"--workdir={tmp_path / 'run'}",
         f"--config.data.data_dir={tmp_path / 'tfds'}",
         f"--config.data.manual_dir={manual}",
-        timeout=300,
     )
     assert result.returncode == 1
     assert "Traceback" not in result.stderr

@@ -1,13 +1,11 @@
 """--mode=predict: prediction files of a checkpoint, for a split or a folder of images."""
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
-from run_utils import read_jsonl
+from run_utils import read_jsonl, run_main_in_process
 
 from tce_jax import input_pipeline, predict, train
 
@@ -203,14 +201,6 @@ def test_bad_inputs_name_the_flag(checkpointed, tmp_path):
         predict.predict(config, workdir, checkpoint="7")
 
 
-def run_main(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "tce_jax.main", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def test_command_line_predicts_a_folder_without_the_dataset(checkpointed, tmp_path):
@@ -223,13 +213,15 @@ def test_command_line_predicts_a_folder_without_the_dataset(checkpointed, tmp_pa
     empty_data_dir = tmp_path / "tfds"
     empty_data_dir.mkdir()
     common = [
-        "--config=configs/default.py:tiny",
+        f"--config={ROOT}/configs/default.py:tiny",
         f"--workdir={workdir}",
         f"--config.data.data_dir={empty_data_dir}",
         "--mode=predict",
         "--checkpoint=1",
     ]
-    result = run_main(*common, f"--predict_images={folder}", f"--predict_dir={tmp_path / 'out'}")
+    result = run_main_in_process(
+        *common, f"--predict_images={folder}", f"--predict_dir={tmp_path / 'out'}"
+    )
     assert result.returncode == 0, result.stderr
     assert "predicted 3/3 images" in result.stdout
     assert sorted(os.listdir(tmp_path / "out" / "color")) == [f"p{k}_color.png" for k in range(3)]
@@ -237,7 +229,7 @@ def test_command_line_predicts_a_folder_without_the_dataset(checkpointed, tmp_pa
     last = read_jsonl(os.path.join(workdir, "provenance.jsonl"))[-1]
     assert (last["mode"], last["checkpoint"], last["predict"]) == ("predict", "1", str(folder))
     # A folder without images: one line on stderr, no traceback.
-    empty = run_main(*common, f"--predict_images={empty_data_dir}")
+    empty = run_main_in_process(*common, f"--predict_images={empty_data_dir}")
     assert empty.returncode == 1
     assert empty.stderr.strip().splitlines()[-1].startswith("error: --predict_images=")
     assert "Traceback" not in empty.stderr

@@ -56,6 +56,12 @@ def run_cli(path, data_dir, *overrides):
     )
 
 
+def run_in_process(path, data_dir, *overrides):
+    """The same command inside the test process (its 8 devices): for the tests that need no
+    process of their own."""
+    return run_utils.run_main_in_process(*cli_args(path, data_dir, *overrides)[3:])
+
+
 def last_stderr_line(result) -> str:
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     return result.stderr.strip().splitlines()[-1]
@@ -110,7 +116,7 @@ def test_a_second_trainer_is_refused_and_a_killed_ones_lock_taken_over(
             if lock_path.exists():
                 text = lock_path.read_text()
                 holder = json.loads(text) if text.endswith("\n") else None
-        second = run_cli(path, small_data_dir)
+        second = run_in_process(path, small_data_dir)
         assert first.poll() is None  # the first still runs: the refusal was about it
     finally:
         os.killpg(first.pid, signal.SIGKILL)
@@ -191,7 +197,7 @@ def test_only_process_0_locks_and_every_process_stops_when_it_cannot(small_data_
 
 def test_resuming_another_experiment_is_refused_with_every_difference(finished_run, small_data_dir):
     kept = {name: (finished_run / name).read_text() for name in ("config.json", "metrics.jsonl")}
-    result = run_cli(
+    result = run_in_process(
         finished_run,
         small_data_dir,
         "--config.loss.name=ce",
@@ -213,7 +219,7 @@ def test_allow_config_change_resumes_and_records_the_change(finished_run, small_
     path = tmp_path / "run"
     shutil.copytree(finished_run, path)
     old_config = json.loads((path / "config.json").read_text())
-    result = run_cli(
+    result = run_in_process(
         path,
         small_data_dir,
         "--config.loss.name=ce",
@@ -245,7 +251,7 @@ def test_evaluation_does_not_refuse_a_different_config_and_records_its_start(
     path = tmp_path / "run"
     shutil.copytree(finished_run, path)
     kept = (path / "config.json").read_text()
-    result = run_cli(
+    result = run_in_process(
         path,
         small_data_dir,
         "--mode=evaluate",
@@ -345,15 +351,11 @@ def test_every_start_records_its_provenance(finished_run):
 
 
 @pytest.mark.parametrize("path", ["s3://bucket/run", "memory://run", "file:///tmp/run"])
-def test_workdirs_with_unsupported_schemes_are_refused_not_written_locally(path, tmp_path):
-    result = subprocess.run(
-        cli_args(path, tmp_path),
-        cwd=tmp_path,
-        env=dict(cli_env(), PYTHONPATH=ROOT),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+def test_workdirs_with_unsupported_schemes_are_refused_not_written_locally(
+    path, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    result = run_in_process(path, tmp_path)
     scheme = path.split(":")[0]
     assert result.returncode == 1
     assert last_stderr_line(result).startswith(
