@@ -219,7 +219,7 @@ def run_cli(workdir, data_dir, *overrides) -> tuple[int, str]:
 def run_in_process(workdir, data_dir, *overrides) -> tuple[int, str]:
     """As `run_cli`, inside the test process (its 8 devices): for the runs that need no signal."""
     result = run_main_in_process(
-        "--config=configs/default.py:tiny",
+        f"--config={os.path.join(ROOT, 'configs', 'default.py')}:tiny",
         f"--workdir={workdir}",
         f"--config.data.data_dir={data_dir}",
         *TINY,

@@ -201,8 +201,6 @@ def test_bad_inputs_name_the_flag(checkpointed, tmp_path):
         predict.predict(config, workdir, checkpoint="7")
 
 
-
-
 def test_command_line_predicts_a_folder_without_the_dataset(checkpointed, tmp_path):
     """--mode=predict on a folder of images reads no dataset: the TFDS data dir stays empty."""
     config, workdir, _ = checkpointed

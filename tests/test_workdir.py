@@ -1,7 +1,9 @@
 """The workdir: one writer at a time, no silent change of experiment on resume, cloud paths
 written through epath (never as a local `gs:` directory), and the provenance of every start.
 
-The command-line tests run `python -m tce_jax.main` on the tiny config (2 fake CPU devices).
+The command-line tests run `python -m tce_jax.main` on the tiny config: as a process of its own
+(2 fake CPU devices) where the test needs one (a lock holder, provenance of a real command,
+several processes), otherwise inside the test process (its 8 devices).
 """
 
 import json
@@ -27,16 +29,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 300
 
 
-def cli_args(path, data_dir, *overrides):
+def main_args(path, data_dir, *overrides):
+    """The flags of a tiny run of `tce_jax.main` in workdir `path`."""
     return [
-        sys.executable,
-        "-m",
-        "tce_jax.main",
         f"--config={os.path.join(ROOT, 'configs', 'default.py')}:tiny",
         f"--workdir={path}",
         f"--config.data.data_dir={data_dir}",
         *overrides,
     ]
+
+
+def cli_args(path, data_dir, *overrides):
+    return [sys.executable, "-m", "tce_jax.main", *main_args(path, data_dir, *overrides)]
 
 
 def cli_env():
@@ -59,7 +63,7 @@ def run_cli(path, data_dir, *overrides):
 def run_in_process(path, data_dir, *overrides):
     """The same command inside the test process (its 8 devices): for the tests that need no
     process of their own."""
-    return run_utils.run_main_in_process(*cli_args(path, data_dir, *overrides)[3:])
+    return run_utils.run_main_in_process(*main_args(path, data_dir, *overrides))
 
 
 def last_stderr_line(result) -> str:
