@@ -7,11 +7,11 @@ sharp-edged shapes and sensor noise: PNGs of about 2 MB, like real Cityscapes im
 label maps, then measures in one process, in interleaved rounds of `--count` images:
 
 * decode: `tf.io.decode_png` of the same files, in a parallel tf.data map;
-* transform: what training runs per example on the host, `input_pipeline.train_transform`
+* transform: what training runs per example on the host, `example_transforms.train_transform`
   (decode, then `train_augment`) with the Cityscapes recipe (`configs/cityscapes.py`: base
   size 1024x2048, random ratio 0.5-2.0, 512x1024 crop, flip, photometric jitter drawn), in the
   same kind of parallel tf.data map. The jitter itself is applied in the train step on the
-  device (`input_pipeline.photometric_on_device`), like the normalisation.
+  device (`device_transforms.photometric_on_device`), like the normalisation.
 
 Prints images/s of both (median over rounds), their ratio (target: transform >= 0.5x decode),
 images/s per core, the bytes per training example that leave the pipeline, and the backend.
@@ -97,7 +97,7 @@ def main():
 
     tf.config.set_visible_devices([], "GPU")
     from configs import cityscapes
-    from tce_jax import datasets, input_pipeline
+    from tce_jax import datasets, example_transforms
 
     config = cityscapes.get_config()
     spec = datasets.get_dataset_spec("cityscapes")
@@ -112,7 +112,7 @@ def main():
         image, label = files
         return tf.io.decode_png(image, channels=3), tf.io.decode_png(label, channels=1)
 
-    augment = input_pipeline.train_transform(spec, config.data)
+    augment = example_transforms.train_transform(spec, config.data)
 
     def transform(position, files):
         seed = tf.stack([tf.constant(config.seed, tf.int64), position])  # as in training

@@ -109,9 +109,10 @@ def main():
         config, num_devices=jax.device_count(), num_processes=jax.process_count()
     )
     layout = input_pipeline.Layout(num_shards, jax.process_index(), jax.process_count())
-    builder, spec = input_pipeline.load_builder(config)
+    dataset = input_pipeline.Dataset.load(config, layout)
+    spec = dataset.spec
     parallel = parallel_lib.create_parallel(config)
-    data = input_pipeline.train_iterator(builder, spec, config, layout)
+    data = dataset.train_iterator()
     batch = parallel.put_batch(next(data))
 
     steps = {name: build_step(config, name, parallel, spec.num_classes) for name in LOSSES}

@@ -6,7 +6,7 @@ import math
 
 import ml_collections
 
-from tce_jax import losses, objectives
+from tce_jax import device_transforms, losses, objectives
 from tce_jax.objectives import LOSSES, parse_class_weights
 
 
@@ -31,8 +31,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.data.base_size = ()
     config.data.flip = True
     config.data.photometric = False  # brightness/contrast/saturation/hue jitter
-    config.data.mean = (0.485, 0.456, 0.406)  # ImageNet normalisation (images in [0, 1])
-    config.data.std = (0.229, 0.224, 0.225)
+    config.data.mean = device_transforms.IMAGENET_MEAN  # ImageNet normalisation, images in [0, 1]
+    config.data.std = device_transforms.IMAGENET_STD
     # Number of data shards the global batch is drawn from. 0 = one per process. The global
     # batch is a deterministic function of (seed, num_shards) alone, so runs with the same
     # num_shards see identical data whatever their process count.

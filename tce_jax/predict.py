@@ -43,7 +43,7 @@ import tensorflow as tf
 from etils import epath
 from PIL import Image
 
-from tce_jax import input_pipeline, train
+from tce_jax import example_transforms, input_pipeline, train
 from tce_jax import workdir as workdir_lib
 from tce_jax.datasets import cityscapes
 
@@ -170,25 +170,21 @@ def _example_name(example, id_feature: str | None, index: int, split: str) -> st
     return value.removeprefix(f"{split}/")
 
 
-def split_batches(builder, spec, config, split: str, layout: input_pipeline.Layout):
+def split_batches(data: input_pipeline.Dataset, split: str):
     """(geometry, iterator of (batch, [Row or None per row]), number of images of this
-    process) for this process's part of a split: `input_pipeline.eval_iterator`'s batches,
-    each row named by the example's id (or, without one, its index in the split)."""
-    if split not in builder.info.splits:
+    process) for this process's part of a split: `data.eval_iterator`'s batches, each row
+    named by the example's id (or, without one, its index in the split)."""
+    spec = data.spec
+    if split not in data.split_names:
         raise PredictInputError(
             f"--predict_split={split!r}: {spec.tfds_name} has the splits "
-            f"{sorted(builder.info.splits)}; pass one of them, or --predict_images=DIR."
+            f"{sorted(data.split_names)}; pass one of them, or --predict_images=DIR."
         )
-    geometry = input_pipeline.eval_geometry(builder, spec, config, split)
-    features = builder.info.features
+    geometry = data.eval_geometry(split)
+    features = data.builder.info.features
     id_feature = next((f for f in ID_FEATURES if f in features), None)
-    parts = [
-        input_pipeline._shard_split(split, p, layout.process_count)
-        for p in range(layout.process_count)
-    ]
-    # Process p reads the p-th contiguous part of the split (as evaluation does).
-    offset = sum(input_pipeline.split_size(builder, s) for s in parts[: layout.process_index])
-    source = input_pipeline._data_source(builder, spec, parts[layout.process_index])
+    # This process's contiguous part of the split, the one evaluation reads.
+    offset, source = data.eval_part(split)
 
     def rows(first: int, count: int) -> list[Row | None]:
         out = []
@@ -207,7 +203,7 @@ def split_batches(builder, spec, config, split: str, layout: input_pipeline.Layo
 
     def generate():
         first = 0
-        for batch in input_pipeline.eval_iterator(builder, spec, config, split, layout, geometry):
+        for batch in data.eval_iterator(split, geometry):
             count = len(batch["mask"])
             batch.pop("label")  # predictions need none
             yield batch, rows(first, count)
@@ -241,44 +237,18 @@ def image_name(relative_path: str) -> str:
     return stem.removesuffix(CITYSCAPES_IMAGE_SUFFIX)
 
 
-def images_geometry(sizes: np.ndarray, config) -> input_pipeline.EvalGeometry:
-    """The canvas of a set of image sizes (int [N, 2]), by `input_pipeline.eval_geometry`'s
-    rule: the largest (rescaled) image, rounded up to a multiple of 32 when sizes vary, or
-    `config.data.eval_canvas`; predictions at the original sizes."""
-    base_size = tuple(config.data.base_size)
-    resized = input_pipeline.rescaled_size(sizes, base_size) if base_size else sizes
-    largest = tuple(int(v) for v in resized.max(axis=0))
-    label_shape = tuple(int(v) for v in sizes.max(axis=0))
-    uniform = bool((resized == resized[0]).all())
-    if config.data.eval_canvas:
-        canvas = tuple(int(v) for v in config.data.eval_canvas)
-        if canvas[0] < largest[0] or canvas[1] < largest[1]:
-            raise ValueError(
-                f"config.data.eval_canvas={canvas} is smaller than the largest image "
-                f"({largest[0]}x{largest[1]} after rescaling): use () for the automatic canvas."
-            )
-    else:
-        canvas = largest if uniform else tuple(-(-v // 32) * 32 for v in largest)
-    resize = not (uniform and largest == canvas == label_shape and (sizes == sizes[0]).all())
-    return input_pipeline.EvalGeometry(canvas=canvas, label_shape=label_shape, resize=resize)
-
-
 def _canvas_example(image: np.ndarray, geometry, config) -> dict:
-    """One image as `eval_iterator` delivers it: rescaled to fit `config.data.base_size`
-    (rounded to uint8) and padded into the canvas with the pad colour (normalised on the
-    device by the step)."""
-    hw = np.array(image.shape[:2])
-    x = tf.convert_to_tensor(image, tf.uint8)
-    size = hw
-    if config.data.base_size and geometry.resize:
-        size = input_pipeline.rescaled_size(hw, tuple(config.data.base_size))
-        x = input_pipeline._to_uint8(tf.image.resize(x, size, method="bilinear"))
-    x = input_pipeline._pad_to(x, geometry.canvas, input_pipeline.pad_colour(config.data))
+    """One image as `Dataset.eval_iterator` delivers it (`example_transforms.canvas_image`):
+    rescaled to fit `config.data.base_size` (rounded to uint8) and padded into the canvas with
+    the pad colour (normalised on the device by the step)."""
+    canvas, image_size = example_transforms.canvas_image(
+        tf.convert_to_tensor(image, tf.uint8), geometry.canvas, geometry.resize, config.data
+    )
     return {
-        "image": x.numpy(),
+        "image": canvas.numpy(),
         "mask": True,
-        "image_size": np.minimum(size, geometry.canvas).astype(np.int32),
-        "label_size": hw.astype(np.int32),
+        "image_size": image_size.numpy(),
+        "label_size": np.array(image.shape[:2], np.int32),
     }
 
 
@@ -305,7 +275,8 @@ def images_batches(images_dir: str, config, layout: input_pipeline.Layout):
     last ones padded with masked rows."""
     files = list_images(images_dir)
     sizes = np.array([_image_size(os.path.join(images_dir, f)) for f in files], np.int64)
-    geometry = images_geometry(sizes, config)
+    # Predictions at the original sizes, the canvas by evaluation's rule.
+    geometry = input_pipeline.canvas_geometry(sizes, config.data)
     local_batch = config.data.eval_batch_size // layout.process_count
     mine = files[layout.process_index :: layout.process_count]
     num_batches = math.ceil(math.ceil(len(files) / layout.process_count) / local_batch)
@@ -339,7 +310,7 @@ def images_batches(images_dir: str, config, layout: input_pipeline.Layout):
 def _blank(geometry, config) -> dict:
     """A padding row for a batch without any image of this process: the canvas in the pad
     colour (uint8, as every other batch: all processes must feed the same types)."""
-    canvas = np.broadcast_to(input_pipeline.pad_colour(config.data), (*geometry.canvas, 3))
+    canvas = np.broadcast_to(example_transforms.pad_colour(config.data), (*geometry.canvas, 3))
     return {
         "image": canvas.copy(),
         "mask": False,
@@ -404,9 +375,7 @@ def _predict(config, workdir, checkpoint, split, images_dir, output_dir, log_eve
         if images_dir:
             geometry, batches, total = images_batches(images_dir, config, trainer.layout)
         else:
-            geometry, batches, total = split_batches(
-                trainer.builder, trainer.spec, config, split, trainer.layout
-            )
+            geometry, batches, total = split_batches(trainer.data, split)
         if trainer.is_main:
             source = images_dir or f"split {split!r} of {trainer.spec.tfds_name}"
             print(

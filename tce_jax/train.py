@@ -34,6 +34,7 @@ from tce_jax import (
     checkpointing,
     config_lib,
     datasets,
+    device_transforms,
     inference,
     input_pipeline,
     losses,
@@ -145,7 +146,7 @@ def train_step(
     refresh_steps: int = 0,
     grad_accum_steps: int = 1,
     decomposition: objectives.Decomposition | None = None,
-    normalise=input_pipeline.normalise_on_device,
+    normalise=device_transforms.normalise_on_device,
 ):
     """One optimisation step on the (global) batch; returns the new state and scalar metrics.
 
@@ -154,11 +155,11 @@ def train_step(
     `grad_accum_steps` k > 1 the batch runs as k micro-batches and `decomposition` (the same
     objective as `loss_fn`) gives the exact loss and gradient of the whole batch
     (`tce_jax.accumulation`). The uint8 images of the batch are jittered (when the batch
-    carries `photometric` draws, `input_pipeline.photometric_on_device`) and normalised
+    carries `photometric` draws, `device_transforms.photometric_on_device`) and normalised
     (`normalise`) on the device first.
     """
     if "photometric" in batch:
-        jittered = input_pipeline.photometric_on_device(batch["image"], batch["photometric"])
+        jittered = device_transforms.photometric_on_device(batch["image"], batch["photometric"])
         batch = {**batch, "image": jittered}
 
     def apply_model(params, images):
@@ -222,7 +223,7 @@ def predict_step(
     resize: bool = False,
     tta_flip: bool = False,
     tta_scales=(1.0,),
-    normalise=input_pipeline.normalise_on_device,
+    normalise=device_transforms.normalise_on_device,
 ) -> jax.Array:
     """int32 [B, *label_shape] predicted train ids of one evaluation batch (see `eval_step`).
 
@@ -329,7 +330,7 @@ class Trainer:
                 tx=self.tx,
                 loss_fn=self.loss_fn,
                 axis_name=self.parallel.axis_name,
-                normalise=input_pipeline.device_normaliser(config.data),
+                normalise=device_transforms.device_normaliser(config.data),
                 **sampling_kwargs,
                 **accumulation_kwargs,
             )
@@ -349,13 +350,13 @@ class Trainer:
                 model=config.model.name,
             )
         if prepare_data:  # now, before anything is compiled; else on first use
-            _ = self.builder
+            _ = self.data
 
     @functools.cached_property
-    def builder(self):
-        """The prepared TFDS builder of `config.data.name` (prediction on image files uses
-        none: `Trainer(..., prepare_data=False)`)."""
-        return input_pipeline.load_builder(self.config)[0]
+    def data(self) -> input_pipeline.Dataset:
+        """The prepared dataset of `config.data.name` as this process reads it (prediction on
+        image files uses none: `Trainer(..., prepare_data=False)`)."""
+        return input_pipeline.Dataset.load(self.config, self.layout)
 
     # -- state -----------------------------------------------------------------------------
 
@@ -405,7 +406,7 @@ class Trainer:
             resize=geometry.resize,
             tta_flip=data.tta_flip,
             tta_scales=tuple(data.tta_scales),
-            normalise=input_pipeline.device_normaliser(data),
+            normalise=device_transforms.device_normaliser(data),
         )
 
     def _eval_step_for(self, geometry: input_pipeline.EvalGeometry):
@@ -425,15 +426,11 @@ class Trainer:
         """The figures of docs/maths.md ("Metrics") over the whole split (every example once,
         padding masked), with predictions at the label maps' resolution."""
         if split not in self._eval_geometry:
-            self._eval_geometry[split] = input_pipeline.eval_geometry(
-                self.builder, self.spec, self.config, split
-            )
+            self._eval_geometry[split] = self.data.eval_geometry(split)
         geometry = self._eval_geometry[split]
         step_fn = self._eval_step_for(geometry)
         matrix = np.zeros((self.num_classes, self.num_classes), np.int64)
-        for batch in input_pipeline.eval_iterator(
-            self.builder, self.spec, self.config, split, self.layout, geometry
-        ):
+        for batch in self.data.eval_iterator(split, geometry):
             batch_matrix = step_fn(state, self.parallel.put_batch(batch))
             matrix += np.asarray(self.parallel.fetch(batch_matrix), np.int64)
         figures = metrics.segmentation_figures(matrix)
@@ -446,9 +443,7 @@ class Trainer:
         state = self.initial_state()
         start = self.parallel.current_step(state)
         sampler = self._start_sampler(state, start)
-        data = input_pipeline.train_iterator(
-            self.builder, self.spec, self.config, self.layout, start_step=start, index_fn=sampler
-        )
+        data = self.data.train_iterator(start_step=start, index_fn=sampler)
         log = _TrainLog(self, start)
         try:
             with checkpointing.StopRequests(self.manager) as stop:
@@ -471,9 +466,7 @@ class Trainer:
         when batches are drawn uniformly."""
         if not self.config.data.class_aware_sampling:
             return None
-        sampler = input_pipeline.class_aware_sampler(
-            self.builder, self.spec, self.config, self.layout
-        )
+        sampler = self.data.class_aware_sampler()
         sampler.start(start, self.parallel.fetch(state.sampling_probs))
         return sampler
 
@@ -564,7 +557,7 @@ class Trainer:
         """Evaluates `splits` and writes report.md / per_class.csv / final_metrics.json."""
         results = {}
         for split in splits:
-            if split not in self.builder.info.splits:
+            if split not in self.data.split_names:
                 logging.warning("Split %r does not exist; not reported.", split)
                 continue
             results[split] = self.evaluate(state, split)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from configs import ade20k as ade_config
-from tce_jax import datasets, input_pipeline, train
+from tce_jax import datasets, example_transforms, input_pipeline, train
 from tce_jax.datasets import ade20k, class_index
 
 IGNORE = 255
@@ -56,13 +56,14 @@ def test_splits_and_examples_are_the_released_files(prepared):
 
 def test_pipeline_labels_and_evaluation_geometry(prepared):
     config, builder, spec, raw = prepared
-    geometry = input_pipeline.eval_geometry(builder, spec, config, "validation")
+    layout = input_pipeline.Layout(1, 0, 1)
+    geometry = input_pipeline.Dataset(builder, spec, config, layout).eval_geometry("validation")
     # 48x72 -> 64x96 and 60x40 -> 96x64 (short side 64): canvas 96x96, labels up to 60x72.
     assert geometry == input_pipeline.EvalGeometry((96, 96), (60, 72), resize=True)
     config = config.copy_and_resolve_references()
     config.data.eval_batch_size = 4  # 2 examples, 2 padding
-    layout = input_pipeline.Layout(1, 0, 1)
-    (batch,) = list(input_pipeline.eval_iterator(builder, spec, config, "validation", layout))
+    data = input_pipeline.Dataset(builder, spec, config, layout)
+    (batch,) = list(data.eval_iterator("validation"))
     np.testing.assert_array_equal(batch["mask"], [True, True, False, False])
     np.testing.assert_array_equal(batch["image_size"][:2], [[64, 96], [96, 64]])
     np.testing.assert_array_equal(batch["label_size"][:2], [[48, 72], [60, 40]])
@@ -74,7 +75,7 @@ def test_pipeline_labels_and_evaluation_geometry(prepared):
         ).all()
     assert (batch["label"][2:] == IGNORE).all()
     # Canvas padding: the mean colour (within 0.01 of 0 once normalised).
-    assert (batch["image"][0, 64:] == input_pipeline.pad_colour(config.data)).all()
+    assert (batch["image"][0, 64:] == example_transforms.pad_colour(config.data)).all()
 
 
 def test_augmentation_invariants(prepared):
@@ -82,7 +83,7 @@ def test_augmentation_invariants(prepared):
     config = config.copy_and_resolve_references()
     config.data.crop_size = (64, 64)
     layout = input_pipeline.Layout(1, 0, 1)
-    iterator = input_pipeline.train_iterator(builder, spec, config, layout)
+    iterator = input_pipeline.Dataset(builder, spec, config, layout).train_iterator()
     batches = [next(iterator) for _ in range(3)]
     for batch in batches:
         assert batch["label"].shape == (8, 64, 64) and batch["image"].shape == (8, 64, 64, 3)
@@ -92,9 +93,9 @@ def test_augmentation_invariants(prepared):
     # At ratio 0.5 every image is at most 43 pixels high: 64x64 crops are padded with 255.
     config.data.min_scale = config.data.max_scale = 0.5
     config.data.flip = False
-    batch = next(input_pipeline.train_iterator(builder, spec, config, layout))
+    batch = next(input_pipeline.Dataset(builder, spec, config, layout).train_iterator())
     assert (batch["label"][:, 48:] == IGNORE).all()
-    assert (batch["image"][:, 48:] == input_pipeline.pad_colour(config.data)).all()
+    assert (batch["image"][:, 48:] == example_transforms.pad_colour(config.data)).all()
 
 
 def test_archive_checks_name_the_path_and_the_fix(tmp_path):

@@ -14,7 +14,7 @@ import tensorflow_datasets as tfds
 from cityscapesscripts.helpers import labels as cs_labels
 
 from configs import cityscapes as cs_config
-from tce_jax import datasets, input_pipeline, train
+from tce_jax import datasets, example_transforms, input_pipeline, train
 from tce_jax.datasets import cityscapes
 
 IGNORE = 255
@@ -65,7 +65,9 @@ def test_labels_are_train_ids_of_the_official_table(prepared):
     layout = input_pipeline.Layout(1, 0, 1)
     config = config.copy_and_resolve_references()
     config.data.eval_batch_size = 1
-    (batch,) = list(input_pipeline.eval_iterator(builder, spec, config, "validation", layout))
+    (batch,) = list(
+        input_pipeline.Dataset(builder, spec, config, layout).eval_iterator("validation")
+    )
     label = batch["label"][0]
     ids = raw["frankfurt_000000_000294"]
     assert label.shape == ids.shape == (1024, 2048)  # full resolution, not the 128x256 canvas
@@ -86,15 +88,14 @@ def test_training_crops_hold_train_ids_and_ignore_padding(prepared):
     config = config.copy_and_resolve_references()
     config.data.min_scale = config.data.max_scale = 0.25  # 32x64 images, 64x128 crops
     config.data.flip = False
-    batch = next(
-        input_pipeline.train_iterator(builder, spec, config, input_pipeline.Layout(1, 0, 1))
-    )
+    layout = input_pipeline.Layout(1, 0, 1)
+    batch = next(input_pipeline.Dataset(builder, spec, config, layout).train_iterator())
     labels = batch["label"]
     assert labels.shape == (8, 64, 128)
     assert set(np.unique(labels)) <= set(range(19)) | {IGNORE}
     assert (labels[:, 32:] == IGNORE).all() and (labels[:, :, 64:] == IGNORE).all()
     # Padded with the mean colour (within 0.01 of 0 once normalised).
-    assert (batch["image"][:, 32:] == input_pipeline.pad_colour(config.data)).all()
+    assert (batch["image"][:, 32:] == example_transforms.pad_colour(config.data)).all()
     assert len(set(np.unique(labels[:, :32, :64])) - {IGNORE}) >= 3
 
 

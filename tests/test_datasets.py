@@ -163,7 +163,6 @@ def test_registry_lookup():
     assert spec.class_names == datasets.CLASS_NAMES == ss.CLASS_NAMES
     assert len(spec.palette) == C and all(len(rgb) == 3 for rgb in spec.palette)
     assert (spec.image_key, spec.label_key) == ("image", "label")
-    assert spec.splits == {"train": "train", "validation": "validation", "test": "test"}
     assert spec.ignore_index == 255 and spec.label_map is None
 
 
@@ -174,7 +173,7 @@ def test_registry_unknown_name():
 
 def test_spec_validates_its_fields():
     with pytest.raises(ValueError, match="num_classes=3"):
-        datasets.DatasetSpec("x", 3, ("a", "b"), ((0, 0, 0),) * 2, "image", "label", {})
+        datasets.DatasetSpec("x", 3, ("a", "b"), ((0, 0, 0),) * 2, "image", "label")
 
 
 # --- archives: every file decoded as training decodes it, damaged ones named ---------------

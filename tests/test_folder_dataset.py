@@ -120,12 +120,13 @@ def test_examples_are_stored_as_found_and_palette_labels_as_indices(prepared):
 def test_batches_through_the_input_pipeline(prepared):
     config, builder, spec, raw = prepared
     layout = input_pipeline.Layout(num_shards=1, process_index=0, process_count=1)
-    batch = next(input_pipeline.train_iterator(builder, spec, config, layout))
+    data = input_pipeline.Dataset(builder, spec, config, layout)
+    batch = next(data.train_iterator())
     assert batch["image"].shape == (8, *config.data.crop_size, 3)
     assert set(np.unique(batch["label"])) <= {0, 1, 2, IGNORE}
-    geometry = input_pipeline.eval_geometry(builder, spec, config, "validation")
+    geometry = data.eval_geometry("validation")
     assert geometry.label_shape == (H, W)
-    batch = next(input_pipeline.eval_iterator(builder, spec, config, "validation", layout))
+    batch = next(data.eval_iterator("validation"))
     source = builder.as_data_source(split="validation")
     for row in range(3):
         example_id = source[row]["image_id"].decode()
@@ -152,7 +153,8 @@ def test_label_mappings_turn_raw_values_into_train_ids(tmp_path, fields, values,
     config = folder_cfg(tmp_path / "raw", tmp_path / "tfds", img_suffix=".jpg", **fields)
     builder, spec = input_pipeline.load_builder(config)
     layout = input_pipeline.Layout(num_shards=1, process_index=0, process_count=1)
-    batch = next(input_pipeline.eval_iterator(builder, spec, config, "validation", layout))
+    data = input_pipeline.Dataset(builder, spec, config, layout)
+    batch = next(data.eval_iterator("validation"))
     source = builder.as_data_source(split="validation")
     for row in range(2):
         label = raw[("val", source[row]["image_id"].decode())][1]

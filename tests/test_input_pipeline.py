@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tce_jax import input_pipeline
+from tce_jax import device_transforms, example_transforms, input_pipeline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -25,13 +25,16 @@ def take(iterator, n):
     return [next(iterator) for _ in range(n)]
 
 
-def layout(num_shards=1, index=0, count=1):
-    return input_pipeline.Layout(num_shards, index, count)
+def dataset(prepared, num_shards=1, index=0, count=1, config=None):
+    """The prepared data as process `index` of `count` reads them (`num_shards` shards)."""
+    default_config, builder, spec = prepared
+    layout = input_pipeline.Layout(num_shards, index, count)
+    return input_pipeline.Dataset(builder, spec, config or default_config, layout)
 
 
 def test_train_batches_have_the_right_shapes_and_labels(prepared):
-    config, builder, spec = prepared
-    (batch,) = take(input_pipeline.train_iterator(builder, spec, config, layout()), 1)
+    config, _, spec = prepared
+    (batch,) = take(dataset(prepared).train_iterator(), 1)
     h, w = config.data.crop_size
     assert batch["image"].shape == (config.global_batch_size, h, w, 3)
     assert batch["image"].dtype == np.uint8  # normalised on the device
@@ -41,15 +44,14 @@ def test_train_batches_have_the_right_shapes_and_labels(prepared):
     assert values <= set(range(spec.num_classes)) | {IGNORE}
     assert len(values - {IGNORE}) >= 3
     # Normalised on the device: roughly zero-mean, not in [0, 255].
-    image = np.asarray(input_pipeline.normalise_on_device(batch["image"]))
+    image = np.asarray(device_transforms.normalise_on_device(batch["image"]))
     assert -3 < image.mean() < 3 and image.max() < 10
 
 
 def test_training_data_are_deterministic_and_resume_exactly(prepared):
-    config, builder, spec = prepared
-    first = take(input_pipeline.train_iterator(builder, spec, config, layout()), 5)
-    again = take(input_pipeline.train_iterator(builder, spec, config, layout()), 5)
-    resumed = take(input_pipeline.train_iterator(builder, spec, config, layout(), start_step=3), 2)
+    first = take(dataset(prepared).train_iterator(), 5)
+    again = take(dataset(prepared).train_iterator(), 5)
+    resumed = take(dataset(prepared).train_iterator(start_step=3), 2)
     for a, b in zip(first, again, strict=True):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
@@ -60,12 +62,8 @@ def test_training_data_are_deterministic_and_resume_exactly(prepared):
 
 
 def test_global_batch_does_not_depend_on_the_process_count(prepared):
-    config, builder, spec = prepared
-    one_process = take(input_pipeline.train_iterator(builder, spec, config, layout(2)), 2)
-    parts = [
-        take(input_pipeline.train_iterator(builder, spec, config, layout(2, p, 2)), 2)
-        for p in range(2)
-    ]
+    one_process = take(dataset(prepared, 2).train_iterator(), 2)
+    parts = [take(dataset(prepared, 2, p, 2).train_iterator(), 2) for p in range(2)]
     for step in range(2):
         for key in ("image", "label"):
             joined = np.concatenate([parts[0][step][key], parts[1][step][key]])
@@ -73,8 +71,8 @@ def test_global_batch_does_not_depend_on_the_process_count(prepared):
 
 
 def test_epochs_visit_every_training_example_once(prepared):
-    config, builder, spec = prepared
-    n = input_pipeline.split_size(builder, config.data.train_split)
+    config = prepared[0]
+    n = dataset(prepared).split_size(config.data.train_split)
     index_fn = input_pipeline.epoch_index_fn({0: n}, 8, seed=0)
     steps = n // 8
     seen = np.concatenate([index_fn(0, s) for s in range(steps)])
@@ -84,7 +82,7 @@ def test_epochs_visit_every_training_example_once(prepared):
 
 @pytest.mark.parametrize("process_count", [1, 3])
 def test_evaluation_covers_every_example_once(prepared, process_count):
-    config, builder, spec = prepared
+    config, builder, _ = prepared
     config = config.copy_and_resolve_references()
     config.data.eval_batch_size = 3 * process_count  # 16 examples: the last batch is padded
     split = config.data.eval_split
@@ -94,11 +92,8 @@ def test_evaluation_covers_every_example_once(prepared, process_count):
     )
     valid_examples, valid_pixels, batches = 0, 0, []
     for p in range(process_count):
-        part = list(
-            input_pipeline.eval_iterator(
-                builder, spec, config, split, layout(process_count, p, process_count)
-            )
-        )
+        data = dataset(prepared, process_count, p, process_count, config)
+        part = list(data.eval_iterator(split))
         batches.append(len(part))
         for batch in part:
             valid_examples += int(batch["mask"].sum())
@@ -124,12 +119,12 @@ def resize_then_crop(image, label, seed, data_config, ignore_index, label_map=No
         label = tf.gather(tf.constant(label_map), tf.cast(label, tf.int32))
     scale = tf.random.stateless_uniform([], seeds[0], data_config.min_scale, data_config.max_scale)
     hw = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = scale * input_pipeline.base_scale(hw, tuple(data_config.base_size))
+    scale = scale * example_transforms.base_scale(hw, tuple(data_config.base_size))
     size = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), 1)
     image = tf.image.resize(image, size, method="bilinear")
     label = tf.cast(tf.image.resize(label, size, method="nearest"), tf.int32)
     paddings = [[0, tf.maximum(crop_h - size[0], 0)], [0, tf.maximum(crop_w - size[1], 0)], [0, 0]]
-    colour = input_pipeline.pad_colour(data_config).astype(np.float32) / 255.0
+    colour = example_transforms.pad_colour(data_config).astype(np.float32) / 255.0
     image = tf.stack(
         [tf.pad(image[..., c], paddings[:2], constant_values=colour[c]) for c in range(3)], -1
     )
@@ -180,7 +175,7 @@ def test_crop_first_equals_resize_then_crop(photometric, image_size, crop_size, 
             "base_size": base_size,
             "photometric": photometric,
             "flip": True,
-            "mean": input_pipeline.IMAGENET_MEAN,
+            "mean": device_transforms.IMAGENET_MEAN,
         }
     )
     rng = np.random.default_rng(len(image_size) + image_size[0])
@@ -193,7 +188,7 @@ def test_crop_first_equals_resize_then_crop(photometric, image_size, crop_size, 
         # -> 254: the padding's ignore label must not go through it).
         lut = ((np.arange(256) - 1) % 256).astype(np.uint8) if k % 2 else None
         want_image, want_label, box = resize_then_crop(image, label, seed, data_config, IGNORE, lut)
-        got = input_pipeline.train_augment(
+        got = example_transforms.train_augment(
             tf.constant(image), tf.constant(label), seed, data_config, IGNORE, label_map=lut
         )
         assert got["image"].dtype == tf.uint8 and got["label"].dtype == tf.uint8
@@ -207,7 +202,7 @@ def test_crop_first_equals_resize_then_crop(photometric, image_size, crop_size, 
         if photometric:
             # Drawn on the host, applied on the device: TF's ops on the same crop, padding
             # untouched (float32 HSV round trips differ by far less than a level).
-            jittered = input_pipeline.photometric_on_device(
+            jittered = device_transforms.photometric_on_device(
                 crop[None], got["photometric"].numpy()[None]
             )[0]
             want = tf_jitter(crop.astype(np.float32) / 255, box, seed) * 255
@@ -218,12 +213,12 @@ def test_normalising_on_the_device_matches_the_float_pipeline():
     images = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=-1)
     mean, std = (0.3, 0.5, 0.7), (0.2, 0.25, 0.3)
     want = (images.astype(np.float32) / np.float32(255) - np.float32(mean)) / np.float32(std)
-    got = input_pipeline.normalise_on_device(images, mean, std)
+    got = device_transforms.normalise_on_device(images, mean, std)
     assert got.dtype == np.float32
     np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
     # The pad colour stands for the mean colour: within 0.5 / 255 / std of 0.
     config = ml_collections.ConfigDict({"mean": mean, "std": std})
-    padded = input_pipeline.device_normaliser(config)(input_pipeline.pad_colour(config))
+    padded = device_transforms.device_normaliser(config)(example_transforms.pad_colour(config))
     assert np.abs(np.asarray(padded)).max() <= 0.5 / 255 / min(std) + 1e-6
 
 

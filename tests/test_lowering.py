@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from tce_jax import datasets, input_pipeline, losses, objectives, train
+from tce_jax import datasets, example_transforms, losses, objectives, train
 
 PLATFORMS = ("cuda", "tpu")
 # A per-class statistic has C elements, a confusion matrix C * C; the bins of
@@ -229,7 +229,7 @@ def test_train_step_has_no_float_scatter(loss, accum, photometric):
         "label": jax.ShapeDtypeStruct((config.global_batch_size, h, w), jnp.int32),
     }
     if photometric:  # the jitter drawn by the input pipeline, applied on the device
-        size = (config.global_batch_size, input_pipeline.PHOTOMETRIC_SIZE)
+        size = (config.global_batch_size, example_transforms.PHOTOMETRIC_SIZE)
         batch["photometric"] = jax.ShapeDtypeStruct(size, jnp.float32)
     state = _abstract_state(config, model, tx, spec.num_classes)
     assert_no_small_float_scatter(step, (state, batch), spec.num_classes)

@@ -168,7 +168,9 @@ def test_processes_split_the_images_between_them(prepared, tmp_path):
     for key in batch0:
         assert (batch1[key].dtype, batch1[key].shape) == (batch0[key].dtype, batch0[key].shape)
     first, second = run(
-        lambda layout: predict.split_batches(builder, spec, config, "validation", layout)
+        lambda layout: predict.split_batches(
+            input_pipeline.Dataset(builder, spec, config, layout), "validation"
+        )
     )
     expected = [name for name, _, _ in validation_examples(builder)]
     assert first + second == expected
@@ -176,12 +178,12 @@ def test_processes_split_the_images_between_them(prepared, tmp_path):
 
 def test_image_folder_geometry_follows_evaluation():
     config = train.config_lib.get_base_config()
-    same = predict.images_geometry(np.array([[64, 128], [64, 128]]), config)
+    same = input_pipeline.canvas_geometry(np.array([[64, 128], [64, 128]]), config.data)
     assert same == input_pipeline.EvalGeometry((64, 128), (64, 128), resize=False)
-    mixed = predict.images_geometry(np.array([[40, 100], [64, 90]]), config)
+    mixed = input_pipeline.canvas_geometry(np.array([[40, 100], [64, 90]]), config.data)
     assert mixed == input_pipeline.EvalGeometry((64, 128), (64, 100), resize=True)
     config.data.base_size = (32, 64)  # rescale to fit 32 x 64
-    scaled = predict.images_geometry(np.array([[64, 128]]), config)
+    scaled = input_pipeline.canvas_geometry(np.array([[64, 128]]), config.data)
     assert scaled == input_pipeline.EvalGeometry((32, 64), (64, 128), resize=True)
 
 

@@ -120,7 +120,7 @@ def describe_png(header: tuple[int, int, int, int] | None, head: bytes) -> str:
     return f"a {width}x{height} {depth}-bit {PNG_COLOUR_TYPES.get(colour, str(colour))} PNG"
 
 
-# The decoders of the training input pipeline (`input_pipeline._decode`): images with
+# The decoders of the training input pipeline (`example_transforms.decode`): images with
 # `decode_image` (PNG or JPEG) into RGB, label maps with `decode_png` into one channel.
 IMAGE, LABEL = "image", "label"
 

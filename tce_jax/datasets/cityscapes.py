@@ -185,7 +185,6 @@ SPEC = DatasetSpec(
     palette=PALETTE,
     image_key=IMAGE_KEY,
     label_key=LABEL_KEY,
-    splits={"train": "train", "validation": "validation", "test": "test"},
     ignore_index=IGNORE_LABEL,
     label_map=LABEL_MAP,
     archives=ARCHIVES,

@@ -5,7 +5,7 @@ pixel count of each train id (after the dataset's label map) and the label map's
 computed once by decoding every label map (:func:`load_class_index`) and cached as
 ``tce_index-<split>.npz`` next to the prepared TFDS data (``builder.data_dir``). Tilted
 class-aware sampling reads which classes each example contains (``tce_jax.sampling``);
-evaluation reads the sizes (``tce_jax.input_pipeline.eval_geometry``).
+evaluation reads the sizes (``tce_jax.input_pipeline.Dataset.eval_geometry``).
 """
 
 from __future__ import annotations
@@ -47,10 +47,6 @@ class ClassIndex:
     @property
     def num_examples(self) -> int:
         return self.counts.shape[0]
-
-    def image_frequencies(self) -> np.ndarray:
-        """float64 ``[C]``: the fraction of examples that contain each class."""
-        return self.presence.mean(axis=0)
 
 
 def _decode_label(data, label_map: np.ndarray | None) -> np.ndarray:

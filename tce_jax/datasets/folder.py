@@ -402,7 +402,6 @@ def spec_fields(config) -> dict:
         palette=palette,
         image_key=IMAGE_KEY,
         label_key=LABEL_KEY,
-        splits={name: name for name in splits},
         ignore_index=IGNORE_LABEL,
         label_map=lut,
     )

@@ -24,7 +24,6 @@ class DatasetSpec:
       palette: ``C`` RGB colours, for plots.
       image_key: feature name of the RGB image.
       label_key: feature name of the label map.
-      splits: our split names (``"train"``, ``"validation"``, ``"test"``) -> TFDS split names.
       ignore_index: the train id of unlabelled pixels.
       label_map: ``uint8 [256]`` look-up table from raw label values to train ids
         (``ignore_index`` for void), or ``None`` when raw values already are train ids.
@@ -43,7 +42,6 @@ class DatasetSpec:
     palette: tuple[tuple[int, int, int], ...]
     image_key: str
     label_key: str
-    splits: dict[str, str]
     ignore_index: int = 255
     label_map: np.ndarray | None = None
     archives: tuple[str, ...] = ()

@@ -755,7 +755,6 @@ SPEC = DatasetSpec(
     palette=PALETTE,
     image_key="image",
     label_key="label",
-    splits={"train": "train", "validation": "validation", "test": "test"},
     ignore_index=IGNORE_LABEL,
 )
 SMALL_SPEC = dataclasses.replace(SPEC, tfds_name="street_scenes/small")
