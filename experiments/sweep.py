@@ -405,8 +405,8 @@ def execute(
                 running.remove(child)
                 child.log.close()
                 seconds = time.time() - child.start
-                finished = os.path.join(child.path, workdir_lib.FINAL_METRICS_FILE)
-                if code == 0 and os.path.exists(finished):
+                final_file = os.path.join(child.path, workdir_lib.FINAL_METRICS_FILE)
+                if code == 0 and os.path.exists(final_file):
                     ran.append(child.run.name)
                     progress.done += 1
                     progress.durations.append(seconds)
