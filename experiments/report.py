@@ -67,30 +67,45 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prefix", default="", help="prefix of the PNG file names")
     parser.add_argument("--select_split", default="validation")
     parser.add_argument("--report_split", default="test")
-    parser.add_argument("--select_metric", default="miou",
-                        help="figure that selects hyper-parameters (miou, worst_iou, ...)")
+    parser.add_argument(
+        "--select_metric",
+        default="miou",
+        help="figure that selects hyper-parameters (miou, worst_iou, ...)",
+    )
     parser.add_argument("--title", default="Results")
     args = parser.parse_args(argv)
     if args.select_split == args.report_split:
-        print(f"[report] warning: selecting and reporting on the same split "
-              f"({args.select_split!r}) overstates the selected configurations.", file=sys.stderr)
+        print(
+            f"[report] warning: selecting and reporting on the same split "
+            f"({args.select_split!r}) overstates the selected configurations.",
+            file=sys.stderr,
+        )
 
     runs, unfinished = find_runs(args.workdir)
     if not runs:
-        print(f"[report] no finished run (no {workdir.FINAL_METRICS_FILE}) under "
-              f"{args.workdir}", file=sys.stderr)
+        print(
+            f"[report] no finished run (no {workdir.FINAL_METRICS_FILE}) under {args.workdir}",
+            file=sys.stderr,
+        )
         return 1
     missing = [r.path for r in runs if args.report_split not in r.final]
     if missing:
-        print(f"[report] split {args.report_split!r} missing from {len(missing)} run(s), e.g. "
-              f"{missing[0]}; pass --report_split with a split every run evaluated.",
-              file=sys.stderr)
+        print(
+            f"[report] split {args.report_split!r} missing from {len(missing)} run(s), e.g. "
+            f"{missing[0]}; pass --report_split with a split every run evaluated.",
+            file=sys.stderr,
+        )
         return 1
     arms = group_runs(runs)
     chosen = select(arms, args.select_split, args.select_metric)
     text = render_markdown(
-        arms, chosen, select_split=args.select_split, report_split=args.report_split,
-        metric=args.select_metric, title=args.title, unfinished=unfinished,
+        arms,
+        chosen,
+        select_split=args.select_split,
+        report_split=args.report_split,
+        metric=args.select_metric,
+        title=args.title,
+        unfinished=unfinished,
         root=os.path.relpath(args.workdir),
     )
     if args.out:
@@ -98,8 +113,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         with open(args.out, "w") as f:
             f.write(text)
         with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-            json.dump(summary_json(arms, chosen, args.select_split, args.report_split,
-                                   args.select_metric, root=args.workdir), f, indent=1)
+            json.dump(
+                summary_json(
+                    arms,
+                    chosen,
+                    args.select_split,
+                    args.report_split,
+                    args.select_metric,
+                    root=args.workdir,
+                ),
+                f,
+                indent=1,
+            )
         print(f"[report] wrote {args.out}")
     else:
         print(text)

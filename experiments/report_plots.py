@@ -47,21 +47,33 @@ def plot_per_class(arms: Sequence[ArmResult], split: str, path: str) -> None:
     names = class_names(arms, split)
     x = np.arange(len(names))
     width = 0.8 / max(len(arms), 1)
-    fig, ax = plt.subplots(figsize=(min(max(9.0, 0.16 * len(names) * len(arms)), 30.0), 4.2),
-                           dpi=90)
+    fig, ax = plt.subplots(
+        figsize=(min(max(9.0, 0.16 * len(names) * len(arms)), 30.0), 4.2), dpi=90
+    )
     for i, arm in enumerate(arms):
         values = np.array([100 * arm.values(split, f"iou/{c}") for c in names], float)
         mean, low, high = _mean_and_range(values.reshape(len(names), len(arm.runs)))
-        ax.bar(x + (i - (len(arms) - 1) / 2) * width, mean, width, yerr=[low, high], capsize=1.5,
-               error_kw={"lw": 0.8}, label=f"{arm.name}  (mIoU {pm(arm.stat(split, 'miou'))})",
-               color=f"C{i % 10}", hatch=("", "//")[(i // 10) % 2])
+        ax.bar(
+            x + (i - (len(arms) - 1) / 2) * width,
+            mean,
+            width,
+            yerr=[low, high],
+            capsize=1.5,
+            error_kw={"lw": 0.8},
+            label=f"{arm.name}  (mIoU {pm(arm.stat(split, 'miou'))})",
+            color=f"C{i % 10}",
+            hatch=("", "//")[(i // 10) % 2],
+        )
     ax.set_xticks(x, [n.replace("_", " ") for n in names], rotation=30, ha="right")
     ax.set_ylabel(f"IoU on {split} (%)")
     ax.set_ylim(0, 100)
     ax.grid(axis="y", alpha=0.3)
     n = max(len(a.runs) for a in arms)
-    ax.set_title(f"Per-class IoU of the selected configurations: mean over {n} seeds, "
-                 "error bars from the lowest to the highest seed", fontsize=10)
+    ax.set_title(
+        f"Per-class IoU of the selected configurations: mean over {n} seeds, "
+        "error bars from the lowest to the highest seed",
+        fontsize=10,
+    )
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(path)
@@ -77,7 +89,8 @@ def pareto_front(points: Sequence[tuple[float, float]]) -> list[int]:
     for i, (xi, yi) in enumerate(points):
         dominated = any(
             xj >= xi and yj >= yi and (xj > xi or yj > yi)
-            for j, (xj, yj) in enumerate(points) if j != i
+            for j, (xj, yj) in enumerate(points)
+            if j != i
         )
         if not dominated:
             front.append(i)
@@ -98,17 +111,35 @@ def plot_frontier(arms: Sequence[ArmResult], split: str, path: str) -> None:
         x = t_interval(arm.values(split, "miou"))
         y = t_interval(arm.values(split, "worst25_miou"))
         points.append((100 * x.mean, 100 * y.mean))
-        ax.errorbar(100 * x.mean, 100 * y.mean, xerr=_half_width(x), yerr=_half_width(y),
-                    fmt=markers[i % len(markers)], color=f"C{i % 10}", capsize=3, ms=7, lw=1,
-                    label=f"{arm.name} (n={min(x.n, y.n)})")
+        ax.errorbar(
+            100 * x.mean,
+            100 * y.mean,
+            xerr=_half_width(x),
+            yerr=_half_width(y),
+            fmt=markers[i % len(markers)],
+            color=f"C{i % 10}",
+            capsize=3,
+            ms=7,
+            lw=1,
+            label=f"{arm.name} (n={min(x.n, y.n)})",
+        )
     front = pareto_front(points)
-    ax.plot([points[i][0] for i in front], [points[i][1] for i in front], "--", color="0.4",
-            lw=1, zorder=0, label="Pareto front of the means")
+    ax.plot(
+        [points[i][0] for i in front],
+        [points[i][1] for i in front],
+        "--",
+        color="0.4",
+        lw=1,
+        zorder=0,
+        label="Pareto front of the means",
+    )
     ax.set_xlabel(f"mIoU on {split} (%), mean over seeds")
     ax.set_ylabel(f"worst-25% mIoU on {split} (%), mean over seeds")
-    ax.set_title("Fairness against accuracy (up and right is better)\nerror bars: 95% t-interval "
-                 "of each arm's own values over seeds, not of its difference from CE",
-                 fontsize=9)
+    ax.set_title(
+        "Fairness against accuracy (up and right is better)\nerror bars: 95% t-interval "
+        "of each arm's own values over seeds, not of its difference from CE",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
@@ -138,12 +169,14 @@ def training_curves(arm: ArmResult, prefix: str) -> tuple[np.ndarray, dict[str, 
     for records in per_run:
         for record in records.values():
             for k in record:
-                if k.startswith(tag) and k[len(tag):] not in classes:
-                    classes.append(k[len(tag):])
+                if k.startswith(tag) and k[len(tag) :] not in classes:
+                    classes.append(k[len(tag) :])
     curves = {
-        c: np.array([
-            np.nanmean([records[s].get(tag + c, np.nan) for records in per_run]) for s in steps
-        ]) if steps else np.array([])
+        c: np.array(
+            [np.nanmean([records[s].get(tag + c, np.nan) for records in per_run]) for s in steps]
+        )
+        if steps
+        else np.array([])
         for c in classes
     }
     return np.array(steps), curves
@@ -166,8 +199,9 @@ def plot_curves(arms: Sequence[ArmResult], path: str, max_classes: int = 20) -> 
     """
     plt = _pyplot()
     width = 3.2 * len(arms) + 1.6
-    fig, axes = plt.subplots(2, len(arms), figsize=(width, 5.6), dpi=80, squeeze=False,
-                             sharex="col")
+    fig, axes = plt.subplots(
+        2, len(arms), figsize=(width, 5.6), dpi=80, squeeze=False, sharex="col"
+    )
     keep = _curve_classes(arms, max_classes)
     legend = None
     colours = plt.get_cmap("tab10").colors
@@ -182,8 +216,14 @@ def plot_curves(arms: Sequence[ArmResult], path: str, max_classes: int = 20) -> 
             if not curves:
                 ax.text(0.5, 0.5, "not logged", ha="center", va="center", transform=ax.transAxes)
             for i, (name, values) in enumerate(curves.items()):
-                ax.plot(steps, values, lw=1.2, color=colours[i % 10],
-                        ls=("-", "--")[(i // 10) % 2], label=name.replace("_", " "))
+                ax.plot(
+                    steps,
+                    values,
+                    lw=1.2,
+                    color=colours[i % 10],
+                    ls=("-", "--")[(i // 10) % 2],
+                    label=name.replace("_", " "),
+                )
             if curves and legend is None:
                 legend = ax.get_legend_handles_labels()
             if prefix == "class_weight" and curves:
@@ -211,8 +251,7 @@ def make_plots(arms, chosen, split: str, out_dir: str, prefix: str = "") -> list
     """Writes the three PNGs (those that the finished runs allow); returns their paths."""
     os.makedirs(out_dir, exist_ok=True)
     selected = selected_arms(arms, chosen)
-    paths = [os.path.join(out_dir, f"{prefix}{name}.png") for name in ("per_class_iou",
-                                                                        "frontier")]
+    paths = [os.path.join(out_dir, f"{prefix}{name}.png") for name in ("per_class_iou", "frontier")]
     plot_per_class(selected, split, paths[0])
     plot_frontier(selected, split, paths[1])
     tilted = [a for a in selected if a.loss in (REFERENCE_LOSS, *TILTED_LOSSES)]

@@ -91,9 +91,7 @@ def _config_text(arm: ArmResult) -> str:
     return arm.label or "-"
 
 
-def _summary_block(
-    selected: Sequence[ArmResult], reference: ArmResult, split: str
-) -> list[str]:
+def _summary_block(selected: Sequence[ArmResult], reference: ArmResult, split: str) -> list[str]:
     names = dict(SUMMARY)
     lines = [
         f"## Summary ({split}; mechanical, from the intervals below)",
@@ -108,8 +106,11 @@ def _summary_block(
             f"{names[k]}: {verdict(difference(arm, reference, split, k), reference.name)}"
             for k in PRIMARY
         ]
-        lines.append(f"* **{arm.name}** ({len(paired_seeds(arm, reference))} pairs): "
-                     + "; ".join(parts) + ".")
+        lines.append(
+            f"* **{arm.name}** ({len(paired_seeds(arm, reference))} pairs): "
+            + "; ".join(parts)
+            + "."
+        )
     return lines + [""]
 
 
@@ -157,8 +158,7 @@ def _difference_sections(
         for c in names
     ]
     lines += [
-        f"## Per-class IoU, paired differences from {reference.name} ({split}, percentage "
-        "points)",
+        f"## Per-class IoU, paired differences from {reference.name} ({split}, percentage points)",
         "",
         markdown_table(header, rows),
         "",
@@ -223,17 +223,31 @@ def render_markdown(
     ]
     header = ["class"] + [a.name for a in selected]
     rows = [[c] + [pm(a.stat(report_split, f"iou/{c}")) for a in selected] for c in names]
-    lines += [f"## Per-class IoU ({report_split}, selected configurations, mean ± std)", "",
-              markdown_table(header, rows), ""]
+    lines += [
+        f"## Per-class IoU ({report_split}, selected configurations, mean ± std)",
+        "",
+        markdown_table(header, rows),
+        "",
+    ]
 
-    header = ["loss", "configuration", "seeds", f"{select_split} {metric_name}",
-              f"{select_split} worst-class IoU"] + [n for _, n in SUMMARY]
+    header = [
+        "loss",
+        "configuration",
+        "seeds",
+        f"{select_split} {metric_name}",
+        f"{select_split} worst-class IoU",
+    ] + [n for _, n in SUMMARY]
     rows = []
     for a in arms:
         mark = " (selected)" if chosen.get(a.family) is a and a.family_size > 1 else ""
         rows.append(
-            [a.family, (a.label or "-") + mark, _seeds_text(a),
-             pm(a.stat(select_split, metric)), pm(a.stat(select_split, "worst_iou"))]
+            [
+                a.family,
+                (a.label or "-") + mark,
+                _seeds_text(a),
+                pm(a.stat(select_split, metric)),
+                pm(a.stat(select_split, "worst_iou")),
+            ]
             + [pm(a.stat(report_split, k)) for k, _ in SUMMARY]
         )
     lines += [
@@ -248,15 +262,19 @@ def render_markdown(
     return "\n".join(lines)
 
 
-
 def _number(x: float) -> float | None:
     return None if math.isnan(x) else float(x)
 
 
 def _interval_json(iv: Interval) -> dict[str, Any]:
-    return {"mean": _number(iv.mean), "std": _number(iv.std), "n": iv.n,
-            "ci_low": _number(iv.low), "ci_high": _number(iv.high),
-            "excludes_zero": iv.excludes_zero}
+    return {
+        "mean": _number(iv.mean),
+        "std": _number(iv.std),
+        "n": iv.n,
+        "ci_low": _number(iv.low),
+        "ci_high": _number(iv.high),
+        "excludes_zero": iv.excludes_zero,
+    }
 
 
 def summary_json(arms, chosen, select_split, report_split, metric, root=".") -> dict[str, Any]:
@@ -272,13 +290,21 @@ def summary_json(arms, chosen, select_split, report_split, metric, root=".") -> 
     def figure(a: ArmResult, split: str, key: str) -> dict[str, Any]:
         m, sd, n = a.stat(split, key)
         iv = t_interval(a.values(split, key))
-        return {"mean": _number(m), "std": _number(sd), "n": n,
-                "ci_low": _number(iv.low), "ci_high": _number(iv.high)}
+        return {
+            "mean": _number(m),
+            "std": _number(sd),
+            "n": n,
+            "ci_low": _number(iv.low),
+            "ci_high": _number(iv.high),
+        }
 
     def paired(a: ArmResult, split: str, key: str) -> dict[str, Any]:
         seeds, diffs = paired_differences(a, reference, split, key)
-        return {"seeds": seeds, "differences": [float(d) for d in diffs],
-                **_interval_json(t_interval(diffs))}
+        return {
+            "seeds": seeds,
+            "differences": [float(d) for d in diffs],
+            **_interval_json(t_interval(diffs)),
+        }
 
     def arm_entry(a: ArmResult) -> dict[str, Any]:
         keys = sorted({k for r in a.runs for s in r.final.values() for k in s})
@@ -304,8 +330,9 @@ def summary_json(arms, chosen, select_split, report_split, metric, root=".") -> 
             if a is not reference:
                 for k in PRIMARY:
                     iv = difference(a, reference, report_split, k)
-                    summary.append({"arm": a.name, "figure": k, "result": verdict_word(iv),
-                                    "n": iv.n})
+                    summary.append(
+                        {"arm": a.name, "figure": k, "result": verdict_word(iv), "n": iv.n}
+                    )
     return {
         "select_split": select_split,
         "report_split": report_split,
@@ -315,4 +342,3 @@ def summary_json(arms, chosen, select_split, report_split, metric, root=".") -> 
         "summary": summary,
         "arms": [arm_entry(a) for a in arms],
     }
-

@@ -180,9 +180,7 @@ def group_runs(runs: Sequence[Run], ignored: Sequence[str] = IGNORED_KEYS) -> li
     """Arms (equal configs but for the seed) in families (equal configs but for ``loss.t``)."""
     by_key: dict[tuple, list[Run]] = {}
     for run in runs:
-        key = tuple(sorted(
-            (k, _hashable(v)) for k, v in run.config.items() if k not in ignored
-        ))
+        key = tuple(sorted((k, _hashable(v)) for k, v in run.config.items() if k not in ignored))
         by_key.setdefault(key, []).append(run)
     arms = [
         ArmResult("", "", key, sorted(group, key=lambda r: str(r.seed)))

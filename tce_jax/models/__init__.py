@@ -81,4 +81,3 @@ def create_model(
     return MODELS[name](
         num_classes=num_classes, dtype=jnp.dtype(dtype), bn_axis_name=bn_axis_name, **kwargs
     )
-
