@@ -51,11 +51,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # grid files import experiments.sweep
 
+from tce_jax import objectives  # noqa: E402 (after the path of this checkout)
+from tce_jax import workdir as workdir_lib  # noqa: E402
+
 SPEC_FILE = "run_spec.json"
-FINAL_FILE = "final_metrics.json"
 LOG_FILE = "train.log"
 # Losses with a class-level tilt `loss.t`, swept by --t; every other loss gives one arm.
-TILTED_LOSSES = ("tce", "stochastic_tce")
+TILTED_LOSSES = tuple(name for name, o in objectives.OBJECTIVES.items() if o.tilted)
 
 DONE, NEW, PARTIAL, CONFLICT = "done", "new", "partial", "conflict"
 
@@ -210,7 +212,7 @@ def run_state(path: str, run: Run) -> tuple[str, str]:
         return CONFLICT, f"{spec_path} is unreadable ({e})"
     if written != run.spec():
         return CONFLICT, f"{spec_path} differs from the grid: {_spec_diff(written, run.spec())}"
-    if os.path.exists(os.path.join(path, FINAL_FILE)):
+    if os.path.exists(os.path.join(path, workdir_lib.FINAL_METRICS_FILE)):
         return DONE, ""
     return PARTIAL, ""
 
@@ -238,11 +240,7 @@ def plan(workdir: str, runs: Sequence[Run]) -> dict[str, list[tuple[Run, str]]]:
 
 def write_spec(path: str, run: Run) -> None:
     os.makedirs(path, exist_ok=True)
-    tmp = os.path.join(path, SPEC_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(run.spec(), f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, os.path.join(path, SPEC_FILE))
+    workdir_lib.write_json(os.path.join(path, SPEC_FILE), run.spec())  # spec(): keys sorted
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,7 +382,7 @@ def execute(
                 run = pending.pop(0)
                 path = run_dir(workdir, run)
                 write_spec(path, run)
-                resumed = os.path.exists(os.path.join(path, "config.json"))
+                resumed = os.path.exists(os.path.join(path, workdir_lib.CONFIG_FILE))
                 log = open(os.path.join(path, LOG_FILE), "a")  # noqa: SIM115 (closed on exit)
                 log.write(f"\n=== sweep: {'resuming' if resumed else 'starting'} at "
                           f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -407,7 +405,8 @@ def execute(
                 running.remove(child)
                 child.log.close()
                 seconds = time.time() - child.start
-                if code == 0 and os.path.exists(os.path.join(child.path, FINAL_FILE)):
+                final_file = os.path.join(child.path, workdir_lib.FINAL_METRICS_FILE)
+                if code == 0 and os.path.exists(final_file):
                     ran.append(child.run.name)
                     progress.done += 1
                     progress.durations.append(seconds)
@@ -447,7 +446,7 @@ def execute(
 
 def _final_summary(path: str) -> str:
     try:
-        with open(os.path.join(path, FINAL_FILE)) as f:
+        with open(os.path.join(path, workdir_lib.FINAL_METRICS_FILE)) as f:
             final = json.load(f)
     except (OSError, json.JSONDecodeError):
         return ""

@@ -18,6 +18,8 @@ import os
 import sys
 from typing import Any
 
+import ml_collections
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -37,22 +39,17 @@ def load_config(config: str):
 
 
 def apply_overrides(config, overrides: dict[str, Any]):
-    """Sets dotted fields, with the types of the config's existing values."""
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = config
-        for i, part in enumerate(parents):
-            if part not in node:
-                raise KeyError(f"Config has no field {'.'.join(parents[: i + 1])!r} ({key}).")
+    """Sets dotted fields with ConfigDict's type-safe assignment, as ``--config.field=value``
+    does (an int for a float field becomes a float, a list for a tuple field a tuple); a field
+    the config lacks fails rather than being added."""
+    for key in overrides:
+        node, parts = config, key.split(".")
+        for i, part in enumerate(parts):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                field = ".".join(parts[: i + 1])
+                raise KeyError(f"Config has no field {field!r} ({key}); check the grid's spelling.")
             node = node[part]
-        if leaf not in node:
-            raise KeyError(f"Config has no field {key!r}; check the spelling in the grid.")
-        current = node[leaf]
-        if isinstance(current, tuple) and isinstance(value, list):
-            value = tuple(value)
-        elif isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        node[leaf] = value
+    config.update_from_flattened_dict(overrides)
     return config
 
 

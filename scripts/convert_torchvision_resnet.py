@@ -48,10 +48,10 @@ def load_torch_state_dict(path: str) -> dict[str, np.ndarray]:
 
 
 def convert_state_dict(state_dict: Mapping[str, np.ndarray], output: str) -> dict:
-    """Converts a numpy state_dict and writes ``output`` (.npz); returns the variables."""
-    variables = pretrained.torchvision_to_flax(state_dict)
-    pretrained.save_npz(output, variables)
-    return variables
+    """Converts a numpy state_dict and writes ``output`` (.npz); returns its flat arrays."""
+    flat = pretrained.torchvision_to_flat(state_dict)
+    pretrained.save_npz(output, flat)
+    return flat
 
 
 def main(argv=None) -> None:
@@ -59,8 +59,7 @@ def main(argv=None) -> None:
     parser.add_argument("input", help="torchvision ResNet checkpoint (.pth)")
     parser.add_argument("output", help="where to write the .npz")
     args = parser.parse_args(argv)
-    variables = convert_state_dict(load_torch_state_dict(args.input), args.output)
-    flat = pretrained.flatten(variables)
+    flat = convert_state_dict(load_torch_state_dict(args.input), args.output)
     stages = pretrained._blocks_per_stage(flat)
     print(
         f"Wrote {args.output}: {len(flat)} arrays, "

@@ -424,7 +424,7 @@ def write_run_reports(
         )
     final = {split: flatten_figures(f, class_names) for split, f in results.items()}
     # Last and atomically: its presence means the run finished (experiments/sweep.py).
-    workdir_lib.write_json(root / "final_metrics.json", final)
+    workdir_lib.write_json(root / workdir_lib.FINAL_METRICS_FILE, final)
 
 
 def format_table(

@@ -98,8 +98,9 @@ def _strip_prefixes(state_dict: Mapping[str, Any]) -> dict[str, Any]:
     return items
 
 
-def torchvision_to_flax(state_dict: Mapping[str, Any]) -> Tree:
-    """Converts a torchvision ResNet ``state_dict`` (arrays) to our backbone variables.
+def torchvision_to_flat(state_dict: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """Converts a torchvision ResNet ``state_dict`` (arrays) to our backbone variables, as the
+    flat arrays of the ``.npz`` format (``params/conv_init/kernel``, ...). Needs only numpy.
 
     Conv weights ``OIHW`` become ``HWIO`` kernels; BatchNorm ``weight/bias`` become
     ``params`` ``scale/bias`` and ``running_mean/var`` become ``batch_stats`` ``mean/var``.
@@ -109,13 +110,13 @@ def torchvision_to_flax(state_dict: Mapping[str, Any]) -> Tree:
       state_dict: key -> array-like (numpy, or anything ``np.asarray`` accepts).
 
     Returns:
-      ``{"params": ..., "batch_stats": ...}`` nested dicts of float32 numpy arrays, named as
+      ``{"params/<module>/.../<leaf>": float32 array, "batch_stats/...": ...}``, named as
       :class:`tce_jax.models.ResNet`.
 
     Raises:
       PretrainedMismatchError: keys that are not part of a torchvision ResNet.
     """
-    tree: Tree = {"params": {}, "batch_stats": {}}
+    flat = {}
     unknown = []
     for key, value in _strip_prefixes(state_dict).items():
         try:
@@ -132,53 +133,34 @@ def torchvision_to_flax(state_dict: Mapping[str, Any]) -> Tree:
                     f"{key} has shape {array.shape}; a conv weight must be 4-D (O, I, H, W)."
                 )
             array = array.transpose(2, 3, 1, 0)
-        node = tree
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = array
+        flat["/".join(path)] = array
     if unknown:
         shown = ", ".join(sorted(unknown)[:8]) + (" ..." if len(unknown) > 8 else "")
         raise PretrainedMismatchError(
             f"{len(unknown)} key(s) of the state_dict are not part of a torchvision ResNet "
             f"(conv1, bn1, layer1-4, fc): {shown}."
         )
-    if not tree["params"]:
+    if not any(key.startswith("params/") for key in flat):
         raise PretrainedMismatchError("The state_dict holds no ResNet weights.")
-    return tree
+    return flat
+
+
+def torchvision_to_flax(state_dict: Mapping[str, Any]) -> Tree:
+    """:func:`torchvision_to_flat` as ``{"params": ..., "batch_stats": ...}`` nested dicts."""
+    from flax import traverse_util
+
+    nested = traverse_util.unflatten_dict(torchvision_to_flat(state_dict), sep="/")
+    return {"params": {}, "batch_stats": {}} | nested
 
 
 # ---------------------------------------------------------------------------------------------
 # Files.
 
 
-def flatten(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-    """``{"a/b/c": leaf}`` from nested dicts."""
-    flat = {}
-    for key, value in tree.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{name}/"))
-        else:
-            flat[name] = value
-    return flat
-
-
-def unflatten(flat: Mapping[str, Any]) -> Tree:
-    tree: Tree = {}
-    for key, value in flat.items():
-        *parents, leaf = key.split("/")
-        node = tree
-        for name in parents:
-            node = node.setdefault(name, {})
-        node[leaf] = value
-    return tree
-
-
-def save_npz(path: str, variables: Mapping) -> None:
-    """Writes ``{"params": ..., "batch_stats": ...}`` as the ``.npz`` format above."""
-    flat = {k: np.asarray(v) for k, v in flatten(variables).items()}
+def save_npz(path: str, flat: Mapping[str, Any]) -> None:
+    """Writes flat arrays (:func:`torchvision_to_flat`) as the ``.npz`` format above."""
     with open(path, "wb") as f:
-        np.savez(f, **flat)
+        np.savez(f, **{k: np.asarray(v) for k, v in flat.items()})
 
 
 def _backbone_subtree(tree: Mapping, source: str) -> Tree:
@@ -246,7 +228,9 @@ def _from_flat_arrays(flat: Mapping[str, Any], path: str) -> Tree:
     """Backbone variables from flat arrays: our ``params/...`` keys as they are, anything
     else through the torchvision key mapping (one code path for .npz and .safetensors)."""
     if any("/" in key for key in flat):
-        return _backbone_subtree(unflatten(flat), path)
+        from flax import traverse_util
+
+        return _backbone_subtree(traverse_util.unflatten_dict(flat, sep="/"), path)
     return torchvision_to_flax(flat)
 
 
@@ -293,8 +277,12 @@ def check_backbone(expected: Mapping, loaded: Mapping, *, source: str, model: st
     """Raises :class:`PretrainedMismatchError` unless ``loaded`` has exactly the variable
     names and shapes of ``expected`` (both ``{"params", "batch_stats"}`` trees of a backbone;
     ``expected`` may hold ``jax.ShapeDtypeStruct`` leaves)."""
-    want = {k: tuple(np.shape(v)) for k, v in flatten(expected).items()}
-    got = {k: tuple(np.shape(v)) for k, v in flatten(loaded).items()}
+    from flax import traverse_util
+
+    def named_shapes(tree):
+        return {k: tuple(np.shape(v)) for k, v in traverse_util.flatten_dict(tree, sep="/").items()}
+
+    want, got = named_shapes(expected), named_shapes(loaded)
     missing = sorted(set(want) - set(got))
     unexpected = sorted(set(got) - set(want))
     shapes = sorted(k for k in set(want) & set(got) if want[k] != got[k])

@@ -38,12 +38,16 @@ from typing import Any
 
 import ml_collections
 from etils import epath
+from flax import traverse_util
 
 LOCK_FILE = "lock.json"
 CONFIG_FILE = "config.json"
 CONFIG_HISTORY_FILE = "config_history.jsonl"
 PROVENANCE_FILE = "provenance.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+# Written last by a run (`metrics.write_run_reports`): its presence means the run finished.
+FINAL_METRICS_FILE = "final_metrics.json"
+TRAIN_METRICS_FILE = "train_metrics.jsonl"
 
 # Schemes every writer of a run supports: Orbax (tensorstore), CLU's writers (tf.io.gfile) and
 # etils.epath. TensorFlow has no s3://, az:// or hf:// file system.
@@ -295,17 +299,6 @@ def config_to_dict(config: ml_collections.ConfigDict) -> dict:
     return json.loads(config.to_json_best_effort())
 
 
-def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A nested dict (a config as config.json holds it) as {dotted field: value}."""
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
 _ABSENT = "<absent>"
 
 
@@ -321,17 +314,19 @@ def absent_field_values() -> dict[str, Any]:
     default, or `BEHAVIOUR_BEFORE_FIELD` where the code behaved differently before it."""
     from tce_jax import config_lib
 
-    return flatten(config_to_dict(config_lib.get_base_config())) | BEHAVIOUR_BEFORE_FIELD
+    base = config_to_dict(config_lib.get_base_config())
+    return traverse_util.flatten_dict(base, sep=".") | BEHAVIOUR_BEFORE_FIELD
 
 
-def config_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> dict[str, tuple]:
+def config_changes(old: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple]:
     """{dotted field: (old value, new value)} of every field that differs.
 
     A field the old config lacks (added to the code since) counts as unchanged while the new
     value is how the old code behaved: `BEHAVIOUR_BEFORE_FIELD` where the field's default
     differs from that, else its default in `config_lib.get_base_config()`.
     """
-    old_flat, new_flat = flatten(old), flatten(new)
+    old_flat = traverse_util.flatten_dict(old, sep=".")
+    new_flat = traverse_util.flatten_dict(new, sep=".")
     defaults = absent_field_values()
     changes = {}
     for field in sorted(old_flat.keys() | new_flat.keys()):

@@ -18,8 +18,10 @@ import tensorflow_datasets as tfds
 from PIL import Image
 
 import tce_jax.datasets as datasets
+from experiments.street_scenes_frequencies import label_statistics
 from tce_jax.datasets import archives
 from tce_jax.datasets import street_scenes as ss
+from tce_jax.datasets import street_scenes_render as render
 
 C = ss.NUM_CLASSES
 
@@ -55,12 +57,12 @@ def train(builder):
 
 
 def test_generate_scene_is_deterministic():
-    image, label = ss.generate_scene(ss.SPLIT_SEEDS["train"], 3)
-    again = ss.generate_scene(ss.SPLIT_SEEDS["train"], 3)
+    image, label = render.generate_scene(render.SPLIT_SEEDS["train"], 3)
+    again = render.generate_scene(render.SPLIT_SEEDS["train"], 3)
     np.testing.assert_array_equal(image, again[0])
     np.testing.assert_array_equal(label, again[1])
-    other_index = ss.generate_scene(ss.SPLIT_SEEDS["train"], 4)
-    other_split = ss.generate_scene(ss.SPLIT_SEEDS["validation"], 3)
+    other_index = render.generate_scene(render.SPLIT_SEEDS["train"], 4)
+    other_split = render.generate_scene(render.SPLIT_SEEDS["validation"], 3)
     assert not np.array_equal(image, other_index[0])
     assert not np.array_equal(image, other_split[0])
 
@@ -69,7 +71,7 @@ def test_generate_scene_golden_hash():
     # Pins the bytes of one scene: the generator draws only from numpy's PCG64 stream and uses
     # IEEE arithmetic, so this holds on every machine. A failure means the data changed (a new
     # generator version: bump StreetScenes.VERSION and the hash) or numpy changed its stream.
-    image, label = ss.generate_scene(ss.SPLIT_SEEDS["train"], 0)
+    image, label = render.generate_scene(render.SPLIT_SEEDS["train"], 0)
     digest = hashlib.sha256(image.tobytes() + label.tobytes()).hexdigest()
     assert digest == "8b7bae63d5d15339cb733aa454a7ab9a1c255b9ec833eb2cba79944745d5cba6"
 
@@ -90,7 +92,7 @@ def test_examples_are_the_generator_output(builder, train):
         examples = train if split == "train" else _read(builder, split)
         for index in (0, 7, 15):
             image, label = examples[f"{split}/{index:05d}"]
-            ref_image, ref_label = ss.generate_scene(ss.SPLIT_SEEDS[split], index)
+            ref_image, ref_label = render.generate_scene(render.SPLIT_SEEDS[split], index)
             np.testing.assert_array_equal(image, ref_image)
             np.testing.assert_array_equal(label[..., 0], ref_label)
 
@@ -134,7 +136,7 @@ def test_class_frequencies_small_train_split(train):
 
 def test_class_frequencies_full_train_split():
     # The documented imbalance, measured on all 1000 training scenes (docs/street_scenes.md).
-    pixels, images = ss.label_statistics("train", 1000)
+    pixels, images = label_statistics("train", 1000)
     assert (images[:C] > 0).all()
     freq = dict(zip(ss.CLASS_NAMES, _frequencies(pixels), strict=True))
     assert max(freq.values()) / min(freq.values()) >= 100
@@ -151,9 +153,10 @@ def test_person_and_rider_look_alike(train):
     # Same clothes and skin palette: their mean colours are close, unlike person vs. sky.
     images = np.stack([image for image, _ in train.values()]).astype(np.float64)
     labels = np.stack([label[..., 0] for _, label in train.values()])
-    mean = {c: images[labels == c].mean(axis=0) for c in (ss.PERSON, ss.RIDER, ss.SKY)}
-    assert np.abs(mean[ss.PERSON] - mean[ss.RIDER]).max() < 25
-    assert np.abs(mean[ss.PERSON] - mean[ss.SKY]).max() > 50
+    classes = (render.PERSON, render.RIDER, render.SKY)
+    mean = {c: images[labels == c].mean(axis=0) for c in classes}
+    assert np.abs(mean[render.PERSON] - mean[render.RIDER]).max() < 25
+    assert np.abs(mean[render.PERSON] - mean[render.SKY]).max() > 50
 
 
 def test_registry_lookup():

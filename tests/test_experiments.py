@@ -13,7 +13,15 @@ import textwrap
 import numpy as np
 import pytest
 
-from experiments import report, sweep, train_run
+from experiments import (
+    report,
+    report_plots,
+    report_render,
+    report_runs,
+    report_stats,
+    sweep,
+    train_run,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Sweep.
@@ -314,9 +322,9 @@ def fabricated_study(tmp_path):
 
 
 def test_report_groups_selects_on_validation_and_aggregates(fabricated):
-    runs, unfinished = report.find_runs(fabricated)
+    runs, unfinished = report_runs.find_runs(fabricated)
     assert len(runs) == 10 and unfinished == [os.path.join(fabricated, "ce", "seed9")]
-    arms = report.group_runs(runs)
+    arms = report_runs.group_runs(runs)
     assert [a.name for a in arms] == ["CE", "TCE, t=1", "TCE, t=2", "focal"]
     assert [a.seeds for a in arms] == [[0, 1, 2], [0, 1, 2], [0, 1, 2], [0]]
     ce, tce1, tce2, focal = arms
@@ -326,13 +334,14 @@ def test_report_groups_selects_on_validation_and_aggregates(fabricated):
     assert tce1.stat("test", "iou/pole") == (pytest.approx(0.5), pytest.approx(0.1), 3)
     assert np.isnan(focal.stat("test", "miou")[1])  # one seed: no std
 
-    chosen = report.select(arms, "validation", "miou")
+    chosen = report_runs.select(arms, "validation", "miou")
     assert chosen["TCE"] is tce1  # validation picks t=1 although t=2 is better on test
-    assert report.select(arms, "validation", "worst_iou")["TCE"] is tce2
-    assert report.select(arms, "validation", "iou_std")["TCE"] is tce1  # ties: the first
+    assert report_runs.select(arms, "validation", "worst_iou")["TCE"] is tce2
+    assert report_runs.select(arms, "validation", "iou_std")["TCE"] is tce1  # ties: the first
 
-    text = report.render_markdown(arms, chosen, select_split="validation", report_split="test",
-                                  metric="miou", title="T", unfinished=unfinished)
+    text = report_render.render_markdown(arms, chosen, select_split="validation",
+                                         report_split="test", metric="miou", title="T",
+                                         unfinished=unfinished)
     rows = table_rows(text, "Selected configurations")
     # loss, selected, seeds, mIoU, pixel acc., IoU std, worst IoU, worst-25%
     assert rows[1] == ["TCE", "t=1 (of 2)", "3", "62.0 ± 2.0", "90.0 ± 0.0", "20.0 ± 0.0",
@@ -349,18 +358,18 @@ def test_report_warns_when_arms_differ_outside_the_loss(fabricated):
     config = json.loads(config_path.read_text())
     config["num_train_steps"] = 40
     config_path.write_text(json.dumps(config))
-    arms = report.group_runs(report.find_runs(fabricated)[0])
+    arms = report_runs.group_runs(report_runs.find_runs(fabricated)[0])
     assert [a.name for a in arms if a.loss == "ce"] == ["CE (num_train_steps=20)",
                                                         "CE (num_train_steps=40)"]
-    text = report.render_markdown(arms, report.select(arms, "validation", "miou"),
-                                  select_split="validation", report_split="test", metric="miou",
-                                  title="T")
+    text = report_render.render_markdown(arms, report_runs.select(arms, "validation", "miou"),
+                                         select_split="validation", report_split="test",
+                                         metric="miou", title="T")
     assert "Warning" in text and "`num_train_steps`" in text
     assert "Paired differences from CE (num_train_steps=20)" in text
 
 
 def test_report_families_match_the_study(fabricated_study):
-    arms = report.group_runs(report.find_runs(fabricated_study)[0])
+    arms = report_runs.group_runs(report_runs.find_runs(fabricated_study)[0])
     assert [a.name for a in arms] == [
         "CE",
         "TCE, t=1",
@@ -375,12 +384,12 @@ def test_report_families_match_the_study(fabricated_study):
     ]
     # The older config of TCE t=1 seed 0 joined the others (missing fields take the defaults).
     assert [len(a.runs) for a in arms] == [3] * 9 + [2]
-    chosen = report.select(arms, "validation", "miou")
+    chosen = report_runs.select(arms, "validation", "miou")
     assert len(chosen) == 8 and chosen["TCE"] is arms[2]  # t=2 on validation; t=1 wins on test
-    assert [a.family_size for a in report.selected_arms(arms, chosen)] == [1, 3] + [1] * 6
-    assert report.reference_arm(arms, chosen) is arms[0]
-    text = report.render_markdown(arms, chosen, select_split="validation", report_split="test",
-                                  metric="miou", title="T")
+    assert [a.family_size for a in report_runs.selected_arms(arms, chosen)] == [1, 3] + [1] * 6
+    assert report_runs.reference_arm(arms, chosen) is arms[0]
+    text = report_render.render_markdown(arms, chosen, select_split="validation",
+                                         report_split="test", metric="miou", title="T")
     # The sampler's fields belong to the method: no like-for-like warning.
     assert "Warning" not in text
     assert "TCE, t=2 was selected among 3 values of t by validation mIoU" in text
@@ -388,7 +397,7 @@ def test_report_families_match_the_study(fabricated_study):
 
 def test_t_quantiles_match_the_printed_table():
     for df, value in T_975.items():
-        assert report.t_quantile(df) == pytest.approx(value, abs=1e-4)
+        assert report_stats.t_quantile(df) == pytest.approx(value, abs=1e-4)
 
 
 def hand_interval(diffs):
@@ -401,7 +410,7 @@ def hand_interval(diffs):
 
 
 def test_report_paired_differences_and_intervals(fabricated_study):
-    arms = {a.name: a for a in report.group_runs(report.find_runs(fabricated_study)[0])}
+    arms = {a.name: a for a in report_runs.group_runs(report_runs.find_runs(fabricated_study)[0])}
     ce, tce, weighted, lovasz = (arms[n] for n in ("CE", "TCE, t=2",
                                                     "weighted CE (median frequency)",
                                                     "Lovász-softmax"))
@@ -413,21 +422,21 @@ def test_report_paired_differences_and_intervals(fabricated_study):
         (tce, "iou/pole", [0.05, 0.10, 0.15], False),
     ]
     for arm, key, diffs, excludes in cases:
-        seeds, values = report.paired_differences(arm, ce, "test", key)
+        seeds, values = report_stats.paired_differences(arm, ce, "test", key)
         assert seeds == list(range(len(diffs)))
         np.testing.assert_allclose(values, diffs, atol=1e-12)
-        iv = report.difference(arm, ce, "test", key)
+        iv = report_stats.difference(arm, ce, "test", key)
         mean, low, high = hand_interval(diffs)
         assert (iv.n, iv.excludes_zero) == (len(diffs), excludes)
         assert (iv.mean, iv.low, iv.high) == (pytest.approx(mean), pytest.approx(low, abs=1e-4),
                                               pytest.approx(high, abs=1e-4))
-    assert report.paired_seeds(lovasz, ce) == [0, 1]
-    one = report.t_interval([0.3])
+    assert report_stats.paired_seeds(lovasz, ce) == [0, 1]
+    one = report_stats.t_interval([0.3])
     assert one.n == 1 and np.isnan(one.low) and not one.excludes_zero
 
-    chosen = report.select(list(arms.values()), "validation", "miou")
-    text = report.render_markdown(list(arms.values()), chosen, select_split="validation",
-                                  report_split="test", metric="miou", title="T")
+    chosen = report_runs.select(list(arms.values()), "validation", "miou")
+    text = report_render.render_markdown(list(arms.values()), chosen, select_split="validation",
+                                         report_split="test", metric="miou", title="T")
     rows = {r[0] + r[1]: r for r in table_rows(text, "Paired differences")}
     # loss, configuration, pairs, mIoU, pixel acc., IoU std, worst-class IoU, worst-25% mIoU
     assert rows["TCEt=2 (of 3)"] == ["TCE", "t=2 (of 3)", "3 (0, 1, 2)", "+2.0 [-5.5, +9.5]",
@@ -450,15 +459,15 @@ def test_report_paired_differences_and_intervals(fabricated_study):
 def test_pareto_front_of_the_means():
     points = [(50, 10), (55, 8), (52, 12), (49, 9), (55, 7), (52, 12)]
     # (50, 10), (49, 9) and (55, 7) are dominated; equal points both stay.
-    assert report.pareto_front(points) == [2, 5, 1]
+    assert report_plots.pareto_front(points) == [2, 5, 1]
 
 
 def test_report_training_curves_average_seeds(fabricated):
-    arms = report.group_runs(report.find_runs(fabricated)[0])
-    steps, curves = report.training_curves(arms[1], "class_loss")
+    arms = report_runs.group_runs(report_runs.find_runs(fabricated)[0])
+    steps, curves = report_plots.training_curves(arms[1], "class_loss")
     np.testing.assert_array_equal(steps, [10, 20])
     np.testing.assert_allclose(curves["pole"], [20 + 1, 40 + 1])  # mean of seeds 0, 1, 2
-    assert report.training_curves(arms[3], "class_weight")[1] == {}
+    assert report_plots.training_curves(arms[3], "class_weight")[1] == {}
 
 
 def check_pngs(figures, prefix):
@@ -518,4 +527,5 @@ def test_report_command_line_on_the_study(fabricated_study, tmp_path):
 def test_read_jsonl_keeps_the_last_record_of_a_step(tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text('{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n{"step": 2, "a": 3}\n')
-    assert report.read_jsonl(str(path)) == [{"step": 1, "a": 1}, {"step": 2, "a": 3}]
+    records = report_plots.records_by_step(str(path))
+    assert list(records.values()) == [{"step": 1, "a": 1}, {"step": 2, "a": 3}]

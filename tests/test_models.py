@@ -5,6 +5,8 @@ checked on a tiny ResNet variant that goes through the same classes.
 """
 
 import functools
+import math
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -17,11 +19,21 @@ from tce_jax.models import (
     ResNet,
     ResNet50,
     ResNet101,
-    count_params,
     create_model,
 )
 
 NUM_CLASSES = 19
+
+
+def count_params(variables_or_params) -> int:
+    """Number of scalar parameters of a ``params`` tree, or of the ``params`` of a variables
+    dict (BatchNorm running statistics are not parameters); leaves may be arrays or
+    ``jax.ShapeDtypeStruct`` (from ``jax.eval_shape``)."""
+    tree = variables_or_params
+    if isinstance(tree, Mapping) and "params" in tree:
+        tree = tree["params"]
+    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
+
 
 # torchvision resnet50/resnet101 without the fc layer (25,557,032 - 2,049,000 and
 # 44,549,160 - 2,049,000), BatchNorm weight+bias counted, running statistics not.

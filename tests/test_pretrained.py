@@ -13,7 +13,7 @@ import orbax.checkpoint as ocp
 import pytest
 import safetensors.flax
 import safetensors.numpy
-from flax import serialization
+from flax import serialization, traverse_util
 
 from configs import default
 from tce_jax import models, pretrained, train
@@ -143,11 +143,7 @@ def test_accepted_formats_load_the_same_variables(fmt, tmp_path):
         path = str(tmp_path / "orbax")
         with ocp.StandardCheckpointer() as checkpointer:
             checkpointer.save(path, reference)
-    loaded = pretrained.load_backbone_variables(path)
-    flat_a, flat_b = pretrained.flatten(reference), pretrained.flatten(loaded)
-    assert flat_a.keys() == flat_b.keys()
-    for key in flat_a:
-        np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
+    assert_same_variables(pretrained.load_backbone_variables(path), reference)
 
 
 def assert_resnet50_refused_for_resnet101(r50: str) -> None:
@@ -164,7 +160,7 @@ def assert_resnet50_refused_for_resnet101(r50: str) -> None:
 def test_mismatches_fail_with_a_clear_message(tmp_path):
     r50 = str(tmp_path / "resnet50.npz")
     pretrained.save_npz(
-        r50, pretrained.torchvision_to_flax(torchvision_resnet_state_dict((3, 4, 6, 3)))
+        r50, pretrained.torchvision_to_flat(torchvision_resnet_state_dict((3, 4, 6, 3)))
     )
     assert_resnet50_refused_for_resnet101(r50)
 
@@ -190,8 +186,8 @@ def test_init_state_puts_the_weights_into_the_backbone_only():
     init = functools.partial(train.init_state, config, model, tx, 3)
     fresh = jax.eval_shape(init, jax.random.key(0))
     state = jax.jit(init)(jax.random.key(0), loaded)
-    flat = pretrained.flatten({"params": state.params, "batch_stats": state.batch_stats})
-    for key, value in pretrained.flatten(loaded).items():
+    flat = flatten({"params": state.params, "batch_stats": state.batch_stats})
+    for key, value in flatten(loaded).items():
         collection, rest = key.split("/", 1)
         np.testing.assert_array_equal(flat[f"{collection}/backbone/{rest}"], value)
     # Same tree as a fresh init; the head stays randomly initialised.
@@ -199,8 +195,13 @@ def test_init_state_puts_the_weights_into_the_backbone_only():
     assert np.asarray(state.params["classifier"]["kernel"]).std() > 0
 
 
+def flatten(tree):
+    """``{"params/conv_init/kernel": leaf, ...}``: the flat keys of the ``.npz`` format."""
+    return traverse_util.flatten_dict(tree, sep="/")
+
+
 def assert_same_variables(a, b):
-    flat_a, flat_b = pretrained.flatten(a), pretrained.flatten(b)
+    flat_a, flat_b = flatten(a), flatten(b)
     assert flat_a.keys() == flat_b.keys()
     for key in flat_a:
         np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
@@ -221,7 +222,7 @@ def test_safetensors_with_timm_extras_loads_like_the_npz_state_dict(tmp_path):
     # Flat keys of our own tree (params/...) are read as they are, as in an .npz.
     ours = str(tmp_path / "ours.safetensors")
     # save_file writes the raw buffer: transposed kernels must be made contiguous first.
-    flat = {k: np.ascontiguousarray(v) for k, v in pretrained.flatten(from_safetensors).items()}
+    flat = {k: np.ascontiguousarray(v) for k, v in flatten(from_safetensors).items()}
     safetensors.numpy.save_file(flat, ours)
     assert_same_variables(pretrained.load_backbone_variables(ours), from_safetensors)
 

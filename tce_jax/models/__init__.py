@@ -10,12 +10,10 @@ mean/var; mutable when ``train=True``).
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from tce_jax.models.deeplab import (
@@ -42,7 +40,6 @@ __all__ = [
     "ResNet50",
     "ResNet101",
     "UNet",
-    "count_params",
     "create_model",
 ]
 
@@ -84,16 +81,3 @@ def create_model(
     return MODELS[name](
         num_classes=num_classes, dtype=jnp.dtype(dtype), bn_axis_name=bn_axis_name, **kwargs
     )
-
-
-def count_params(variables_or_params: Any) -> int:
-    """Number of scalar parameters.
-
-    Accepts a ``params`` tree, or a full variables dict (``{'params': ..., 'batch_stats':
-    ...}``), of which only ``params`` is counted (BatchNorm running statistics are not
-    parameters). Leaves may be arrays or ``jax.ShapeDtypeStruct`` (from ``jax.eval_shape``).
-    """
-    tree = variables_or_params
-    if isinstance(tree, Mapping) and "params" in tree:
-        tree = tree["params"]
-    return sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree))
