@@ -25,17 +25,15 @@ def test_losses_are_the_registry_names_and_every_entry_builds():
 
 def test_the_aux_contract_is_enforced_for_every_objective(monkeypatch):
     def make(aux):
-        def loss(cfg):
-            return lambda logits, labels, state, axis_name: (jnp.float32(0.0), state, aux)
-
-        return loss
+        return objectives.Objective(lambda stats, state: (jnp.float32(0.0), state, aux))
 
     config = default.get_config("ce")
     state = losses.stochastic_tce_init(3)
-    monkeypatch.setitem(objectives.OBJECTIVES, "ce", objectives.Objective(make({"x": 1})))
+    logits, labels = jnp.zeros((4, 3)), jnp.zeros((4,), jnp.int32)
+    monkeypatch.setitem(objectives.OBJECTIVES, "ce", make({"x": 1}))
     with pytest.raises(KeyError, match=r"'ce' returns no \['class_loss', 'num_invalid'\]"):
-        objectives.create_loss_fn(config)(None, None, state, None)
+        objectives.create_loss_fn(config)(logits, labels, state, None)
     full = {"class_loss": 1, "num_invalid": 0, "nonfinite_batch": True, "extra": 2}
-    monkeypatch.setitem(objectives.OBJECTIVES, "ce", objectives.Objective(make(full)))
-    _, _, aux = objectives.create_loss_fn(config)(None, None, state, None)
+    monkeypatch.setitem(objectives.OBJECTIVES, "ce", make(full))
+    _, _, aux = objectives.create_loss_fn(config)(logits, labels, state, None)
     assert aux == {"class_loss": 1, "num_invalid": 0}  # only what the train step logs

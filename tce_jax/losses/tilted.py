@@ -7,18 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from tce_jax.losses._statistics import (
-    ClassStatistics,
-    _class_losses,
-    _statistics,
-)
+from tce_jax.losses._statistics import ClassStatistics, _class_losses, class_statistics
 from tce_jax.losses._validation import (
     AxisName,
     ClassWeighting,
     _check_choice,
     _check_class_weighting,
-    _check_ignore_index,
-    _check_inputs,
     _check_scalar,
 )
 
@@ -196,26 +190,11 @@ def tilted_ce(
       >>> print(aux["class_count"], jnp.round(aux["class_weight"], 3))
       [2 1 1] [0.224 0.165 0.611]
     """
-    logits, labels, where = _check_inputs(logits, labels, where)
-    t = _check_scalar("t", t)
-    tau = _check_scalar("tau", tau, allow_traced=False)
-    ignore_index = _check_ignore_index(ignore_index)
-    weighting = _check_class_weighting(class_weighting, logits.shape[-1])
-    stats = _statistics(
+    stats = class_statistics(
         logits, labels, tau=tau, ignore_index=ignore_index, where=where, axis_name=axis_name
     )
-    losses = _class_losses(stats, tau=tau)
-    prior = _class_prior(stats.count, weighting, losses.dtype)
-    loss = _tilted_mean(losses, prior, t)
-    if not return_aux:
-        return loss
-    aux = {
-        "class_loss": losses,
-        "class_count": stats.count,
-        "class_weight": _tilted_weights(losses, prior, t),
-        "num_invalid": stats.num_invalid,
-    }
-    return loss, aux
+    loss, aux = tilted_ce_from_statistics(stats, t=t, tau=tau, class_weighting=class_weighting)
+    return (loss, aux) if return_aux else loss
 
 # ----------------------------------------------------------------------------------------------
 # Stochastic TCE.
@@ -349,21 +328,12 @@ def stochastic_tce(
       ``num_invalid`` and ``nonfinite_batch`` (bool scalar: the batch statistics were not
       finite and the state was left unchanged).
     """
-    logits, labels, where = _check_inputs(logits, labels, where)
-    num_classes = logits.shape[-1]
-    t = _check_scalar("t", t)
-    lam = _check_scalar("lam", lam, low=0.0, low_open=True, high=1.0)
-    tau = _check_scalar("tau", tau, allow_traced=False)
-    ignore_index = _check_ignore_index(ignore_index)
-    weighting = _check_class_weighting(class_weighting, num_classes)
-    state = _check_state(state, num_classes)
-
-    stats = _statistics(
+    stats = class_statistics(
         logits, labels, tau=tau, ignore_index=ignore_index, where=where, axis_name=axis_name
     )
     return stochastic_tce_from_statistics(
-        stats, state, t=t, lam=lam, tau=tau, class_weighting=weighting, estimator=estimator,
-        batch_loss=batch_loss,
+        stats, state, t=t, lam=lam, tau=tau, class_weighting=class_weighting,
+        estimator=estimator, batch_loss=batch_loss,
     )
 
 
@@ -408,12 +378,14 @@ def class_sampling_probs(
     return jnp.where(jnp.any(prior > 0), probs, jnp.full((num_classes,), 1.0 / num_classes))
 
 # ----------------------------------------------------------------------------------------------
-# Losses from class statistics assembled from parts (exact gradient accumulation).
+# The losses as functions of the class statistics of the whole batch.
 #
-# The same values and gradients as tilted_ce, stochastic_tce and weighted_cross_entropy, but
-# evaluated from the ClassStatistics of a whole batch that was processed in parts (micro-batches,
-# see tce_jax.accumulation). They are differentiable in `stats.loss_sum`, the only statistic that
-# carries a gradient (the shift is a stabiliser under stop_gradient; the counts are integers).
+# tilted_ce and stochastic_tce are class_statistics followed by these (as is
+# weighted_cross_entropy by weighted_cross_entropy_from_statistics): the one place where each
+# loss is evaluated. Exact gradient accumulation (tce_jax.accumulation) calls them on statistics
+# assembled from parts (micro-batches). They are differentiable in `stats.loss_sum`, the only
+# statistic that carries a gradient (the shift is a stabiliser under stop_gradient; the counts
+# are integers).
 
 def tilted_ce_from_statistics(
     stats: ClassStatistics,
