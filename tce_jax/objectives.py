@@ -69,9 +69,13 @@ def parse_class_weights(value) -> str | np.ndarray:
         vector = np.array([float(x) for x in items], np.float32)
     except (TypeError, ValueError):
         vector = None
-    if vector is None or vector.size == 0 or not np.all(np.isfinite(vector)) or np.any(
-        vector < 0
-    ) or not np.any(vector > 0):
+    if (
+        vector is None
+        or vector.size == 0
+        or not np.all(np.isfinite(vector))
+        or np.any(vector < 0)
+        or not np.any(vector > 0)
+    ):
         raise ValueError(
             f"config.loss.class_weights={value!r} is invalid: expected one of "
             f"{losses.CLASS_WEIGHT_SCHEMES} or one non-negative number per class, "
@@ -107,9 +111,7 @@ def at_shift(classes: losses.ClassStatistics, shift: jax.Array) -> losses.ClassS
     return classes._replace(loss_sum=classes.loss_sum * lax.stop_gradient(scale), shift=shift)
 
 
-def sum_statistics(
-    parts: BatchStatistics, axis_name
-) -> tuple[BatchStatistics, jax.Array]:
+def sum_statistics(parts: BatchStatistics, axis_name) -> tuple[BatchStatistics, jax.Array]:
     """The statistics of the whole batch from those of its parts (leading axis), over the
     devices of ``axis_name`` too, and the common shift ``[C]`` at which the parts add up: the
     largest shift of each class where it is present (0 for absent classes)."""
@@ -264,8 +266,8 @@ def _statistics_fn(entry: Objective, options: dict) -> Callable[..., BatchStatis
 
     def statistics(logits, labels, axis_name=None) -> BatchStatistics:
         classes = losses.class_statistics(logits, labels, tau=tau)
-        sums, counts = ({}, {}) if entry.extra is None else entry.extra(
-            logits, labels, classes, **options
+        sums, counts = (
+            ({}, {}) if entry.extra is None else entry.extra(logits, labels, classes, **options)
         )
         stats = BatchStatistics(classes, sums, counts)
         if axis_name is None:

@@ -46,14 +46,17 @@ def test_the_tilted_losses_are_the_entries_that_read_t_and_tau():
     assert [n for n, o in objectives.OBJECTIVES.items() if o.tilted] == ["tce", "stochastic_tce"]
 
 
-@pytest.mark.parametrize("name, fields", [
-    ("ce", {}),
-    ("tce", {"t": 2.0, "tau": -0.7, "class_weighting": "uniform"}),
-    ("stochastic_tce", {"t": 1.0, "tau": 0.5, "lam": 0.5}),
-    ("weighted_ce", {"class_weights": "median_frequency"}),
-    ("focal", {}),
-    ("lovasz", {}),
-])
+@pytest.mark.parametrize(
+    "name, fields",
+    [
+        ("ce", {}),
+        ("tce", {"t": 2.0, "tau": -0.7, "class_weighting": "uniform"}),
+        ("stochastic_tce", {"t": 1.0, "tau": 0.5, "lam": 0.5}),
+        ("weighted_ce", {"class_weights": "median_frequency"}),
+        ("focal", {}),
+        ("lovasz", {}),
+    ],
+)
 def test_pmap_objective_equals_the_objective_of_the_whole_batch(name, fields):
     """Under pmap the statistics of the devices add up (at a common shift for tau != 0): every
     replica gets the loss, state and aux of the whole batch."""
@@ -69,7 +72,8 @@ def test_pmap_objective_equals_the_objective_of_the_whole_batch(name, fields):
     state = losses.stochastic_tce_init(5)
     want = loss_fn(logits, labels, state, None)
     got = jax.pmap(
-        lambda z, y: loss_fn(z, y, state, "devices"), axis_name="devices",
+        lambda z, y: loss_fn(z, y, state, "devices"),
+        axis_name="devices",
         devices=jax.devices()[:4],
     )(logits.reshape(4, 2, 3, 3, 5), labels.reshape(4, 2, 3, 3))
     for r in range(4):

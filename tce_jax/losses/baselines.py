@@ -1,7 +1,6 @@
 """Cross-entropy and the imbalance baselines: class-weighted CE, softmax focal loss,
 Lovász-softmax (docs/experiments.md)."""
 
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -76,6 +75,7 @@ def _mean_over_valid(pixel: jax.Array, valid: jax.Array, axis_name) -> jax.Array
         total = lax.psum(total, axis_name)
         count = lax.psum(count, axis_name)
     return total / jnp.maximum(count, 1).astype(total.dtype)
+
 
 # ----------------------------------------------------------------------------------------------
 # Baselines: class-weighted cross-entropy, softmax focal loss, Lovász-softmax.
@@ -384,9 +384,11 @@ def _lovasz_weights(errors, fg, valid, *, axis_name) -> jax.Array:
     weights = (end - jaccard(a, b)) / m.astype(jnp.float32)
     return weights.T.astype(errors.dtype)
 
+
 # ----------------------------------------------------------------------------------------------
 # Weighted cross-entropy as a function of the batch statistics: weighted_cross_entropy is
 # class_statistics (and class_image_pixels) followed by this; see the same section of tilted.py.
+
 
 def weighted_cross_entropy_from_statistics(
     stats: ClassStatistics,

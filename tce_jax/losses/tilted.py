@@ -36,6 +36,7 @@ BATCH_LOSSES = ("tilted", "ce")
 # (exact as t -> 0) to the max-shifted log-sum-exp form (no overflow for large |t|).
 _EXPM1_LIMIT = 30.0
 
+
 class StochasticTCEState(NamedTuple):
     """Running per-class estimates of Stochastic TCE (docs/maths.md); lives in the train state.
 
@@ -51,6 +52,7 @@ class StochasticTCEState(NamedTuple):
     running_freq: jax.Array
     seen: jax.Array
     step: jax.Array
+
 
 # ----------------------------------------------------------------------------------------------
 # The tilt.
@@ -115,6 +117,7 @@ def _tilted_mean(values: jax.Array, prior: jax.Array, t) -> jax.Array:
     log_moment = jnp.where(small, log_small, log_large)
     is_zero = t == 0
     return mean + jnp.where(is_zero, 0.0, log_moment / jnp.where(is_zero, 1.0, t))
+
 
 # ----------------------------------------------------------------------------------------------
 # Public losses.
@@ -195,6 +198,7 @@ def tilted_ce(
     )
     loss, aux = tilted_ce_from_statistics(stats, t=t, tau=tau, class_weighting=class_weighting)
     return (loss, aux) if return_aux else loss
+
 
 # ----------------------------------------------------------------------------------------------
 # Stochastic TCE.
@@ -332,8 +336,14 @@ def stochastic_tce(
         logits, labels, tau=tau, ignore_index=ignore_index, where=where, axis_name=axis_name
     )
     return stochastic_tce_from_statistics(
-        stats, state, t=t, lam=lam, tau=tau, class_weighting=class_weighting,
-        estimator=estimator, batch_loss=batch_loss,
+        stats,
+        state,
+        t=t,
+        lam=lam,
+        tau=tau,
+        class_weighting=class_weighting,
+        estimator=estimator,
+        batch_loss=batch_loss,
     )
 
 
@@ -377,6 +387,7 @@ def class_sampling_probs(
     probs = (1.0 - mix) * weights + mix / num_classes
     return jnp.where(jnp.any(prior > 0), probs, jnp.full((num_classes,), 1.0 / num_classes))
 
+
 # ----------------------------------------------------------------------------------------------
 # The losses as functions of the class statistics of the whole batch.
 #
@@ -386,6 +397,7 @@ def class_sampling_probs(
 # assembled from parts (micro-batches). They are differentiable in `stats.loss_sum`, the only
 # statistic that carries a gradient (the shift is a stabiliser under stop_gradient; the counts
 # are integers).
+
 
 def tilted_ce_from_statistics(
     stats: ClassStatistics,
@@ -457,9 +469,7 @@ def stochastic_tce_from_statistics(
     else:
         average = _tilted_average(state.running_loss, batch_estimate, lam, t)
     blended = jnp.where(state.seen, average, batch_estimate)
-    running_loss = jnp.where(present, blended, state.running_loss).astype(
-        state.running_loss.dtype
-    )
+    running_loss = jnp.where(present, blended, state.running_loss).astype(state.running_loss.dtype)
     seen = state.seen | present
     if isinstance(weighting, str) and weighting == "frequency":
         total = jnp.sum(stats.count)
@@ -476,17 +486,13 @@ def stochastic_tce_from_statistics(
     # Class losses are 0 for absent classes and counts are integers: one non-finite value
     # means the batch is broken (e.g. NaN logits), and it must not enter the running state.
     nonfinite = ~jnp.all(jnp.isfinite(batch_estimate))
-    new_state = jax.tree.map(
-        lambda new, old: jnp.where(nonfinite, old, new), new_state, state
-    )
+    new_state = jax.tree.map(lambda new, old: jnp.where(nonfinite, old, new), new_state, state)
 
     prior = _state_prior(new_state, weighting)
     weights = _tilted_weights(new_state.running_loss, prior, t)
     # The weights renormalised over the batch classes, computed in log space.
     if batch_loss == "tilted":
-        batch_weights = _tilted_weights(
-            new_state.running_loss, jnp.where(present, prior, 0.0), t
-        )
+        batch_weights = _tilted_weights(new_state.running_loss, jnp.where(present, prior, 0.0), t)
     else:  # the pixel-count weights: the plain mean over the batch's valid pixels
         batch_weights = _normalise(stats.count.astype(batch_losses.dtype))
     loss = jnp.sum(batch_weights * batch_losses)
