@@ -69,38 +69,6 @@ def split_micro_batches(batch, num_micro_batches: int):
     return jax.tree.map(split, batch)
 
 
-def _common_shift(stacked: losses.ClassStatistics, axis_name) -> jax.Array:
-    """``[C]`` the largest shift of each class over the micro-batches (and devices) where it is
-    present; 0 for absent classes."""
-    present = stacked.count > 0
-    shift = jnp.max(jnp.where(present, stacked.shift, -jnp.inf), axis=0)
-    if axis_name is not None:
-        shift = lax.pmax(shift, axis_name)
-    return lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0.0))
-
-
-def _at_shift(classes: losses.ClassStatistics, shift: jax.Array) -> losses.ClassStatistics:
-    """The statistics rewritten with ``shift`` (>= their own, present classes):
-    ``S_c e^{own_c - shift_c}``, so that parts at one shift add up. Identity for ``tau = 0``."""
-    present = classes.count > 0
-    scale = jnp.where(present, jnp.exp(jnp.where(present, classes.shift - shift, 0.0)), 0.0)
-    return classes._replace(loss_sum=classes.loss_sum * lax.stop_gradient(scale), shift=shift)
-
-
-def _total(stacked: objectives.BatchStatistics, shift, axis_name) -> objectives.BatchStatistics:
-    """The statistics of the global batch from those of the micro-batches (leading axis)."""
-    classes = _at_shift(stacked.classes, shift)
-    parts = (classes.loss_sum, classes.count, classes.num_invalid, stacked.sums, stacked.counts)
-    loss_sum, count, num_invalid, sums, counts = jax.tree.map(lambda x: jnp.sum(x, 0), parts)
-    if axis_name is not None:
-        loss_sum, count, num_invalid, sums, counts = lax.psum(
-            (loss_sum, count, num_invalid, sums, counts), axis_name
-        )
-    shift = jnp.where(count > 0, shift, 0.0)
-    classes = losses.ClassStatistics(loss_sum, count, shift, num_invalid)
-    return objectives.BatchStatistics(classes, sums, counts)
-
-
 def _differentiable(stats: objectives.BatchStatistics):
     """The statistics through which gradients flow."""
     return stats.classes.loss_sum, stats.sums
@@ -153,8 +121,7 @@ def value_and_grad(
 
     # Pass 1: the statistics of the global batch, without gradients.
     stacked = lax.map(lambda micro_batch: statistics(params, micro_batch)[0], micro)
-    shift = _common_shift(stacked.classes, axis_name)
-    total = _total(stacked, shift, axis_name)
+    total, shift = objectives.sum_statistics(stacked, axis_name)
 
     def finish(values):
         loss, new_state, aux = decomposition.finish(
@@ -169,7 +136,7 @@ def value_and_grad(
     def accumulate(grads, micro_batch):
         def surrogate(p):
             part, batch_stats = statistics(p, micro_batch)
-            part = part._replace(classes=_at_shift(part.classes, shift))
+            part = part._replace(classes=objectives.at_shift(part.classes, shift))
             return _pairing(cotangent, _differentiable(part)), batch_stats
 
         micro_grads, batch_stats = jax.grad(surrogate, has_aux=True)(params)

@@ -15,11 +15,19 @@ nothing else):
   for CE (what TCE gives at t = 0), `w_c n_c / sum w n` for weighted CE. Not logged for the
   focal and Lovász losses, whose gradients do not decompose over the class means.
 
-The registry `OBJECTIVES` maps each `config.loss.name` to an `Objective` (its loss function
-and, where it exists, its form over additive batch statistics); `LOSSES` lists its names (also
-the `:variant` syntax of the configs). Adding a loss: the maths in `tce_jax.losses`, one
-`Objective` here (and its config fields in `config_lib.get_base_config`, checked in
-`config_lib.validate_config`). The names:
+Every loss but Lovász is computed one way: the additive statistics `S` of the batch
+(`BatchStatistics`: the per-class statistics of `tce_jax.losses`, plus the sums and counts a
+loss needs beyond them), then its finisher `F(S)`. The one-pass objective (`create_loss_fn`)
+takes `S` of the whole batch, reduced over the devices; exact gradient accumulation
+(`create_decomposition`, `tce_jax.accumulation`) sums `S` over micro-batches first. Both call
+the same two functions.
+
+The registry `OBJECTIVES` maps each `config.loss.name` to an `Objective`; `LOSSES` lists its
+names (also the `:variant` syntax of the configs). Adding a loss: its maths in
+`tce_jax.losses` (as a function of `losses.ClassStatistics` where it is one), one `Objective`
+here (its finisher, the config fields it reads, and any statistics beyond the class ones), and
+its config fields in `config_lib.get_base_config`, checked in `config_lib.validate_config`.
+The names:
 
 * `ce`: mean pixel cross-entropy (MCCE);
 * `tce`, `stochastic_tce`: `loss.t`, `loss.tau`, `loss.class_weighting` (and `loss.lam`,
@@ -28,11 +36,10 @@ the `:variant` syntax of the configs). Adding a loss: the maths in `tce_jax.loss
   `'median_frequency'` or `'enet'` (weights from the global batch's class counts), or C
   comma-separated numbers (fixed weights);
 * `focal`: softmax focal loss with `loss.focal_gamma`;
-* `lovasz`: Lovász-softmax over the batch (classes present in the batch).
+* `lovasz`: Lovász-softmax over the batch (classes present in the batch); it sorts the pixel
+  errors of the whole batch, so it has no finisher and cannot be accumulated.
 
-`create_decomposition` gives the same objectives (all but Lovász) as functions of additive
-batch statistics, for exact gradient accumulation (`tce_jax.accumulation`). Config values are
-checked once, by `config_lib.validate_config`, before any of this runs.
+Config values are checked once, by `config_lib.validate_config`, before any of this runs.
 """
 
 import dataclasses
@@ -43,6 +50,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from jax import lax
 
 from tce_jax import losses
 
@@ -61,9 +69,13 @@ def parse_class_weights(value) -> str | np.ndarray:
         vector = np.array([float(x) for x in items], np.float32)
     except (TypeError, ValueError):
         vector = None
-    if vector is None or vector.size == 0 or not np.all(np.isfinite(vector)) or np.any(
-        vector < 0
-    ) or not np.any(vector > 0):
+    if (
+        vector is None
+        or vector.size == 0
+        or not np.all(np.isfinite(vector))
+        or np.any(vector < 0)
+        or not np.any(vector > 0)
+    ):
         raise ValueError(
             f"config.loss.class_weights={value!r} is invalid: expected one of "
             f"{losses.CLASS_WEIGHT_SCHEMES} or one non-negative number per class, "
@@ -72,18 +84,8 @@ def parse_class_weights(value) -> str | np.ndarray:
     return vector
 
 
-def _batch_class_aux(logits, labels, axis_name, *, with_weight: bool) -> dict:
-    """Per-class CE of the (global) batch, for logging; no gradient flows through it."""
-    stats = losses.class_statistics(jax.lax.stop_gradient(logits), labels, axis_name=axis_name)
-    aux = {"class_loss": losses.class_losses(stats), "num_invalid": stats.num_invalid}
-    if with_weight:
-        count = stats.count.astype(aux["class_loss"].dtype)
-        aux["class_weight"] = count / jnp.maximum(count.sum(), 1.0)
-    return aux
-
-
 # ---------------------------------------------------------------------------------------------
-# The objectives as functions of additive batch statistics (exact gradient accumulation).
+# Additive batch statistics, and how the statistics of parts add up.
 
 
 class BatchStatistics(NamedTuple):
@@ -91,7 +93,7 @@ class BatchStatistics(NamedTuple):
 
     Attributes:
       classes: the per-class statistics (`losses.ClassStatistics`); for `tau != 0` their sums
-        add up only once brought to a common shift (`tce_jax.accumulation`).
+        add up only once brought to a common shift (`at_shift`).
       sums: float sums that carry gradients (the focal loss sum).
       counts: integer sums (the image pixels of `'median_frequency'`).
     """
@@ -101,195 +103,154 @@ class BatchStatistics(NamedTuple):
     counts: dict[str, jax.Array]
 
 
-class Decomposition(NamedTuple):
-    """The objective of `create_loss_fn` as `finish(S, tce_state)`, with `S` the
-    `BatchStatistics` of the whole batch: the sum of `statistics(logits, labels)` over its parts.
+def at_shift(classes: losses.ClassStatistics, shift: jax.Array) -> losses.ClassStatistics:
+    """The statistics rewritten with ``shift`` (>= their own, present classes):
+    ``S_c e^{own_c - shift_c}``, so that parts at one shift add up. Identity for ``tau = 0``."""
+    present = classes.count > 0
+    scale = jnp.where(present, jnp.exp(jnp.where(present, classes.shift - shift, 0.0)), 0.0)
+    return classes._replace(loss_sum=classes.loss_sum * lax.stop_gradient(scale), shift=shift)
 
-    `finish` returns what the loss function returns, `(loss, tce_state, aux)`, and is
-    differentiable in `S.classes.loss_sum` and `S.sums`, through which the gradient flows.
-    """
 
-    tau: float
-    statistics: Callable[[jax.Array, jax.Array], BatchStatistics]
-    finish: Callable[
-        [BatchStatistics, losses.StochasticTCEState],
-        tuple[jax.Array, losses.StochasticTCEState, dict],
-    ]
+def sum_statistics(parts: BatchStatistics, axis_name) -> tuple[BatchStatistics, jax.Array]:
+    """The statistics of the whole batch from those of its parts (leading axis), over the
+    devices of ``axis_name`` too, and the common shift ``[C]`` at which the parts add up: the
+    largest shift of each class where it is present (0 for absent classes)."""
+    present = parts.classes.count > 0
+    shift = jnp.max(jnp.where(present, parts.classes.shift, -jnp.inf), axis=0)
+    if axis_name is not None:
+        shift = lax.pmax(shift, axis_name)
+    shift = lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0.0))
+    classes = at_shift(parts.classes, shift)
+    summed = (classes.loss_sum, classes.count, classes.num_invalid, parts.sums, parts.counts)
+    summed = jax.tree.map(lambda x: jnp.sum(x, 0), summed)
+    if axis_name is not None:
+        summed = lax.psum(summed, axis_name)
+    loss_sum, count, num_invalid, sums, counts = summed
+    classes = losses.ClassStatistics(loss_sum, count, jnp.where(count > 0, shift, 0.0), num_invalid)
+    return BatchStatistics(classes, sums, counts), shift
+
+
+# ---------------------------------------------------------------------------------------------
+# The finishers, `(S, tce_state, **options) -> (loss, tce_state, aux)` of the statistics `S` of
+# the whole batch, and the statistics some losses need beyond the class ones,
+# `(logits, labels, classes, **options) -> (sums, counts)` of a part (`classes` its class
+# statistics).
+
+
+def _class_aux(classes: losses.ClassStatistics) -> dict:
+    """The per-class CE of the batch and its invalid pixels, which every objective logs."""
+    return {"class_loss": losses.class_losses(classes), "num_invalid": classes.num_invalid}
 
 
 def _mean_over_valid(classes: losses.ClassStatistics, total: jax.Array) -> jax.Array:
     return total / jnp.maximum(jnp.sum(classes.count), 1).astype(classes.loss_sum.dtype)
 
 
-def _statistics_aux(classes: losses.ClassStatistics) -> dict:
-    """What `_batch_class_aux` logs, from the statistics of the whole batch."""
-    return {"class_loss": losses.class_losses(classes), "num_invalid": classes.num_invalid}
+def _ce(stats, tce_state):
+    classes = stats.classes
+    count = classes.count.astype(classes.loss_sum.dtype)
+    aux = {**_class_aux(classes), "class_weight": _mean_over_valid(classes, count)}
+    return _mean_over_valid(classes, jnp.sum(classes.loss_sum)), tce_state, aux
+
+
+def _tce(stats, tce_state, **options):
+    loss, aux = losses.tilted_ce_from_statistics(stats.classes, **options)
+    return loss, tce_state, aux
+
+
+def _stochastic_tce(stats, tce_state, **options):
+    return losses.stochastic_tce_from_statistics(stats.classes, tce_state, **options)
+
+
+def _weighted_ce(stats, tce_state, *, class_weights):
+    loss, aux = losses.weighted_cross_entropy_from_statistics(
+        stats.classes, class_weights=class_weights, image_pixels=stats.counts.get("image_pixels")
+    )
+    return loss, tce_state, aux
+
+
+def _median_frequency_pixels(logits, labels, classes, *, class_weights):
+    if isinstance(class_weights, str) and class_weights == "median_frequency":
+        return {}, {"image_pixels": losses.class_image_pixels(logits, labels)}
+    return {}, {}
+
+
+def _focal(stats, tce_state, *, gamma):
+    loss = _mean_over_valid(stats.classes, stats.sums["focal"])
+    return loss, tce_state, _class_aux(stats.classes)
+
+
+def _focal_sum(logits, labels, classes, *, gamma):
+    # The part's sum of the focal losses: their mean times its valid pixel count.
+    valid = jnp.maximum(jnp.sum(classes.count), 1).astype(jnp.float32)
+    return {"focal": losses.softmax_focal_loss(logits, labels, gamma=gamma) * valid}, {}
 
 
 # ---------------------------------------------------------------------------------------------
 # The registry: one entry per loss.
-#
-# `loss(cfg)` returns the loss function; `finish(cfg)`, where the loss has an exact form over
-# additive statistics, returns `finish(S, tce_state)` of `Decomposition`, and `extra(cfg)` the
-# sums and counts it needs beyond the class statistics, `(logits, labels, classes) -> (sums,
-# counts)`.
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    loss: Callable[[ml_collections.ConfigDict], LossFn]
-    finish: Callable[[ml_collections.ConfigDict], Callable] | None = None
-    extra: Callable[[ml_collections.ConfigDict], Callable] | None = None
-    tilted: bool = False  # reads loss.t and loss.tau
+    """One loss of the registry.
+
+    Attributes:
+      finish: the finisher `(S, tce_state, **options) -> (loss, tce_state, aux)`; None for a
+        loss that is not a function of additive statistics (then `loss` is given).
+      options: `config.loss -> dict`, the keyword arguments of `finish` (or `loss`); a `tau`
+        among them is also the pixel-level tilt of the class statistics.
+      extra: `(logits, labels, classes, **options) -> (sums, counts)`, the statistics of a part
+        that `finish` needs beyond the class statistics `classes` of that part.
+      tilted: whether the loss reads `loss.t` and `loss.tau` (the sweep and the report list
+        these losses).
+      loss: for a loss without `finish`, `(logits, labels, *, axis_name, **options) -> loss`.
+    """
+
+    finish: Callable | None = None
+    options: Callable[[ml_collections.ConfigDict], dict] = lambda cfg: {}
+    extra: Callable | None = None
+    tilted: bool = False
+    loss: Callable | None = None
 
 
-def _ce(cfg):
-    def ce(logits, labels, tce_state, axis_name):
-        loss = losses.cross_entropy(logits, labels, axis_name=axis_name)
-        return loss, tce_state, _batch_class_aux(logits, labels, axis_name, with_weight=True)
-
-    return ce
-
-
-def _ce_finish(cfg):
-    def finish(stats, tce_state):
-        classes = stats.classes
-        aux = _statistics_aux(classes)
-        count = classes.count.astype(classes.loss_sum.dtype)
-        aux["class_weight"] = _mean_over_valid(classes, count)
-        return _mean_over_valid(classes, jnp.sum(classes.loss_sum)), tce_state, aux
-
-    return finish
-
-
-def _tce(cfg):
-    def tce(logits, labels, tce_state, axis_name):
-        loss, aux = losses.tilted_ce(
-            logits, labels, t=cfg.t, tau=cfg.tau, class_weighting=cfg.class_weighting,
-            axis_name=axis_name, return_aux=True,
-        )
-        return loss, tce_state, aux
-
-    return tce
-
-
-def _tce_finish(cfg):
-    def finish(stats, tce_state):
-        loss, aux = losses.tilted_ce_from_statistics(
-            stats.classes, t=cfg.t, tau=cfg.tau, class_weighting=cfg.class_weighting
-        )
-        return loss, tce_state, aux
-
-    return finish
-
-
-def _stochastic_options(cfg) -> dict:
-    return dict(
-        t=cfg.t, lam=cfg.lam, tau=cfg.tau, class_weighting=cfg.class_weighting,
-        estimator=cfg.estimator, batch_loss=cfg.batch_loss,
-    )
-
-
-def _stochastic_tce(cfg):
-    def stochastic_tce(logits, labels, tce_state, axis_name):
-        return losses.stochastic_tce(
-            logits, labels, tce_state, axis_name=axis_name, **_stochastic_options(cfg)
-        )
-
-    return stochastic_tce
-
-
-def _stochastic_tce_finish(cfg):
-    def finish(stats, tce_state):
-        return losses.stochastic_tce_from_statistics(
-            stats.classes, tce_state, **_stochastic_options(cfg)
-        )
-
-    return finish
-
-
-def _weighted_ce(cfg):
-    class_weights = parse_class_weights(cfg.class_weights)
-
-    def weighted_ce(logits, labels, tce_state, axis_name):
-        loss, aux = losses.weighted_cross_entropy(
-            logits, labels, class_weights=class_weights, axis_name=axis_name, return_aux=True
-        )
-        return loss, tce_state, aux
-
-    return weighted_ce
-
-
-def _weighted_ce_finish(cfg):
-    class_weights = parse_class_weights(cfg.class_weights)
-
-    def finish(stats, tce_state):
-        loss, aux = losses.weighted_cross_entropy_from_statistics(
-            stats.classes, class_weights=class_weights,
-            image_pixels=stats.counts.get("image_pixels"),
-        )
-        return loss, tce_state, aux
-
-    return finish
-
-
-def _weighted_ce_extra(cfg):
-    median = cfg.class_weights == "median_frequency"
-
-    def extra(logits, labels, classes):
-        if not median:
-            return {}, {}
-        return {}, {"image_pixels": losses.class_image_pixels(logits, labels)}
-
-    return extra
-
-
-def _focal(cfg):
-    def focal(logits, labels, tce_state, axis_name):
-        loss = losses.softmax_focal_loss(
-            logits, labels, gamma=float(cfg.focal_gamma), axis_name=axis_name
-        )
-        return loss, tce_state, _batch_class_aux(logits, labels, axis_name, with_weight=False)
-
-    return focal
-
-
-def _focal_finish(cfg):
-    def finish(stats, tce_state):
-        aux = _statistics_aux(stats.classes)
-        return _mean_over_valid(stats.classes, stats.sums["focal"]), tce_state, aux
-
-    return finish
-
-
-def _focal_extra(cfg):
-    def extra(logits, labels, classes):
-        # The local sum of the focal losses: their mean times the valid pixel count.
-        valid = jnp.maximum(jnp.sum(classes.count), 1).astype(jnp.float32)
-        mean = losses.softmax_focal_loss(logits, labels, gamma=float(cfg.focal_gamma))
-        return {"focal": mean * valid}, {}
-
-    return extra
-
-
-def _lovasz(cfg):
-    def lovasz(logits, labels, tce_state, axis_name):
-        loss = losses.lovasz_softmax(logits, labels, axis_name=axis_name)
-        return loss, tce_state, _batch_class_aux(logits, labels, axis_name, with_weight=False)
-
-    return lovasz
+def _fields(*names: str) -> Callable[[ml_collections.ConfigDict], dict]:
+    """`config.loss -> {name: config.loss[name]}`, for losses whose arguments are config fields."""
+    return lambda cfg: {name: cfg[name] for name in names}
 
 
 OBJECTIVES: dict[str, Objective] = {
-    "ce": Objective(_ce, _ce_finish),
-    "tce": Objective(_tce, _tce_finish, tilted=True),
-    "stochastic_tce": Objective(_stochastic_tce, _stochastic_tce_finish, tilted=True),
-    "weighted_ce": Objective(_weighted_ce, _weighted_ce_finish, _weighted_ce_extra),
-    "focal": Objective(_focal, _focal_finish, _focal_extra),
-    # Sorts the pixel errors of the whole batch: no form over additive statistics.
-    "lovasz": Objective(_lovasz),
+    "ce": Objective(_ce),
+    "tce": Objective(_tce, _fields("t", "tau", "class_weighting"), tilted=True),
+    "stochastic_tce": Objective(
+        _stochastic_tce,
+        _fields("t", "lam", "tau", "class_weighting", "estimator", "batch_loss"),
+        tilted=True,
+    ),
+    "weighted_ce": Objective(
+        _weighted_ce,
+        lambda cfg: {"class_weights": parse_class_weights(cfg.class_weights)},
+        _median_frequency_pixels,
+    ),
+    "focal": Objective(_focal, lambda cfg: {"gamma": float(cfg.focal_gamma)}, _focal_sum),
+    "lovasz": Objective(loss=losses.lovasz_softmax),
 }
 LOSSES = tuple(OBJECTIVES)
+
+
+class Decomposition(NamedTuple):
+    """The objective of `config.loss` as `finish(statistics(logits, labels), tce_state)`.
+
+    `statistics(logits, labels, axis_name=None)` gives the `BatchStatistics` of a batch (reduced
+    over `axis_name`, or of one part, to be summed with `sum_statistics`); `finish(S,
+    tce_state)` returns what the loss function returns, `(loss, tce_state, aux)`, and is
+    differentiable in `S.classes.loss_sum` and `S.sums`, through which the gradient flows.
+    """
+
+    statistics: Callable[..., BatchStatistics]
+    finish: Callable[
+        [BatchStatistics, losses.StochasticTCEState],
+        tuple[jax.Array, losses.StochasticTCEState, dict],
+    ]
 
 
 def _checked_aux(name: str, aux: dict) -> dict:
@@ -300,16 +261,20 @@ def _checked_aux(name: str, aux: dict) -> dict:
     return {k: aux[k] for k in AUX_KEYS if k in aux}
 
 
-def create_loss_fn(config: ml_collections.ConfigDict) -> LossFn:
-    """`(logits, labels, tce_state, axis_name) -> (loss, tce_state, aux)` for config.loss."""
-    name = config.loss.name
-    loss_fn = OBJECTIVES[name].loss(config.loss)
+def _statistics_fn(entry: Objective, options: dict) -> Callable[..., BatchStatistics]:
+    tau = float(options.get("tau", 0.0))
 
-    def objective(logits, labels, tce_state, axis_name):
-        loss, tce_state, aux = loss_fn(logits, labels, tce_state, axis_name)
-        return loss, tce_state, _checked_aux(name, aux)
+    def statistics(logits, labels, axis_name=None) -> BatchStatistics:
+        classes = losses.class_statistics(logits, labels, tau=tau)
+        sums, counts = (
+            ({}, {}) if entry.extra is None else entry.extra(logits, labels, classes, **options)
+        )
+        stats = BatchStatistics(classes, sums, counts)
+        if axis_name is None:
+            return stats
+        return sum_statistics(jax.tree.map(lambda x: x[None], stats), axis_name)[0]
 
-    return objective
+    return statistics
 
 
 def supports_accumulation(name: str) -> bool:
@@ -320,27 +285,44 @@ def supports_accumulation(name: str) -> bool:
 def create_decomposition(config: ml_collections.ConfigDict) -> Decomposition:
     """The objective of `config.loss` as a function of additive batch statistics.
 
-    Equals `create_loss_fn(config)` on the same (global) batch, loss, gradient and state.
+    `create_loss_fn(config)` is `finish(statistics(...))` of this on the whole batch.
     """
-    cfg = config.loss
-    entry = OBJECTIVES[cfg.name]
+    name = config.loss.name
+    entry = OBJECTIVES[name]
     if entry.finish is None:
         raise ValueError(
-            f"loss.name={cfg.name!r} is not a function of additive statistics (the Lovász "
+            f"loss.name={name!r} is not a function of additive statistics (the Lovász "
             "loss sorts the pixel errors of the whole batch), so it cannot be accumulated "
             "over micro-batches."
         )
-    tau = float(cfg.tau) if entry.tilted else 0.0
-    extra = entry.extra(cfg) if entry.extra is not None else None
-    finish = entry.finish(cfg)
+    options = entry.options(config.loss)
 
-    def statistics(logits, labels) -> BatchStatistics:
-        classes = losses.class_statistics(logits, labels, tau=tau)
-        sums, counts = extra(logits, labels, classes) if extra is not None else ({}, {})
-        return BatchStatistics(classes, sums, counts)
+    def finish(stats: BatchStatistics, tce_state):
+        loss, tce_state, aux = entry.finish(stats, tce_state, **options)
+        return loss, tce_state, _checked_aux(name, aux)
 
-    def finish_checked(stats: BatchStatistics, tce_state):
-        loss, tce_state, aux = finish(stats, tce_state)
-        return loss, tce_state, _checked_aux(cfg.name, aux)
+    return Decomposition(_statistics_fn(entry, options), finish)
 
-    return Decomposition(tau, statistics, finish_checked)
+
+def create_loss_fn(config: ml_collections.ConfigDict) -> LossFn:
+    """`(logits, labels, tce_state, axis_name) -> (loss, tce_state, aux)` for config.loss."""
+    name = config.loss.name
+    entry = OBJECTIVES[name]
+    if entry.finish is not None:
+        decomposition = create_decomposition(config)
+
+        def objective(logits, labels, tce_state, axis_name):
+            stats = decomposition.statistics(logits, labels, axis_name)
+            return decomposition.finish(stats, tce_state)
+
+        return objective
+
+    options = entry.options(config.loss)
+
+    def pixel_objective(logits, labels, tce_state, axis_name):
+        loss = entry.loss(logits, labels, axis_name=axis_name, **options)
+        # What is logged: the per-class CE of the batch, without gradient.
+        classes = losses.class_statistics(lax.stop_gradient(logits), labels, axis_name=axis_name)
+        return loss, tce_state, _checked_aux(name, _class_aux(classes))
+
+    return pixel_objective

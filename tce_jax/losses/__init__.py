@@ -37,6 +37,11 @@ Parallelism:
   is already the global one on every device (a further ``pmean`` is a no-op). With
   ``check_vma=False`` it behaves as ``pmap`` (``pmean`` the gradients).
 
+Every loss that is a function of the class statistics is computed one way: its pixel-level
+function (``tilted_ce``, ``stochastic_tce``, ``weighted_cross_entropy``) is
+:func:`class_statistics` followed by its ``*_from_statistics`` form, which exact gradient
+accumulation calls on the statistics of a batch assembled from parts.
+
 Modules (everything public is re-exported here; import from ``tce_jax.losses``):
 
 * ``tilted``: ``tilted_ce``, Stochastic TCE and tilted class-aware sampling probabilities;

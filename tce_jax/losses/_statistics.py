@@ -45,6 +45,7 @@ class ClassStatistics(NamedTuple):
     shift: jax.Array
     num_invalid: jax.Array
 
+
 # ----------------------------------------------------------------------------------------------
 # Per-pixel losses and per-class statistics.
 
@@ -64,9 +65,7 @@ def _label_logits(z: jax.Array, labels: jax.Array) -> jax.Array:
     """``[N]`` logits ``z_{i, y_i}``. The gradient of a gather is a scatter-add into ``[N, C]``:
     kept on CPU (where the gather is fastest), replaced by a fused compare-and-reduce over the
     class axis on GPU and TPU, whose gradient is a select (no scatter at all)."""
-    return lax.platform_dependent(
-        z, labels, cpu=_gather_label_logits, default=_select_label_logits
-    )
+    return lax.platform_dependent(z, labels, cpu=_gather_label_logits, default=_select_label_logits)
 
 
 def _gather_label_logits(z, labels):
@@ -242,8 +241,9 @@ def class_statistics(
     logits, labels, where = _check_inputs(logits, labels, where)
     tau = _check_scalar("tau", tau, allow_traced=False)
     ignore_index = _check_ignore_index(ignore_index)
-    return _statistics(logits, labels, tau=tau, ignore_index=ignore_index, where=where,
-                       axis_name=axis_name)
+    return _statistics(
+        logits, labels, tau=tau, ignore_index=ignore_index, where=where, axis_name=axis_name
+    )
 
 
 def _statistics(logits, labels, *, tau, ignore_index, where, axis_name) -> ClassStatistics:

@@ -121,9 +121,7 @@ def _check_weight_vector(name: str, vec, num_classes: int) -> jax.Array:
     if not _is_traced(vec):
         host = np.asarray(vec, dtype=np.float64)
         if not np.all(np.isfinite(host)) or np.any(host < 0) or not np.any(host > 0):
-            raise ValueError(
-                f"{name} must be finite, non-negative and not all zero, got {host}."
-            )
+            raise ValueError(f"{name} must be finite, non-negative and not all zero, got {host}.")
     return jnp.asarray(vec, jnp.float32)
 
 

@@ -1,7 +1,6 @@
 """Cross-entropy and the imbalance baselines: class-weighted CE, softmax focal loss,
 Lovász-softmax (docs/experiments.md)."""
 
-
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -12,7 +11,7 @@ from tce_jax.losses._statistics import (
     _flat_pixels,
     _per_class_sum,
     _pixel_losses,
-    _statistics,
+    class_statistics,
 )
 from tce_jax.losses._validation import (
     AxisName,
@@ -64,12 +63,19 @@ def cross_entropy(
     logits, labels, where = _check_inputs(logits, labels, where)
     ignore_index = _check_ignore_index(ignore_index)
     z, safe_labels, valid, _ = _flat_pixels(logits, labels, where, ignore_index)
-    total = jnp.sum(jnp.where(valid, _pixel_losses(z, safe_labels), 0.0))
+    return _mean_over_valid(_pixel_losses(z, safe_labels), valid, axis_name)
+
+
+def _mean_over_valid(pixel: jax.Array, valid: jax.Array, axis_name) -> jax.Array:
+    """The mean of the ``[N]`` pixel values over the valid pixels of the global batch; 0 (with a
+    zero gradient) when there are none."""
+    total = jnp.sum(jnp.where(valid, pixel, 0.0))
     count = jnp.sum(valid, dtype=jnp.int32)
     if axis_name is not None:
         total = lax.psum(total, axis_name)
         count = lax.psum(count, axis_name)
     return total / jnp.maximum(count, 1).astype(total.dtype)
+
 
 # ----------------------------------------------------------------------------------------------
 # Baselines: class-weighted cross-entropy, softmax focal loss, Lovász-softmax.
@@ -144,18 +150,6 @@ def class_balancing_weights(
     return jnp.where(present, weights, 0.0)
 
 
-def _image_pixels(segments_2d: jax.Array, num_classes: int) -> jax.Array:
-    """``[C]``: sum over images of the image's valid pixels, for the images containing ``c``.
-
-    ``segments_2d`` is ``[B, P]`` with class ids for valid pixels and ``C`` elsewhere.
-    """
-    per_image = jax.vmap(
-        lambda segments: _per_class_sum(jnp.ones_like(segments), segments, num_classes)
-    )(segments_2d)  # [B, C] valid pixels of each class in each image
-    pixels = jnp.sum(per_image, axis=1, keepdims=True)
-    return jnp.sum(jnp.where(per_image > 0, pixels, 0), axis=0)
-
-
 def weighted_cross_entropy(
     logits: jax.typing.ArrayLike,
     labels: jax.typing.ArrayLike,
@@ -203,50 +197,18 @@ def weighted_cross_entropy(
       A float32 scalar (0 with a zero gradient when no pixel is valid or every valid pixel has
       weight 0), or ``(loss, aux)``.
     """
-    logits, labels, where = _check_inputs(logits, labels, where)
-    ignore_index = _check_ignore_index(ignore_index)
-    num_classes = logits.shape[-1]
-    if isinstance(class_weights, str):
-        if class_weights not in CLASS_WEIGHT_SCHEMES:
-            raise ValueError(
-                f"class_weights must be one of {CLASS_WEIGHT_SCHEMES} or a [C] array of "
-                f"non-negative weights, got {class_weights!r}."
-            )
-        vector = None
-    else:
-        vector = _check_weight_vector("class_weights", class_weights, num_classes)
-    stats = _statistics(
-        logits, labels, tau=0.0, ignore_index=ignore_index, where=where, axis_name=axis_name
+    stats = class_statistics(
+        logits, labels, ignore_index=ignore_index, where=where, axis_name=axis_name
     )
-    if vector is not None:
-        weights = vector
-    elif class_weights == "median_frequency":
-        _, safe_labels, valid, _ = _flat_pixels(logits, labels, where, ignore_index)
-        segments = jnp.where(valid, safe_labels, num_classes)
-        num_images = labels.shape[0] if labels.ndim >= 2 else 1
-        image_pixels = _image_pixels(segments.reshape(num_images, -1), num_classes)
+    image_pixels = None
+    if isinstance(class_weights, str) and class_weights == "median_frequency":
+        image_pixels = class_image_pixels(logits, labels, ignore_index=ignore_index, where=where)
         if axis_name is not None:
             image_pixels = lax.psum(image_pixels, axis_name)
-        weights = class_balancing_weights(
-            stats.count, scheme=class_weights, image_pixels=image_pixels
-        )
-    else:
-        weights = class_balancing_weights(stats.count, scheme=class_weights, enet_c=enet_c)
-    weights = jnp.where(stats.count > 0, weights, 0.0)
-    mass = weights * stats.count.astype(jnp.float32)
-    total = jnp.sum(mass)
-    share = mass / jnp.where(total > 0, total, 1.0)
-    losses = _class_losses(stats, tau=0.0)
-    loss = jnp.sum(share * losses)
-    if not return_aux:
-        return loss
-    aux = {
-        "class_loss": losses,
-        "class_count": stats.count,
-        "class_weight": share,
-        "num_invalid": stats.num_invalid,
-    }
-    return loss, aux
+    loss, aux = weighted_cross_entropy_from_statistics(
+        stats, class_weights=class_weights, image_pixels=image_pixels, enet_c=enet_c
+    )
+    return (loss, aux) if return_aux else loss
 
 
 def softmax_focal_loss(
@@ -297,12 +259,7 @@ def softmax_focal_loss(
         pixel = modulating * pixel
     if alpha is not None:
         pixel = alpha[safe_labels] * pixel
-    total = jnp.sum(jnp.where(valid, pixel, 0.0))
-    count = jnp.sum(valid, dtype=jnp.int32)
-    if axis_name is not None:
-        total = lax.psum(total, axis_name)
-        count = lax.psum(count, axis_name)
-    return total / jnp.maximum(count, 1).astype(total.dtype)
+    return _mean_over_valid(pixel, valid, axis_name)
 
 
 def lovasz_softmax(
@@ -427,9 +384,11 @@ def _lovasz_weights(errors, fg, valid, *, axis_name) -> jax.Array:
     weights = (end - jaccard(a, b)) / m.astype(jnp.float32)
     return weights.T.astype(errors.dtype)
 
+
 # ----------------------------------------------------------------------------------------------
-# Weighted cross-entropy from class statistics assembled from parts (exact gradient
-# accumulation; see tilted.py).
+# Weighted cross-entropy as a function of the batch statistics: weighted_cross_entropy is
+# class_statistics (and class_image_pixels) followed by this; see the same section of tilted.py.
+
 
 def weighted_cross_entropy_from_statistics(
     stats: ClassStatistics,
@@ -500,4 +459,8 @@ def class_image_pixels(
     _, safe_labels, valid, _ = _flat_pixels(logits, labels, where, ignore_index)
     segments = jnp.where(valid, safe_labels, num_classes)
     num_images = labels.shape[0] if labels.ndim >= 2 else 1
-    return _image_pixels(segments.reshape(num_images, -1), num_classes)
+    per_image = jax.vmap(
+        lambda segments: _per_class_sum(jnp.ones_like(segments), segments, num_classes)
+    )(segments.reshape(num_images, -1))  # [B, C] valid pixels of each class in each image
+    pixels = jnp.sum(per_image, axis=1, keepdims=True)
+    return jnp.sum(jnp.where(per_image > 0, pixels, 0), axis=0)

@@ -7,18 +7,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from tce_jax.losses._statistics import (
-    ClassStatistics,
-    _class_losses,
-    _statistics,
-)
+from tce_jax.losses._statistics import ClassStatistics, _class_losses, class_statistics
 from tce_jax.losses._validation import (
     AxisName,
     ClassWeighting,
     _check_choice,
     _check_class_weighting,
-    _check_ignore_index,
-    _check_inputs,
     _check_scalar,
 )
 
@@ -42,6 +36,7 @@ BATCH_LOSSES = ("tilted", "ce")
 # (exact as t -> 0) to the max-shifted log-sum-exp form (no overflow for large |t|).
 _EXPM1_LIMIT = 30.0
 
+
 class StochasticTCEState(NamedTuple):
     """Running per-class estimates of Stochastic TCE (docs/maths.md); lives in the train state.
 
@@ -57,6 +52,7 @@ class StochasticTCEState(NamedTuple):
     running_freq: jax.Array
     seen: jax.Array
     step: jax.Array
+
 
 # ----------------------------------------------------------------------------------------------
 # The tilt.
@@ -121,6 +117,7 @@ def _tilted_mean(values: jax.Array, prior: jax.Array, t) -> jax.Array:
     log_moment = jnp.where(small, log_small, log_large)
     is_zero = t == 0
     return mean + jnp.where(is_zero, 0.0, log_moment / jnp.where(is_zero, 1.0, t))
+
 
 # ----------------------------------------------------------------------------------------------
 # Public losses.
@@ -196,26 +193,12 @@ def tilted_ce(
       >>> print(aux["class_count"], jnp.round(aux["class_weight"], 3))
       [2 1 1] [0.224 0.165 0.611]
     """
-    logits, labels, where = _check_inputs(logits, labels, where)
-    t = _check_scalar("t", t)
-    tau = _check_scalar("tau", tau, allow_traced=False)
-    ignore_index = _check_ignore_index(ignore_index)
-    weighting = _check_class_weighting(class_weighting, logits.shape[-1])
-    stats = _statistics(
+    stats = class_statistics(
         logits, labels, tau=tau, ignore_index=ignore_index, where=where, axis_name=axis_name
     )
-    losses = _class_losses(stats, tau=tau)
-    prior = _class_prior(stats.count, weighting, losses.dtype)
-    loss = _tilted_mean(losses, prior, t)
-    if not return_aux:
-        return loss
-    aux = {
-        "class_loss": losses,
-        "class_count": stats.count,
-        "class_weight": _tilted_weights(losses, prior, t),
-        "num_invalid": stats.num_invalid,
-    }
-    return loss, aux
+    loss, aux = tilted_ce_from_statistics(stats, t=t, tau=tau, class_weighting=class_weighting)
+    return (loss, aux) if return_aux else loss
+
 
 # ----------------------------------------------------------------------------------------------
 # Stochastic TCE.
@@ -349,20 +332,17 @@ def stochastic_tce(
       ``num_invalid`` and ``nonfinite_batch`` (bool scalar: the batch statistics were not
       finite and the state was left unchanged).
     """
-    logits, labels, where = _check_inputs(logits, labels, where)
-    num_classes = logits.shape[-1]
-    t = _check_scalar("t", t)
-    lam = _check_scalar("lam", lam, low=0.0, low_open=True, high=1.0)
-    tau = _check_scalar("tau", tau, allow_traced=False)
-    ignore_index = _check_ignore_index(ignore_index)
-    weighting = _check_class_weighting(class_weighting, num_classes)
-    state = _check_state(state, num_classes)
-
-    stats = _statistics(
+    stats = class_statistics(
         logits, labels, tau=tau, ignore_index=ignore_index, where=where, axis_name=axis_name
     )
     return stochastic_tce_from_statistics(
-        stats, state, t=t, lam=lam, tau=tau, class_weighting=weighting, estimator=estimator,
+        stats,
+        state,
+        t=t,
+        lam=lam,
+        tau=tau,
+        class_weighting=class_weighting,
+        estimator=estimator,
         batch_loss=batch_loss,
     )
 
@@ -407,13 +387,17 @@ def class_sampling_probs(
     probs = (1.0 - mix) * weights + mix / num_classes
     return jnp.where(jnp.any(prior > 0), probs, jnp.full((num_classes,), 1.0 / num_classes))
 
+
 # ----------------------------------------------------------------------------------------------
-# Losses from class statistics assembled from parts (exact gradient accumulation).
+# The losses as functions of the class statistics of the whole batch.
 #
-# The same values and gradients as tilted_ce, stochastic_tce and weighted_cross_entropy, but
-# evaluated from the ClassStatistics of a whole batch that was processed in parts (micro-batches,
-# see tce_jax.accumulation). They are differentiable in `stats.loss_sum`, the only statistic that
-# carries a gradient (the shift is a stabiliser under stop_gradient; the counts are integers).
+# tilted_ce and stochastic_tce are class_statistics followed by these (as is
+# weighted_cross_entropy by weighted_cross_entropy_from_statistics): the one place where each
+# loss is evaluated. Exact gradient accumulation (tce_jax.accumulation) calls them on statistics
+# assembled from parts (micro-batches). They are differentiable in `stats.loss_sum`, the only
+# statistic that carries a gradient (the shift is a stabiliser under stop_gradient; the counts
+# are integers).
+
 
 def tilted_ce_from_statistics(
     stats: ClassStatistics,
@@ -485,9 +469,7 @@ def stochastic_tce_from_statistics(
     else:
         average = _tilted_average(state.running_loss, batch_estimate, lam, t)
     blended = jnp.where(state.seen, average, batch_estimate)
-    running_loss = jnp.where(present, blended, state.running_loss).astype(
-        state.running_loss.dtype
-    )
+    running_loss = jnp.where(present, blended, state.running_loss).astype(state.running_loss.dtype)
     seen = state.seen | present
     if isinstance(weighting, str) and weighting == "frequency":
         total = jnp.sum(stats.count)
@@ -504,17 +486,13 @@ def stochastic_tce_from_statistics(
     # Class losses are 0 for absent classes and counts are integers: one non-finite value
     # means the batch is broken (e.g. NaN logits), and it must not enter the running state.
     nonfinite = ~jnp.all(jnp.isfinite(batch_estimate))
-    new_state = jax.tree.map(
-        lambda new, old: jnp.where(nonfinite, old, new), new_state, state
-    )
+    new_state = jax.tree.map(lambda new, old: jnp.where(nonfinite, old, new), new_state, state)
 
     prior = _state_prior(new_state, weighting)
     weights = _tilted_weights(new_state.running_loss, prior, t)
     # The weights renormalised over the batch classes, computed in log space.
     if batch_loss == "tilted":
-        batch_weights = _tilted_weights(
-            new_state.running_loss, jnp.where(present, prior, 0.0), t
-        )
+        batch_weights = _tilted_weights(new_state.running_loss, jnp.where(present, prior, 0.0), t)
     else:  # the pixel-count weights: the plain mean over the batch's valid pixels
         batch_weights = _normalise(stats.count.astype(batch_losses.dtype))
     loss = jnp.sum(batch_weights * batch_losses)
