@@ -27,7 +27,7 @@ TUNED_KEY = "loss.t"
 LOWER_IS_BETTER = ("iou_std", "iou_gap")
 REFERENCE_LOSS = "ce"
 LOSS_ORDER = tuple(objectives.OBJECTIVES)  # report order of the families: the registry's
-TILTED_LOSSES = tuple(name for name, o in objectives.OBJECTIVES.items() if o.tilted)
+TILTED_LOSSES = objectives.TILTED_LOSSES
 # Display names where the loss's name is not the one to print.
 LOSS_DISPLAY = {
     "ce": "CE",

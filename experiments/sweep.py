@@ -57,7 +57,7 @@ from tce_jax import workdir as workdir_lib  # noqa: E402
 SPEC_FILE = "run_spec.json"
 LOG_FILE = "train.log"
 # Losses with a class-level tilt `loss.t`, swept by --t; every other loss gives one arm.
-TILTED_LOSSES = tuple(name for name, o in objectives.OBJECTIVES.items() if o.tilted)
+TILTED_LOSSES = objectives.TILTED_LOSSES
 
 DONE, NEW, PARTIAL, CONFLICT = "done", "new", "partial", "conflict"
 

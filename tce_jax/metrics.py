@@ -281,7 +281,7 @@ def _cell(value: Any) -> str:
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
     """A padded markdown table: the first ``left`` columns left-aligned, the others right-aligned.
 
-    Used by the run reports here and by ``experiments/report.py``.
+    Used by the run reports here and by the experiment reports (``experiments/report_render.py``).
     """
     widths = [max(3, len(h)) for h in header]
     for row in rows:

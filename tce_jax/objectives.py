@@ -235,6 +235,8 @@ OBJECTIVES: dict[str, Objective] = {
     "lovasz": Objective(loss=losses.lovasz_softmax),
 }
 LOSSES = tuple(OBJECTIVES)
+# The losses with a tilt `loss.t` (the sweep expands their t values; the report groups by it).
+TILTED_LOSSES = tuple(name for name, o in OBJECTIVES.items() if o.tilted)
 
 
 class Decomposition(NamedTuple):
