@@ -51,6 +51,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)  # grid files import experiments.sweep
 
+from tce_jax.train_metrics import format_duration  # noqa: E402
+
 SPEC_FILE = "run_spec.json"
 FINAL_FILE = "final_metrics.json"
 LOG_FILE = "train.log"
@@ -282,13 +284,6 @@ def log_progress(path: str) -> str:
         return ""
     matches = _STEP_RE.findall(tail)
     return f"step {matches[-1][0]}/{matches[-1][1]}" if matches else ""
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
 class Progress:
