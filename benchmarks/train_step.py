@@ -33,20 +33,20 @@ ACCELERATOR_BATCH = 8
 
 def build_step(config, loss_name, parallel, num_classes, **step_kwargs):
     """(initial state, compiled train step) of `config` with loss `loss_name`; `step_kwargs`
-    go to `train.train_step` (e.g. gradient accumulation)."""
+    go to `steps.train_step` (e.g. gradient accumulation)."""
     import jax
 
-    from tce_jax import objectives, train
+    from tce_jax import objectives, steps
 
     config = config.copy_and_resolve_references()
     config.loss.name = loss_name
-    model = train.create_model(config, num_classes, parallel.axis_name)
-    tx = train.create_optimizer(config)
-    init = functools.partial(train.init_state, config, model, tx, num_classes)
+    model = steps.create_model(config, num_classes, parallel.axis_name)
+    tx = steps.create_optimizer(config, steps.create_learning_rate_schedule(config))
+    init = functools.partial(steps.init_state, config, model, tx, num_classes)
     state = parallel.device_state(parallel.compile_init(init)(jax.random.key(0)))
     step = parallel.compile_train(
         functools.partial(
-            train.train_step,
+            steps.train_step,
             model=model,
             tx=tx,
             loss_fn=objectives.create_loss_fn(config),

@@ -53,6 +53,7 @@ if ROOT not in sys.path:
 
 from tce_jax import objectives  # noqa: E402 (after the path of this checkout)
 from tce_jax import workdir as workdir_lib  # noqa: E402
+from tce_jax.train_metrics import format_duration  # noqa: E402
 
 SPEC_FILE = "run_spec.json"
 LOG_FILE = "train.log"
@@ -280,13 +281,6 @@ def log_progress(path: str) -> str:
         return ""
     matches = _STEP_RE.findall(tail)
     return f"step {matches[-1][0]}/{matches[-1][1]}" if matches else ""
-
-
-def format_duration(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    hours, rest = divmod(seconds, 3600)
-    minutes, seconds = divmod(rest, 60)
-    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
 class Progress:

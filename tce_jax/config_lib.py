@@ -201,7 +201,8 @@ def unknown_field_message(config: ml_collections.ConfigDict, field: str) -> str 
 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks every field the trainer reads, before any data is read or anything compiled."""
-    from tce_jax.models import MODELS  # Flax's import: a third of a second, no device set-up
+    # Flax's import: a third of a second, no device set-up.
+    from tce_jax.models import MODELS, is_deeplab
 
     validate_folder_config(config)
     model_names = tuple(MODELS)
@@ -371,7 +372,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "would not tilt at all)",
     )
     _check(
-        not config.model.pretrained or config.model.name.startswith("deeplab"),
+        not config.model.pretrained or is_deeplab(config.model.name),
         "model.pretrained",
         config.model.pretrained,
         "'' unless model.name is a DeepLabV3+ (only its ResNet backbone is pretrained)",

@@ -13,6 +13,8 @@ import jax
 import ml_collections
 from absl import logging
 
+from tce_jax import models
+
 # Environment variables by which cluster launchers announce a multi-process job; JAX's
 # `jax.distributed.initialize()` reads the rest (coordinator, process id) from them itself.
 _CLUSTER_SIGNS = {
@@ -126,7 +128,7 @@ def warn_if_cpu_for_paper_scale(config: ml_collections.ConfigDict) -> bool:
     That is almost surely a JAX installed without its accelerator support (a plain
     `pip install jax` is CPU-only). Returns whether it warned.
     """
-    if jax.default_backend() != "cpu" or not config.model.name.startswith("deeplab"):
+    if jax.default_backend() != "cpu" or not models.is_deeplab(config.model.name):
         return False
     message = (
         f"JAX runs on CPU, but config.model.name={config.model.name!r} is a paper-scale model "

@@ -6,7 +6,7 @@ r"""Predictions of a trained checkpoint, written as PNG files.
         --mode=predict --predict_images=/data/my_photos --predict_dir=/tmp/out
 
 The model and its checkpoint are restored as `tce_jax.train.evaluate` restores them, and every
-batch goes through the evaluation's prediction step (`tce_jax.train.predict_step`: whole or
+batch goes through the evaluation's prediction step (`tce_jax.steps.predict_step`: whole or
 sliding-window inference as `config.data.eval_mode` says, test-time augmentation as
 `config.data.tta_flip` / `tta_scales` say), so the predictions of a split are exactly those
 evaluation scores. Predictions have each image's original resolution. For every image `NAME`,
@@ -43,7 +43,7 @@ import tensorflow as tf
 from etils import epath
 from PIL import Image
 
-from tce_jax import example_transforms, input_pipeline, train
+from tce_jax import example_transforms, input_pipeline, steps, train, train_metrics
 from tce_jax import workdir as workdir_lib
 from tce_jax.datasets import cityscapes
 
@@ -324,10 +324,10 @@ def _blank(geometry, config) -> dict:
 
 
 def compile_predict(trainer: train.Trainer, geometry: input_pipeline.EvalGeometry):
-    """`train.predict_step` with the config's inference settings, compiled for the trainer's
+    """`steps.predict_step` with the config's inference settings, compiled for the trainer's
     parallelism with the predictions sharded over devices like the batch."""
     step_fn = functools.partial(
-        train.predict_step, label_shape=geometry.label_shape, **trainer.predict_kwargs(geometry)
+        steps.predict_step, label_shape=geometry.label_shape, **trainer.predict_kwargs(geometry)
     )
     return trainer.parallel.compile_predict(step_fn)
 
@@ -411,7 +411,7 @@ def _run(trainer, state, geometry, batches: Iterator, total: int, output_dir, lo
                 rate = done / max(time.time() - start, 1e-9)
                 print(
                     f"  predicted {done}/{total} images  {rate:.2f} images/s  "
-                    f"ETA {train._format_seconds((total - done) / max(rate, 1e-9))}",
+                    f"ETA {train_metrics.format_duration((total - done) / max(rate, 1e-9))}",
                     flush=True,
                 )
     finally:

@@ -12,7 +12,8 @@ def start(config: ml_collections.ConfigDict, *, quiet_logs: bool = True) -> None
 
     * quiet logs: TensorFlow's C++ logs off, absl at WARNING (Orbax and TFDS log every step at
       INFO; the terminal is for the progress lines) unless `quiet_logs=False`;
-    * `config_lib.validate_config`: a bad value fails before any data is read or compiled;
+    * `config_lib.validate_config`, the config's one check (the trainer takes it as checked): a
+      bad value fails before any data is read or compiled;
     * `jax.distributed` when the config or the launcher asks (`tce_jax.distributed`);
     * TensorFlow kept off the accelerators (it only feeds data; JAX owns the devices);
     * the device topology logged, and a warning for a paper-scale model on CPU.

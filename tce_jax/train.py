@@ -1,11 +1,8 @@
 """Training and evaluation: `train_and_evaluate(config, workdir)` and `evaluate(config, workdir)`.
 
-One pure train step `(state, batch) -> (state, metrics)` is compiled (`tce_jax.parallel`)
-either with `jax.jit` over a one-axis device `Mesh` (batch sharded on "data", state replicated;
-the default) or with `jax.pmap(axis_name="batch")`. Both see the same global batch and give the
-same numbers: under jit XLA reduces the loss statistics and BatchNorm moments over the global
-batch by itself; under pmap the loss `psum`s its class statistics over `axis_name`, BatchNorm
-uses the same axis name, and gradients are `pmean`ed (see `tce_jax.losses.tilted_ce`).
+`Trainer` builds what a run needs once (data, model, the compiled steps of `tce_jax.steps`,
+checkpoints); `Trainer.train` is the training loop, top to bottom. The config is checked
+before (`tce_jax.startup.start`, where every process that trains begins).
 
 The step RNG is folded from the step number and the data of a step are a pure function of
 (seed, step), so a run restored from its latest checkpoint continues exactly.
@@ -16,283 +13,39 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import time
 from typing import Any
 
-import flax
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 from etils import epath
+from flax import traverse_util
 
 from tce_jax import (
-    accumulation,
     checkpointing,
     config_lib,
     datasets,
     device_transforms,
-    inference,
     input_pipeline,
-    losses,
     metrics,
-    models,
-    objectives,
     parallel,
     pretrained,
     profiling,
-    sampling,
+    steps,
+    train_metrics,
 )
 from tce_jax import workdir as workdir_lib
-
-
-@flax.struct.dataclass
-class TrainState:
-    """Everything that changes during training; a pytree of arrays (checkpointed whole)."""
-
-    step: jax.Array
-    params: Any
-    batch_stats: Any
-    opt_state: Any
-    tce_state: losses.StochasticTCEState
-    # [2, C] class-sampling probabilities of the current and the next refresh period
-    # (tce_jax.sampling); used by tilted class-aware sampling, uniform otherwise.
-    sampling_probs: jax.Array
-
-
-# ---------------------------------------------------------------------------------------------
-# Building blocks.
-
-
-def create_model(config: ml_collections.ConfigDict, num_classes: int, bn_axis_name=None):
-    dtype = jnp.bfloat16 if config.mixed_precision else jnp.float32
-    kwargs = {}
-    if config.model.name.startswith("deeplab"):
-        kwargs["output_stride"] = config.model.output_stride
-    return models.create_model(
-        config.model.name,
-        num_classes=num_classes,
-        dtype=dtype,
-        bn_axis_name=bn_axis_name,
-        **kwargs,
-    )
-
-
-def create_learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-    """Linear warm-up, then poly (power `poly_power`), cosine or constant decay."""
-    opt = config.optimizer
-    warmup = min(opt.warmup_steps, config.num_train_steps - 1)
-    decay_steps = config.num_train_steps - warmup
-    if opt.schedule == "poly":
-        decay = optax.polynomial_schedule(opt.learning_rate, 0.0, opt.poly_power, decay_steps)
-    elif opt.schedule == "cosine":
-        decay = optax.cosine_decay_schedule(opt.learning_rate, decay_steps)
-    else:
-        decay = optax.constant_schedule(opt.learning_rate)
-    if warmup == 0:
-        return decay
-    ramp = optax.linear_schedule(0.0, opt.learning_rate, warmup)
-    return optax.join_schedules([ramp, decay], [warmup])
-
-
-def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """SGD with momentum or AdamW; weight decay on kernels only (not biases or norms)."""
-    opt = config.optimizer
-    schedule = create_learning_rate_schedule(config)
-
-    def decay_mask(params):
-        return jax.tree.map(lambda p: p.ndim > 1, params)
-
-    if opt.name == "sgd":
-        return optax.chain(
-            optax.add_decayed_weights(opt.weight_decay, mask=decay_mask),
-            optax.sgd(schedule, momentum=opt.momentum),
-        )
-    return optax.adamw(schedule, weight_decay=opt.weight_decay, mask=decay_mask)
-
-
-def init_state(config, model, tx, num_classes: int, rng: jax.Array, backbone=None) -> TrainState:
-    """A fresh state; `backbone` (pretrained ResNet variables, see `tce_jax.pretrained`)
-    replaces the randomly initialised backbone of a DeepLabV3+."""
-    h, w = config.data.crop_size
-    variables = model.init(rng, jnp.zeros((1, h, w, 3), jnp.float32), train=False)
-    params = variables["params"]
-    batch_stats = variables.get("batch_stats", {})
-    if backbone is not None:
-        params, batch_stats = pretrained.replace_backbone(params, batch_stats, backbone)
-    tce_state = losses.stochastic_tce_init(num_classes)
-    return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        batch_stats=batch_stats,
-        opt_state=tx.init(params),
-        tce_state=tce_state,
-        sampling_probs=sampling.init_sampling_probs(sampling.class_probs(config, tce_state)),
-    )
-
-
-def train_step(
-    state: TrainState,
-    batch,
-    *,
-    model,
-    tx,
-    loss_fn: objectives.LossFn,
-    axis_name=None,
-    sampling_probs_fn=None,
-    refresh_steps: int = 0,
-    grad_accum_steps: int = 1,
-    decomposition: objectives.Decomposition | None = None,
-    normalise=device_transforms.normalise_on_device,
-):
-    """One optimisation step on the (global) batch; returns the new state and scalar metrics.
-
-    With `sampling_probs_fn` (tce_state -> [C]), the state's class-sampling probabilities move
-    on every `refresh_steps` steps (`tce_jax.sampling.advance_sampling_probs`). With
-    `grad_accum_steps` k > 1 the batch runs as k micro-batches and `decomposition` (the same
-    objective as `loss_fn`) gives the exact loss and gradient of the whole batch
-    (`tce_jax.accumulation`). The uint8 images of the batch are jittered (when the batch
-    carries `photometric` draws, `device_transforms.photometric_on_device`) and normalised
-    (`normalise`) on the device first.
-    """
-    if "photometric" in batch:
-        jittered = device_transforms.photometric_on_device(batch["image"], batch["photometric"])
-        batch = {**batch, "image": jittered}
-
-    def apply_model(params, images):
-        logits, updates = model.apply(
-            {"params": params, "batch_stats": state.batch_stats},
-            normalise(images),  # uint8 from the input pipeline
-            train=True,
-            mutable=["batch_stats"],
-        )
-        return logits, updates["batch_stats"]
-
-    def objective(params):
-        logits, batch_stats = apply_model(params, batch["image"])
-        loss, tce_state, aux = loss_fn(logits, batch["label"], state.tce_state, axis_name)
-        return loss, (batch_stats, tce_state, aux)
-
-    if grad_accum_steps > 1:
-        loss, grads, batch_stats, tce_state, aux = accumulation.value_and_grad(
-            apply_model,
-            state.params,
-            batch,
-            decomposition,
-            state.tce_state,
-            num_micro_batches=grad_accum_steps,
-            axis_name=axis_name,
-        )
-    else:
-        grad_fn = jax.value_and_grad(objective, has_aux=True)
-        (loss, (batch_stats, tce_state, aux)), grads = grad_fn(state.params)
-        if axis_name is not None:
-            # The loss is the global one on every replica; see tce_jax.losses.tilted_ce.
-            grads = jax.lax.pmean(grads, axis_name)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    probs = state.sampling_probs
-    if sampling_probs_fn is not None:
-        probs = sampling.advance_sampling_probs(
-            probs, state.step + 1, sampling_probs_fn(tce_state), refresh_steps
-        )
-    new_state = TrainState(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        batch_stats=batch_stats,
-        opt_state=opt_state,
-        tce_state=tce_state,
-        sampling_probs=probs,
-    )
-    # aux holds what objectives.AUX_KEYS allows: the per-class figures that are logged.
-    step_metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads), **aux}
-    return new_state, step_metrics
-
-
-def predict_step(
-    state: TrainState,
-    batch,
-    *,
-    model,
-    label_shape: tuple[int, int],
-    mode: str = "whole",
-    window=None,
-    stride=None,
-    resize: bool = False,
-    tta_flip: bool = False,
-    tta_scales=(1.0,),
-    normalise=device_transforms.normalise_on_device,
-) -> jax.Array:
-    """int32 [B, *label_shape] predicted train ids of one evaluation batch (see `eval_step`).
-
-    The uint8 canvas is normalised (`normalise`) on the device first.
-    """
-
-    def apply_fn(images):
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
-        return model.apply(variables, images, train=False)
-
-    sizes = {}
-    if resize:
-        sizes = {
-            "image_size": batch["image_size"],
-            "label_size": batch["label_size"],
-            "mask": batch["mask"],
-        }
-    return inference.predict_labels(
-        apply_fn,
-        normalise(batch["image"]),  # the whole canvas, so windows pad with normalised zeros
-        label_shape=label_shape,
-        mode=mode,
-        window=window,
-        stride=stride,
-        flip=tta_flip,
-        scales=tta_scales,
-        **sizes,
-    )
-
-
-def eval_step(
-    state: TrainState,
-    batch,
-    *,
-    model,
-    num_classes: int,
-    axis_name=None,
-    ignore_index: int = 255,
-    **predict_kwargs,
-) -> jax.Array:
-    """Confusion matrix [C, C] (int32) of one evaluation batch, summed over devices.
-
-    Whole-image or sliding-window (`mode`) logits of the canvas; with `resize`, each image's
-    logits are resized to its label map's resolution before the argmax; with `tta_flip` or
-    `tta_scales`, test-time augmentation (`tce_jax.inference`). `predict_kwargs`: those of
-    `predict_step`.
-    """
-    predictions = predict_step(
-        state, batch, model=model, label_shape=batch["label"].shape[-2:], **predict_kwargs
-    )
-    matrix = metrics.confusion_matrix(
-        predictions, batch["label"], num_classes, mask=batch["mask"], ignore_index=ignore_index
-    )
-    if axis_name is not None:
-        matrix = jax.lax.psum(matrix, axis_name)
-    return matrix
-
-
-# ---------------------------------------------------------------------------------------------
-# The loops.
+from tce_jax.steps import TrainState
 
 
 class Trainer:
-    """Holds what a run builds once: data, model, compiled steps, checkpoints, writers."""
+    """Holds what a run builds once: data, model, compiled steps, checkpoints."""
 
     def __init__(
         self, config: ml_collections.ConfigDict, workdir: str, *, prepare_data: bool = True
     ):
-        config_lib.validate_config(config)
         self.config = config
         self.workdir = workdir
         self.num_shards = config_lib.validate_layout(
@@ -304,37 +57,15 @@ class Trainer:
         self.spec = datasets.get_dataset_spec(config.data.name, config)
         self.num_classes = self.spec.num_classes
         self.parallel = parallel.create_parallel(config)
-        self.model = create_model(config, self.num_classes, self.parallel.axis_name)
-        self.tx = create_optimizer(config)
-        self.schedule = create_learning_rate_schedule(config)
-        self.loss_fn = objectives.create_loss_fn(config)
-        init = functools.partial(init_state, config, self.model, self.tx, self.num_classes)
+        self.model = steps.create_model(config, self.num_classes, self.parallel.axis_name)
+        schedule = steps.create_learning_rate_schedule(config)
+        tx = steps.create_optimizer(config, schedule)
+        init = functools.partial(steps.init_state, config, self.model, tx, self.num_classes)
         self._init = self.parallel.compile_init(init)
         self._abstract = jax.eval_shape(init, jax.random.key(0))
-        sampling_kwargs = {}
-        if config.data.class_aware_sampling:
-            sampling_kwargs = dict(
-                sampling_probs_fn=functools.partial(sampling.class_probs, config),
-                refresh_steps=config.data.sampling_refresh_steps,
-            )
-        accumulation_kwargs = {}
-        if config.grad_accum_steps > 1:
-            accumulation_kwargs = dict(
-                grad_accum_steps=config.grad_accum_steps,
-                decomposition=objectives.create_decomposition(config),
-            )
-        self._train_step = self.parallel.compile_train(
-            functools.partial(
-                train_step,
-                model=self.model,
-                tx=self.tx,
-                loss_fn=self.loss_fn,
-                axis_name=self.parallel.axis_name,
-                normalise=device_transforms.device_normaliser(config.data),
-                **sampling_kwargs,
-                **accumulation_kwargs,
-            )
-        )
+        step_fn = steps.create_train_step(config, self.model, tx, self.parallel.axis_name)
+        # Its figures come as a clu Collection, merged on the host up to each log step.
+        self._train_step = self.parallel.compile_train(train_metrics.collecting(step_fn, schedule))
         self._eval_steps: dict[bool, Any] = {}  # by EvalGeometry.resize
         self._eval_geometry: dict[str, input_pipeline.EvalGeometry] = {}
         self.manager = checkpointing.create_checkpoint_manager(
@@ -413,7 +144,7 @@ class Trainer:
         if geometry.resize not in self._eval_steps:
             self._eval_steps[geometry.resize] = self.parallel.compile_eval(
                 functools.partial(
-                    eval_step,
+                    steps.eval_step,
                     num_classes=self.num_classes,
                     axis_name=self.parallel.eval_axis_name,
                     ignore_index=self.spec.ignore_index,
@@ -429,25 +160,81 @@ class Trainer:
             self._eval_geometry[split] = self.data.eval_geometry(split)
         geometry = self._eval_geometry[split]
         step_fn = self._eval_step_for(geometry)
-        matrix = np.zeros((self.num_classes, self.num_classes), np.int64)
+        confusion = train_metrics.ConfusionMatrix.empty(self.num_classes)
         for batch in self.data.eval_iterator(split, geometry):
-            batch_matrix = step_fn(state, self.parallel.put_batch(batch))
-            matrix += np.asarray(self.parallel.fetch(batch_matrix), np.int64)
-        figures = metrics.segmentation_figures(matrix)
-        figures["confusion"] = matrix
-        return figures
+            matrix = self.parallel.fetch(step_fn(state, self.parallel.put_batch(batch)))
+            confusion = confusion.merge(train_metrics.ConfusionMatrix.from_model_output(matrix))
+        return confusion.compute()
 
     # -- training --------------------------------------------------------------------------
 
     def train(self) -> TrainState:
+        """Trains from the workdir's latest checkpoint (or afresh) to `num_train_steps`.
+
+        A step's figures are fetched and checked (NaN or inf: `Diverged`) while the next step
+        runs; `_Due` says what else a step calls for.
+        """
+        config = self.config
+        # -- Start: the latest checkpoint (the run then continues exactly) or a fresh state --
         state = self.initial_state()
         start = self.parallel.current_step(state)
         sampler = self._start_sampler(state, start)
         data = self.data.train_iterator(start_step=start, index_fn=sampler)
-        log = _TrainLog(self, start)
+        # -- Logs: TensorBoard (and the hyper-parameters of a fresh run), progress, profile --
+        writer = metric_writers.create_default_writer(self.workdir, just_logging=not self.is_main)
+        if start == 0 and self.is_main:
+            writer.write_hparams(_hparams(config))
+        progress = _ReportProgress(
+            num_train_steps=config.num_train_steps,
+            writer=writer,
+            every_steps=config.log_every_steps,
+            every_secs=None,
+        )
+        progress(start)  # the clock starts now (clu reports from the following calls on)
+        profiler = profiling.StepProfiler(
+            self.workdir, config.profile_steps, start_step=start, enabled=self.is_main
+        )
+        figures = None  # the train figures since the last log step, merged (a clu Collection)
+        unchecked = None  # (step, figures on the device) of a step not yet checked
         try:
             with checkpointing.StopRequests(self.manager) as stop:
-                state = self._run_steps(state, start, data, sampler, log, stop)
+                for step in range(start + 1, config.num_train_steps + 1):
+                    # -- A step; the previous one is checked while this one runs --
+                    state, step_figures = self._train_step(
+                        state, self.parallel.put_batch(next(data))
+                    )
+                    profiler(step, state)
+                    progress(step)
+                    if unchecked is not None:
+                        figures = _merged(figures, self._checked(*unchecked))
+                    unchecked = (step, step_figures)
+                    due = _Due.at(step, config, sampler, stop.requested(step))
+                    if not due:
+                        continue
+                    # -- What is due, once the step is checked (before anything reads it) --
+                    figures = _merged(figures, self._checked(*unchecked))
+                    unchecked = None
+                    if due.refresh:
+                        sampler.after_step(
+                            step, functools.partial(self.parallel.fetch, state.sampling_probs)
+                        )
+                    if due.log:
+                        self._write_train(writer, step, figures.compute(), progress.steps_per_sec)
+                        figures = None
+                    eval_figures = None
+                    if due.evaluate:
+                        eval_figures = self.evaluate(state, config.data.eval_split)
+                        self._write_eval(writer, step, config.data.eval_split, eval_figures)
+                    if due.save or due.stop:
+                        self.save(state, step, eval_figures)
+                    if due.stop:
+                        self.manager.wait_until_finished()
+                        raise checkpointing.Preempted(
+                            f"stopped at step {step} by {stop.reason}; checkpoint saved; "
+                            "rerun the same command to resume",
+                            stop.exit_code,
+                        )
+                profiler.close(state)
         except BaseException:
             # Let a save in flight finish (only checked states are saved) and stop Orbax's
             # threads, so that the error is the last thing printed.
@@ -458,7 +245,7 @@ class Trainer:
                 sampler.close()  # the reader may be waiting for a period beyond the last step
             data.close()  # release the tf.data iterator now, not during interpreter shutdown
         self.manager.wait_until_finished()
-        log.writer.flush()
+        writer.flush()
         return state
 
     def _start_sampler(self, state: TrainState, start: int):
@@ -470,57 +257,16 @@ class Trainer:
         sampler.start(start, self.parallel.fetch(state.sampling_probs))
         return sampler
 
-    def _run_steps(self, state, start: int, data, sampler, log, stop) -> TrainState:
-        profiler = profiling.StepProfiler(
-            self.workdir, self.config.profile_steps, start_step=start, enabled=self.is_main
-        )
-        unchecked = None  # (step, metrics) of a step whose loss was not yet checked
-        for step in range(start + 1, self.config.num_train_steps + 1):
-            state, step_metrics = self._train_step(state, self.parallel.put_batch(next(data)))
-            profiler(step, state)
-            if unchecked is not None:
-                # The previous step is checked once this one is queued: the device stays
-                # busy while the host waits.
-                self._check_finite(*unchecked)
-            unchecked = (step, step_metrics)
-            log.add(step, step_metrics)
-            due = _Due.at(step, self.config, sampler, stop.requested(step))
-            if due:
-                self._check_finite(*unchecked)  # before anything reads the state
-                unchecked = None
-                self._periodic(state, step, due, sampler, log, stop)
-        profiler.close(state)
-        return state
-
-    def _periodic(self, state, step: int, due: _Due, sampler, log, stop) -> None:
-        """What happens every so many steps: sampler refresh, logs, evaluation, checkpoint,
-        and the stop a signal asked for."""
-        if due.refresh:
-            sampler.after_step(step, lambda: self.parallel.fetch(state.sampling_probs))
-        if due.log:
-            log.write(step)
-        eval_figures = None
-        if due.evaluate:
-            eval_figures = self.evaluate(state, self.config.data.eval_split)
-            self._log_eval(log.writer, step, self.config.data.eval_split, eval_figures)
-        if due.save or due.stop:
-            self.save(state, step, eval_figures)
-        if due.stop:
-            self.manager.wait_until_finished()
-            raise checkpointing.Preempted(
-                f"stopped at step {step} by {stop.reason}; checkpoint saved; "
-                "rerun the same command to resume",
-                stop.exit_code,
-            )
-
-    def _check_finite(self, step: int, step_metrics: dict) -> None:
-        """Raises Diverged if the loss or gradient norm of `step` is NaN or infinite."""
-        names = {"loss": "loss", "grad_norm": "gradient norm"}
-        fetched = self.parallel.fetch({k: step_metrics[k] for k in names if k in step_metrics})
-        for key, value in fetched.items():
-            value = np.asarray(value, np.float64)
+    def _checked(self, step: int, step_figures):
+        """The figures of `step` fetched to the host; raises Diverged if its loss or gradient
+        norm is NaN or infinite."""
+        fetched = self.parallel.fetch(step_figures)
+        values = fetched.compute()
+        for key, name in (("loss", "loss"), ("grad_norm", "gradient norm")):
+            value = np.asarray(values[key], np.float64)
             if not np.isfinite(value).all():
-                raise self._diverged(step, f"{names[key]} is {value[~np.isfinite(value)][0]}")
+                raise self._diverged(step, f"{name} is {value[~np.isfinite(value)][0]}")
+        return fetched
 
     def _diverged(self, step: int, problem: str) -> checkpointing.Diverged:
         self.manager.wait_until_finished()
@@ -537,7 +283,26 @@ class Trainer:
             "or use a new --workdir"
         )
 
-    def _log_eval(self, writer, step: int, split: str, figures: dict) -> None:
+    def _write_train(self, writer, step: int, figures: dict, steps_per_sec: float) -> None:
+        """The train figures averaged since the last log step: TensorBoard, train_metrics.jsonl
+        and a progress line."""
+        if not self.is_main:
+            return
+        config = self.config
+        scalars = train_metrics.train_scalars(figures, self.spec.class_names)
+        writer.write_scalars(step, scalars)
+        workdir_lib.append_jsonl(
+            os.path.join(self.workdir, "train_metrics.jsonl"), {"step": step, **scalars}
+        )
+        eta = (config.num_train_steps - step) / steps_per_sec
+        print(
+            f"[{config.loss.name}] step {step}/{config.num_train_steps}  "
+            f"loss {scalars['train/loss']:.4f}  {steps_per_sec:.2f} steps/s  "
+            f"ETA {train_metrics.format_duration(eta)}",
+            flush=True,
+        )
+
+    def _write_eval(self, writer, step: int, split: str, figures: dict) -> None:
         flat = metrics.flatten_figures(figures, self.spec.class_names)
         if self.is_main:
             writer.write_scalars(step, {f"{split}/{k}": v for k, v in flat.items()})
@@ -604,80 +369,26 @@ class _Due:
         return any(dataclasses.astuple(self))
 
 
-class _TrainLog:
-    """Training metrics: kept per step on the device, averaged and written every
-    `log_every_steps` (TensorBoard, train_metrics.jsonl, one progress line)."""
+class _ReportProgress(periodic_actions.ReportProgress):
+    """clu's progress report (steps/s and uptime to TensorBoard, the ETA in the work unit's
+    notes), keeping the rate it last reported for the printed progress line."""
 
-    def __init__(self, trainer: Trainer, start: int):
-        self.trainer = trainer
-        config = trainer.config
-        self.writer = metric_writers.create_default_writer(
-            trainer.workdir, just_logging=not trainer.is_main
-        )
-        if start == 0 and trainer.is_main:
-            self.writer.write_hparams(_flat_hparams(config))
-        self.progress = periodic_actions.ReportProgress(
-            num_train_steps=config.num_train_steps,
-            writer=self.writer,
-            every_steps=config.log_every_steps,
-            every_secs=None,
-        )
-        self.pending: list[dict] = []
-        self.last_time, self.last_step = time.time(), start
+    steps_per_sec = float("nan")
 
-    def add(self, step: int, step_metrics: dict) -> None:
-        self.pending.append(step_metrics)
-        self.progress(step)
-
-    def write(self, step: int) -> None:
-        trainer = self.trainer
-        fetched = trainer.parallel.fetch(self.pending)
-        self.pending = []
-        mean = {k: np.mean([m[k] for m in fetched], axis=0) for k in fetched[0]}
-        scalars = {f"train/{k}": float(v) for k, v in mean.items() if np.ndim(v) == 0}
-        scalars["train/learning_rate"] = float(trainer.schedule(step - 1))
-        for key in ("class_loss", "class_weight"):
-            if key in mean:
-                for name, value in zip(trainer.spec.class_names, mean[key], strict=True):
-                    scalars[f"train/{key}/{name}"] = float(value)
-        rate = (step - self.last_step) / max(time.time() - self.last_time, 1e-9)
-        self.last_time, self.last_step = time.time(), step
-        if trainer.is_main:
-            self.writer.write_scalars(step, scalars)
-            workdir_lib.append_jsonl(
-                os.path.join(trainer.workdir, "train_metrics.jsonl"), {"step": step, **scalars}
-            )
-            self._print(step, scalars["train/loss"], rate)
-
-    def _print(self, step: int, loss: float, rate: float) -> None:
-        config = self.trainer.config
-        remaining = (config.num_train_steps - step) / max(rate, 1e-9)
-        print(
-            f"[{config.loss.name}] step {step}/{config.num_train_steps}  "
-            f"loss {loss:.4f}  {rate:.2f} steps/s  ETA {_format_seconds(remaining)}",
-            flush=True,
-        )
+    def _apply(self, step: int, t: float) -> None:
+        self.steps_per_sec = (step - self._previous_step) / (t - self._previous_time)
+        super()._apply(step, t)
 
 
-def _format_seconds(seconds: float) -> str:
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes}m{seconds:02d}s"
+def _merged(total, update):
+    """Collection `update` merged into `total` (None: nothing yet)."""
+    return update if total is None else total.merge(update)
 
 
-def _flat_hparams(config: ml_collections.ConfigDict) -> dict:
-    flat = {}
-
-    def visit(prefix, node):
-        for key, value in node.items():
-            if isinstance(value, ml_collections.ConfigDict):
-                visit(f"{prefix}{key}.", value)
-            else:
-                flat[f"{prefix}{key}"] = (
-                    value if isinstance(value, int | float | str | bool) else str(value)
-                )
-
-    visit("", config)
-    return flat
+def _hparams(config: ml_collections.ConfigDict) -> dict:
+    """The config as TensorBoard's hyper-parameters: dotted names, values str unless scalar."""
+    flat = traverse_util.flatten_dict(config.to_dict(), sep=".")
+    return {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat.items()}
 
 
 def train_and_evaluate(
@@ -688,9 +399,9 @@ def train_and_evaluate(
     `workdir` is a local path or a `gs://` path (`tce_jax.workdir.resolve`). The run holds the
     workdir's lock, refuses to resume a checkpoint of a different experiment unless
     `allow_config_change`, and records config.json and provenance.jsonl (`tce_jax.workdir`).
-    Returns the final figures per split of `config.data.final_eval_splits`.
+    Returns the final figures per split of `config.data.final_eval_splits`. `config` is taken
+    as checked (`tce_jax.startup.start`).
     """
-    config_lib.validate_config(config)
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     with workdir_lib.open_run(config, workdir, allow_config_change=allow_config_change):
         trainer = Trainer(config, workdir)

@@ -1,6 +1,6 @@
 """Exact gradient accumulation: k micro-batches give the one-pass step on the whole batch.
 
-The reference is `train.train_step` with `grad_accum_steps=1` on the whole batch (the loss
+The reference is `steps.train_step` with `grad_accum_steps=1` on the whole batch (the loss
 functions themselves are checked against numpy in test_losses.py). The model has no
 BatchNorm, so the comparison is exact: with BatchNorm each micro-batch normalises with its own
 statistics, a different function. It does keep a BatchNorm-like running mean of its input in
@@ -20,7 +20,7 @@ import pytest
 from run_utils import assert_trees_close, latest_checkpoint
 
 from configs import default
-from tce_jax import accumulation, config_lib, losses, objectives, parallel, train
+from tce_jax import accumulation, config_lib, losses, objectives, parallel, steps, train
 
 NUM_CLASSES = 5
 IGNORE = 255
@@ -79,7 +79,7 @@ CASES = {
 }
 
 
-def initial_state(model, tx, images, config) -> train.TrainState:
+def initial_state(model, tx, images, config) -> steps.TrainState:
     variables = model.init(jax.random.key(1), jnp.asarray(images[:1]), train=False)
     tce_state = losses.stochastic_tce_init(NUM_CLASSES)
     if config.loss.name == "stochastic_tce":
@@ -90,7 +90,7 @@ def initial_state(model, tx, images, config) -> train.TrainState:
             seen=jnp.array([True, True, True, False, False]),
             step=jnp.array(7, jnp.int32),
         )
-    return train.TrainState(
+    return steps.TrainState(
         step=jnp.array(7, jnp.int32),
         params=variables["params"],
         batch_stats=variables["batch_stats"],
@@ -108,7 +108,7 @@ def step_fn(config, model, tx, grad_accum_steps, axis_name=None):
             decomposition=objectives.create_decomposition(config),
         )
     return functools.partial(
-        train.train_step,
+        steps.train_step,
         model=model,
         tx=tx,
         loss_fn=objectives.create_loss_fn(config),

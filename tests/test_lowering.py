@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from tce_jax import datasets, example_transforms, losses, objectives, train
+from tce_jax import datasets, example_transforms, losses, objectives, steps
 
 PLATFORMS = ("cuda", "tpu")
 # A per-class statistic has C elements, a confusion matrix C * C; the bins of
@@ -191,7 +191,7 @@ def _tiny(loss: str):
 
 
 def _abstract_state(config, model, tx, num_classes):
-    init = functools.partial(train.init_state, config, model, tx, num_classes)
+    init = functools.partial(steps.init_state, config, model, tx, num_classes)
     return jax.eval_shape(init, jax.random.key(0))
 
 
@@ -209,15 +209,15 @@ def test_train_step_has_no_float_scatter(loss, accum, photometric):
     config, spec = _tiny(loss)
     if loss == "weighted_ce":
         config.loss.class_weights = "median_frequency"
-    model = train.create_model(config, spec.num_classes)
-    tx = train.create_optimizer(config)
+    model = steps.create_model(config, spec.num_classes)
+    tx = steps.create_optimizer(config, steps.create_learning_rate_schedule(config))
     accumulation = {}
     if accum > 1:  # micro-batches, combined by the loss's decomposition
         accumulation = dict(
             grad_accum_steps=accum, decomposition=objectives.create_decomposition(config)
         )
     step = functools.partial(
-        train.train_step,
+        steps.train_step,
         model=model,
         tx=tx,
         loss_fn=objectives.create_loss_fn(config),
@@ -238,10 +238,10 @@ def test_train_step_has_no_float_scatter(loss, accum, photometric):
 @pytest.mark.parametrize("resize", [False, True])
 def test_eval_step_has_no_float_scatter(resize):
     config, spec = _tiny("tce")
-    model = train.create_model(config, spec.num_classes)
-    tx = train.create_optimizer(config)
+    model = steps.create_model(config, spec.num_classes)
+    tx = steps.create_optimizer(config, steps.create_learning_rate_schedule(config))
     step = functools.partial(
-        train.eval_step,
+        steps.eval_step,
         model=model,
         num_classes=spec.num_classes,
         mode=config.data.eval_mode,

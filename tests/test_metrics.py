@@ -1,15 +1,17 @@
-"""Tests for tce_jax.metrics: confusion matrix (jit, sharded jit, pmap), figures, reports."""
+"""Tests for tce_jax.metrics: confusion matrix (jit, sharded jit, pmap), figures, reports; and
+the CLU metrics the trainer builds on them (tce_jax.train_metrics)."""
 
 import csv
 import math
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from tce_jax import metrics
+from tce_jax import metrics, train_metrics
 
 C = 5
 IGNORE = 255
@@ -127,10 +129,73 @@ def test_sum_of_batches_equals_one_batch(batch):
     logits, labels, example_mask, pixel_mask = batch
     mask = pixel_mask & example_mask[:, None, None]
     whole = _confusion(logits, labels, mask)
-    total = np.zeros((C, C), np.int64)  # the host accumulation of the eval loop
+    total = train_metrics.ConfusionMatrix.empty(C)  # the host accumulation of the eval loop
     for sl in (slice(0, 3), slice(3, 5), slice(5, 8)):
-        total += np.asarray(_confusion(logits[sl], labels[sl], mask[sl]), np.int64)
-    np.testing.assert_array_equal(total, whole)
+        batch_matrix = _confusion(logits[sl], labels[sl], mask[sl])
+        total = total.merge(train_metrics.ConfusionMatrix.from_model_output(batch_matrix))
+    np.testing.assert_array_equal(total.matrix, whole)
+    figures = total.compute()
+    np.testing.assert_array_equal(figures.pop("confusion"), whole)
+    expected = metrics.segmentation_figures(np.asarray(whole))
+    assert figures.keys() == expected.keys()
+    for key, value in expected.items():
+        np.testing.assert_array_equal(figures[key], value)
+
+
+def test_confusion_matrix_metric_counts_exactly_beyond_int32():
+    big = np.full((2, 2), 2**31 - 1, np.int32)  # one batch's int32 matrix at its limit
+    total = train_metrics.ConfusionMatrix.empty(2)
+    for _ in range(3):
+        total = total.merge(train_metrics.ConfusionMatrix.from_model_output(big))
+    assert total.matrix.dtype == np.int64
+    np.testing.assert_array_equal(total.matrix, np.full((2, 2), 3 * (2**31 - 1), np.int64))
+
+
+def test_train_figures_average_over_steps_per_class():
+    """The compiled step's Collection, fetched and merged on the host: every figure averaged
+    over the steps in its own shape, the learning rate that of the last step."""
+
+    def fake_step(state, batch):
+        step_metrics = {"loss": batch.mean(), "class_loss": batch, "num_invalid": jnp.int32(2)}
+        return state, step_metrics
+
+    step = jax.jit(train_metrics.collecting(fake_step, lambda count: 0.1 * count))
+    batches = [jnp.array([1.0, 2.0, 3.0]), jnp.array([3.0, 4.0, 5.0]), jnp.array([5.0, 0.0, 1.0])]
+    total = None
+    state = FakeState(step=jnp.int32(0))
+    for batch in batches:
+        _, figures = step(state, batch)
+        figures = jax.device_get(figures)
+        total = figures if total is None else total.merge(figures)
+        state = FakeState(step=state.step + 1)
+    computed = total.compute()
+    np.testing.assert_allclose(computed["class_loss"], [3.0, 2.0, 3.0])
+    np.testing.assert_allclose(computed["loss"], 8.0 / 3)
+    np.testing.assert_allclose(computed["num_invalid"], 2.0)
+    np.testing.assert_allclose(computed["learning_rate"], 0.2)
+    scalars = train_metrics.train_scalars(computed, ["a", "b", "c"])
+    assert scalars.keys() == {
+        "train/loss",
+        "train/num_invalid",
+        "train/learning_rate",
+        "train/class_loss/a",
+        "train/class_loss/b",
+        "train/class_loss/c",
+    }
+    assert scalars["train/class_loss/b"] == pytest.approx(2.0)
+
+
+@flax.struct.dataclass
+class FakeState:
+    step: jax.Array
+
+
+@pytest.mark.parametrize(
+    "seconds, text",
+    [(0, "0m00s"), (-5, "0m00s"), (65.9, "1m05s"), (3599, "59m59s"), (3720, "1h02m")],
+)
+def test_format_duration(seconds, text):
+    assert train_metrics.format_duration(seconds) == text
 
 
 @pytest.mark.parametrize("mask_kind", ["example", "pixel"])

@@ -16,7 +16,7 @@ import safetensors.numpy
 from flax import serialization, traverse_util
 
 from configs import default
-from tce_jax import models, pretrained, train
+from tce_jax import models, pretrained, steps
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -180,10 +180,10 @@ def test_init_state_puts_the_weights_into_the_backbone_only():
     config = default.get_config("tiny")
     config.data.crop_size = (32, 32)
     model = tiny_deeplab()
-    tx = train.create_optimizer(config)
+    tx = steps.create_optimizer(config, steps.create_learning_rate_schedule(config))
     loaded = pretrained.torchvision_to_flax(torchvision_resnet_state_dict(TINY_STAGES, width=8))
     pretrained.check_backbone(backbone_of(abstract_variables(model)), loaded, source="t", model="m")
-    init = functools.partial(train.init_state, config, model, tx, 3)
+    init = functools.partial(steps.init_state, config, model, tx, 3)
     fresh = jax.eval_shape(init, jax.random.key(0))
     state = jax.jit(init)(jax.random.key(0), loaded)
     flat = flatten({"params": state.params, "batch_stats": state.batch_stats})

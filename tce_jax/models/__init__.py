@@ -41,6 +41,7 @@ __all__ = [
     "ResNet101",
     "UNet",
     "create_model",
+    "is_deeplab",
 ]
 
 MODELS: Mapping[str, Callable[..., nn.Module]] = {
@@ -81,3 +82,10 @@ def create_model(
     return MODELS[name](
         num_classes=num_classes, dtype=jnp.dtype(dtype), bn_axis_name=bn_axis_name, **kwargs
     )
+
+
+def is_deeplab(name: str) -> bool:
+    """Whether ``name`` (a key of ``MODELS``) is a DeepLabV3+: it takes ``output_stride``, only
+    its ResNet backbone can be pretrained, and it is a paper-scale model."""
+    return getattr(MODELS.get(name), "func", None) is DeepLabV3Plus
+
