@@ -292,7 +292,7 @@ class Trainer:
         scalars = train_metrics.train_scalars(figures, self.spec.class_names)
         writer.write_scalars(step, scalars)
         workdir_lib.append_jsonl(
-            os.path.join(self.workdir, "train_metrics.jsonl"), {"step": step, **scalars}
+            os.path.join(self.workdir, workdir_lib.TRAIN_METRICS_FILE), {"step": step, **scalars}
         )
         eta = (config.num_train_steps - step) / steps_per_sec
         print(
