@@ -89,7 +89,8 @@ class Collective:
 
 @dataclasses.dataclass(frozen=True)
 class FloatScatter:
-    """A floating-point scatter: its HLO name, output shape, and updates per output element."""
+    """A floating-point ``scatter`` or ``select-and-scatter`` (a max-pool's gradient): its HLO
+    name, output shape, and updates per output element."""
 
     name: str
     shape: str
@@ -132,9 +133,10 @@ def hlo_census(hlo_text: str) -> Census:
             entry = counts.setdefault(kind, [0, 0])
             entry[0] += 1
             entry[1] += sum(_bytes(shapes.get(o, "")) for o in operands)
-        elif opcode == "scatter" and operands:
+        elif opcode in ("scatter", "select-and-scatter") and len(operands) >= 3:
+            # scatter(operands..., indices, updates...); select-and-scatter(operand, source, init)
             out = _arrays(shape)
-            updates = _arrays(shapes.get(operands[-1], ""))
+            updates = _arrays(shapes.get(operands[-1 if opcode == "scatter" else 1], ""))
             if out and updates and out[0][0].startswith(("f", "bf")):
                 ratio = updates[0][2] / max(out[0][2], 1)
                 scatters.append(FloatScatter(name, shape, ratio))

@@ -33,12 +33,15 @@ ENTRY %main (p0: f32[4096], p1: s32[4096,1], p2: bf16[64,128]) -> f32[19] {
   %p2 = bf16[64,128]{1,0} parameter(2)
   %zeros = f32[19]{0} constant({...})
   %izeros = s32[19]{0} constant({...})
+  %zero = bf16[] constant(0)
+  %pooled = bf16[32,64]{1,0} reduce-window(%p2, %zero), window={size=2x2 stride=2x2}
   %ones = s32[4096]{0} constant({...})
   %bins = f32[19]{0} scatter(%zeros, %p1, %p0), update_window_dims={}, to_apply=%add
   %counts = s32[19]{0} scatter(%izeros, %p1, %ones), update_window_dims={}, to_apply=%add
   %all-reduce.1 = (f32[19]{0}, s32[19]{0}) all-reduce(%bins, %counts), channel_id=1, to_apply=%add
   %ags = (bf16[64,128]{1,0}, bf16[512,128]{1,0}) all-gather-start(%p2), dimensions={0}
   %agd = bf16[512,128]{1,0} all-gather-done(%ags)
+  %pool = bf16[64,128]{1,0} select-and-scatter(%p2, %pooled, %zero), window={size=2x2 stride=2x2}
   %rs = bf16[8,128]{1,0} reduce-scatter(%p2), dimensions={0}, to_apply=%add
   %cp-start = (bf16[64,128]{1,0}, bf16[64,128]{1,0}, u32[], u32[]) collective-permute-start(%p2)
   %cp-done = bf16[64,128]{1,0} collective-permute-done(%cp-start)
@@ -61,11 +64,12 @@ def test_census_counts_collectives_once_with_their_operand_bytes():
 def test_census_flags_float_scatters_into_few_elements_only():
     census = compile_check.hlo_census(HLO)
     scatters = {s.name: s for s in census.float_scatters}
-    assert set(scatters) == {"bins", "scatter.2"}  # the int32 counts are no float scatter
+    assert set(scatters) == {"bins", "scatter.2", "pool"}  # int32 counts are no float scatter
     assert scatters["bins"].updates_per_element == pytest.approx(4096 / 19)
     assert scatters["bins"].contended
     assert scatters["scatter.2"].updates_per_element == 4  # a max-pool gradient's shape
     assert not scatters["scatter.2"].contended
+    assert scatters["pool"].updates_per_element == 0.25 and not scatters["pool"].contended
     [error] = census.errors
     assert error.startswith("floating-point scatter bins into f32[19]{0}: 216 updates")
 
