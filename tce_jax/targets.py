@@ -88,23 +88,29 @@ ACCELERATORS: dict[str, Accelerator] = {
     a.name: a
     for a in (
         Accelerator(
-            "h100", "cuda", 84_942_979_072, {"bfloat16": 989e12, "float32": 494e12},
-            3.35232e12,
-            "https://www.nvidia.com/en-us/data-center/h100/ (H100 SXM 80GB); "
+            "h100", "cuda",
+            memory_bytes=84_942_979_072,
+            peak_flops={"bfloat16": 989e12, "float32": 494e12},
+            memory_bandwidth=3.35232e12,
+            source="https://www.nvidia.com/en-us/data-center/h100/ (H100 SXM 80GB); "
             "openxla/xla xla/backends/gpu/target_config/specs/h100_sxm.txtpb",
             gpu=GpuSpec(
-                "NVIDIA H100 80GB HBM3", (9, 0), "ACCELERATED_FEATURES", 132, 128, 1.98,
-                52_428_800, 233_472, 232_448,
+                "NVIDIA H100 80GB HBM3", (9, 0), "ACCELERATED_FEATURES", core_count=132,
+                fpus_per_core=128, clock_rate_ghz=1.98, l2_cache_size=52_428_800,
+                shared_memory_per_core=233_472, shared_memory_per_block_optin=232_448,
             ),
         ),
         Accelerator(
-            "a100-80gb", "cuda", 85_100_068_864, {"bfloat16": 312e12, "float32": 156e12},
-            2.03904e12,
-            "https://www.nvidia.com/en-us/data-center/a100/ (A100 SXM4 80GB); "
+            "a100-80gb", "cuda",
+            memory_bytes=85_100_068_864,
+            peak_flops={"bfloat16": 312e12, "float32": 156e12},
+            memory_bandwidth=2.03904e12,
+            source="https://www.nvidia.com/en-us/data-center/a100/ (A100 SXM4 80GB); "
             "openxla/xla xla/backends/gpu/target_config/specs/a100_sxm_80.txtpb",
             gpu=GpuSpec(
-                "NVIDIA A100-SXM4-80GB", (8, 0), "NONE", 108, 64, 1.41, 41_943_040, 167_936,
-                166_912,
+                "NVIDIA A100-SXM4-80GB", (8, 0), "NONE", core_count=108, fpus_per_core=64,
+                clock_rate_ghz=1.41, l2_cache_size=41_943_040, shared_memory_per_core=167_936,
+                shared_memory_per_block_optin=166_912,
             ),
         ),
         _tpu("v4", 32, 275, 1200, megacore=True),
