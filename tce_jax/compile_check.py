@@ -9,7 +9,9 @@ contend on few addresses; on GPUs a compare-and-swap loop for bfloat16).
 
 Without a device XLA does not autotune: GPU temporaries exclude cuDNN/cuBLAS workspace (a lower
 bound), and GPU executables have no cost analysis, so their FLOPs are XLA's generic count of
-the unoptimized program divided by the number of devices (``flops_source`` says which).
+the unoptimized program per device (``flops_source`` says which). Every FLOP count, TPU ones
+too, counts a loop body once (``lax.scan`` over sliding windows or micro-batches): for such
+programs FLOPs and the step-time bound are lower bounds only.
 """
 
 from __future__ import annotations
@@ -215,6 +217,21 @@ def _cost(cost) -> dict:
     return dict(cost or {})
 
 
+def _unoptimized_flops(lowered, devices: int) -> tuple[float, str]:
+    """XLA's generic FLOP count of the program before partitioning, per device: the global
+    program's count divided by ``devices``, except for a ``shard_map`` program, whose body
+    already has per-device shapes."""
+    from jax._src.lib import _jax
+
+    hlo = lowered._lowering.hlo()
+    cost = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, hlo.as_hlo_module())
+    flops = _cost(cost).get("flops", 0.0)
+    text = hlo.as_hlo_text()
+    if "xla.sdy.GlobalToLocalShape" in text or "SPMDFullToShardShape" in text:
+        return flops, "XLA's count of the unoptimized shard_map body"
+    return flops / devices, "XLA's count of the unoptimized program / devices"
+
+
 def compile_report(
     jitted,
     args: Sequence,
@@ -237,12 +254,7 @@ def compile_report(
     flops = _cost(compiled.cost_analysis()).get("flops")
     source = "optimized program"
     if not flops:  # GPU executables compiled without a device have no cost analysis
-        from jax._src.lib import _jax
-
-        module = lowered._lowering.hlo().as_hlo_module()
-        cost = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client, module)
-        flops = _cost(cost).get("flops", 0.0) / devices
-        source = "XLA's count of the unoptimized program / devices"
+        flops, source = _unoptimized_flops(lowered, devices)
     return CompileReport(
         name=name,
         target=target,

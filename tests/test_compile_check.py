@@ -169,3 +169,25 @@ def test_compile_report_on_a_target(target, flops_source):
     assert "all-reduce" in {c.kind for c in report.census.collectives}
     assert len(report.census.errors) == 1  # the label histogram: 4096 labels into 19 bins
     assert report.step_seconds_bound > 0
+
+
+@skip_without_toolchain("h100:1x1x2")
+def test_gpu_flops_of_a_shard_map_step_are_per_device():
+    mesh = compile_mesh("h100:1x1x2")
+    replicated, sharded = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+
+    def logits_sum(w, x):  # x: this device's rows
+        return jax.lax.psum(jnp.sum(x @ w), "data")
+
+    per_device = jax.shard_map(
+        logits_sum, mesh=mesh, in_specs=(P(), P("data")), out_specs=P(), check_vma=False
+    )
+    jitted = jax.jit(per_device, in_shardings=(replicated, sharded), out_shardings=replicated)
+    args = (
+        jax.ShapeDtypeStruct((256, 19), jnp.float32, sharding=replicated),
+        jax.ShapeDtypeStruct((2 * 4096, 256), jnp.float32, sharding=sharded),
+    )
+    report = compile_check.compile_report(jitted, args, targets.parse_target("h100:1x1x2"))
+    assert "shard_map" in report.flops_source
+    matmul = 2 * 4096 * 256 * 19
+    assert matmul <= report.flops <= 1.1 * matmul
