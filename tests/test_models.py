@@ -21,6 +21,7 @@ from tce_jax.models import (
     ResNet101,
     create_model,
 )
+from tce_jax.models.resize import resize_bilinear
 
 NUM_CLASSES = 19
 
@@ -231,6 +232,60 @@ def test_tiny_deeplab_forward(output_stride, dtype):
     logits, _ = init_and_apply(x)
     assert logits.shape == (2, 48, 80, 5) and logits.dtype == dtype
     assert bool(jnp.all(jnp.isfinite(logits)))
+
+
+# --- bilinear resizing -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "in_hw, out_hw",
+    [
+        ((5, 8), (11, 16)),  # up, odd to even
+        ((6, 7), (24, 28)),  # up 4x, as DeepLabV3+ logits
+        ((9, 9), (33, 33)),  # up, odd to odd
+        ((5, 8), (3, 4)),  # down
+        ((8, 7), (5, 7)),  # down along one axis only
+    ],
+)
+def test_resize_bilinear_is_jax_image_resize_with_its_gradient(in_hw, out_hw):
+    x = _images((2, *in_hw, 3))
+    cotangent = _images((2, *out_hw, 3), seed=1)
+    shape = (2, *out_hw, 3)
+
+    # Half-pixel centres without antialiasing: torch's interpolate(align_corners=False).
+    reference = functools.partial(jax.image.resize, shape=shape, method="bilinear", antialias=False)
+
+    @jax.jit
+    def value_and_gradient(x):
+        y, vjp = jax.vjp(lambda x: resize_bilinear(x, out_hw), x)
+        y_ref, vjp_ref = jax.vjp(reference, x)
+        return y, vjp(cotangent)[0], y_ref, vjp_ref(cotangent)[0]
+
+    y, dx, y_ref, dx_ref = value_and_gradient(x)
+    # jax.image.resize computes the sampling positions in float32, we in float64.
+    np.testing.assert_allclose(y, y_ref, atol=1e-5)
+    np.testing.assert_allclose(dx, dx_ref, atol=1e-5)
+    if out_hw[0] >= in_hw[0] and out_hw[1] >= in_hw[1]:
+        # Upsampling: the same as the default (antialiased) resize the models used before.
+        default = jax.jit(jax.image.resize, static_argnums=(1, 2))(x, shape, "bilinear")
+        np.testing.assert_allclose(y, default, atol=1e-5)
+
+
+def test_resize_bilinear_uses_no_matmul_or_scatter_forward_or_backward():
+    # XLA's GPU compiler fails to tile the matmuls of jax.image.resize at some sizes, and a
+    # gather's gradient would be a (GPU-atomic) scatter-add.
+    def loss(x):
+        return jnp.sum(resize_bilinear(x, (512, 1024)).astype(jnp.float32) ** 2)
+
+    jaxpr = str(jax.make_jaxpr(jax.grad(loss))(jnp.zeros((1, 128, 256, 19), jnp.bfloat16)))
+    assert "gather" in jaxpr
+    assert "dot_general" not in jaxpr and "scatter" not in jaxpr
+
+
+def test_resize_bilinear_keeps_dtype_and_skips_equal_sizes():
+    x = _images((1, 4, 6, 2)).astype(jnp.bfloat16)
+    assert resize_bilinear(x, (4, 6)) is x
+    assert resize_bilinear(x, (8, 6)).dtype == jnp.bfloat16
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])

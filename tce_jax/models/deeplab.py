@@ -20,6 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from tce_jax.models.resize import resize_bilinear
 from tce_jax.models.resnet import ResNet50, ResNet101, conv_and_norm
 from tce_jax.models.unet import ConvBNReLU
 
@@ -62,7 +63,7 @@ class Decoder(nn.Module):
     @nn.compact
     def __call__(self, high: jax.Array, low: jax.Array) -> jax.Array:
         low = ConvBNReLU(self.low_level_features, self.conv, self.norm, 1, name="low_level")(low)
-        high = jax.image.resize(high, (*low.shape[:3], high.shape[-1]), method="bilinear")
+        high = resize_bilinear(high, low.shape[1:3])
         y = jnp.concatenate([high.astype(low.dtype), low], axis=-1)
         y = ConvBNReLU(self.features, self.conv, self.norm, 3, name="fuse1")(y)
         return ConvBNReLU(self.features, self.conv, self.norm, 3, name="fuse2")(y)
@@ -121,7 +122,7 @@ class DeepLabV3Plus(nn.Module):
             name="classifier",
         )(y)
         # Half-pixel-centre bilinear, as torch's interpolate(align_corners=False).
-        y = jax.image.resize(y, (*x.shape[:3], self.num_classes), method="bilinear")
+        y = resize_bilinear(y, x.shape[1:3])
         return jnp.asarray(y, self.dtype)
 
 
