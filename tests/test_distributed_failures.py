@@ -50,7 +50,7 @@ def test_a_preempted_or_dead_process_stops_the_run_and_a_relaunch_resumes(small_
     procs = launch()
     try:
         for line in procs[0].stdout:
-            if re.match(r"\[tce\] step \d+/", line):
+            if re.match(r"\[\w+\] step \d+/", line):
                 procs[1].send_signal(signal.SIGTERM)
                 break
     finally:
