@@ -70,15 +70,16 @@ def prepared(small_data_dir):
 # hands files to its workers in collection order, so these go first (longest first), and no
 # worker is left running one of them alone at the end.
 SLOW_FILES_FIRST = (
+    "test_distributed_failures.py",
     "test_checkpointing.py",
     "test_distributed.py",
-    "test_distributed_failures.py",
     "test_workdir.py",
     "test_accumulation.py",
     "test_sampling.py",
     "test_models.py",
     "test_train.py",
     "test_predict.py",
+    "test_cityscapes_ade20k.py",
 )
 
 

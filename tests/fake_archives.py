@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
 import zipfile
 import zlib
@@ -105,6 +106,29 @@ def flip_stored_byte(zip_path: str, member: str) -> None:
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0xFF]))
+
+
+def write_damaged(write: Callable[..., dict], manual_dir: str, archive: str, member, damage):
+    """Writes fake archives with `write` (`write_cityscapes`, `write_ade20k`) into `manual_dir`,
+    `member` of `archive` damaged: in transit (`damage == "zip"`: its bytes no longer match the
+    zip's CRC-32) or before packing (`damage` rewrites its bytes: the CRC-32 matches, the file
+    does not decode)."""
+    if damage == "zip":
+        write(manual_dir)
+        flip_stored_byte(os.path.join(manual_dir, archive), member)
+    else:
+        write(manual_dir, damage={member: damage})
+
+
+def assert_names_the_damage(message: str, archive_path: str, member: str, problem: str, url):
+    """`message` (one line) names `member` of the archive and its `problem` (a regex), and says
+    to download the archive again from `url` and replace it."""
+    archive = os.path.basename(archive_path)
+    assert re.match(rf"{re.escape(archive)}: {re.escape(member)} {problem}", message), message
+    assert message.endswith(
+        f"; the archive is damaged: download it again from {url} and replace {archive_path}"
+    )
+    assert "\n" not in message
 
 
 def cityscapes_label_ids(city: str) -> np.ndarray:

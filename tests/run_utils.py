@@ -5,11 +5,17 @@ import dataclasses
 import io
 import json
 import os
+import socket
+import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMEOUT = 300  # seconds for one command-line run; a hang fails the test instead of the suite
 
 
 def read_jsonl(path) -> list[dict]:
@@ -69,13 +75,96 @@ def set_fields(config, **fields):
     return config
 
 
+def run_flags(workdir, data_dir, *overrides, config="default.py:tiny") -> list[str]:
+    """The flags of a run of `configs/CONFIG` in `workdir` on the prepared data in `data_dir`.
+    The config path is absolute, so the flags mean the same in any working directory."""
+    return [
+        f"--config={os.path.join(ROOT, 'configs', config)}",
+        f"--workdir={workdir}",
+        f"--config.data.data_dir={data_dir}",
+        *overrides,
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def process_flags(index: int, count: int, port: int) -> list[str]:
+    """The flags that make a run process `index` of `count`, coordinated on 127.0.0.1:port."""
+    return [
+        f"--config.distributed.coordinator_address=127.0.0.1:{port}",
+        f"--config.distributed.num_processes={count}",
+        f"--config.distributed.process_id={index}",
+    ]
+
+
 @dataclasses.dataclass
 class MainResult:
-    """What `python -m tce_jax.main ...` ended with, as `subprocess.run` reports it."""
+    """What `python -m tce_jax.main ...` ended with, as `subprocess.run` reports it (`stderr` is
+    empty where it went to `stdout`)."""
 
     returncode: int
     stdout: str
     stderr: str
+
+
+# Restores SIGINT's default action before starting the command line, as an interactive shell
+# does: a child of a non-interactive shell or of a background job inherits SIGINT ignored, and
+# Python keeps it so.
+_INTERACTIVE = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.executable, [sys.executable, '-m', 'tce_jax.main', *sys.argv[1:]])"
+)
+
+
+def start_main(
+    *args: str, devices: int = 1, interactive: bool = False, **popen
+) -> subprocess.Popen:
+    """Starts `python -m tce_jax.main ARGS` as a process of its own, from the repository root,
+    on `devices` fake CPU devices; for what needs a real process (signals, a lock another
+    process holds, several processes, provenance of a real command). It compiles as the test
+    process does (JAX_DISABLE_MOST_OPTIMIZATIONS and the shared compilation cache come with
+    the environment, see conftest.py). `interactive`: SIGINT interrupts it, as in a terminal.
+    Output is captured as text (stdout and stderr apart) unless `popen` says otherwise."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    command = ["-c", _INTERACTIVE] if interactive else ["-m", "tce_jax.main"]
+    popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    return subprocess.Popen([sys.executable, *command, *args], cwd=ROOT, env=env, **popen)
+
+
+def start_processes(*args: str, count: int, **start) -> list[subprocess.Popen]:
+    """Starts every process of one `count`-process run (`start_main` for each)."""
+    if count == 1:
+        return [start_main(*args, **start)]
+    port = free_port()
+    return [start_main(*args, *process_flags(i, count, port), **start) for i in range(count)]
+
+
+def wait_all(procs, timeout: float = TIMEOUT) -> list[MainResult]:
+    """Waits for every process (`timeout` for all together); kills the rest if one fails to end
+    in time (then raises subprocess.TimeoutExpired)."""
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for proc in procs:
+            out, err = proc.communicate(timeout=max(deadline - time.monotonic(), 1))
+            results.append(MainResult(proc.returncode, out or "", err or ""))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    return results
+
+
+def run_main(*args: str, timeout: float = TIMEOUT, **start) -> MainResult:
+    """Runs `python -m tce_jax.main ARGS` to its end in a process of its own (`start_main`)."""
+    [result] = wait_all([start_main(*args, **start)], timeout)
+    return result
 
 
 def run_main_in_process(*args: str) -> MainResult:
@@ -83,7 +172,7 @@ def run_main_in_process(*args: str) -> MainResult:
     handling and exit status as the command line, on this process's devices and compilation
     settings, without the start-up of a new Python with TensorFlow and JAX (most of a tiny
     run's time). Signals, locks held by another process and multi-process runs need a real
-    process; everything else can run here."""
+    process (`run_main`); everything else can run here."""
     from absl import flags, logging
 
     from tce_jax import main

@@ -1,9 +1,10 @@
 """Checkpoints: the best step by validation mIoU across restarts, verification of restored
 states, and what a CLI run does on SIGTERM / SIGINT, divergence and a corrupt checkpoint.
 
-The signal tests run `python -m tce_jax.main` on the tiny config (one device) and compare with
+The signal test runs `python -m tce_jax.main` on the tiny config (one device) and compares with
 an uninterrupted run of the same config; the divergence and corrupt-checkpoint runs need no
-process of their own and run the command line inside the test process.
+process of their own and run the command line inside the test process. Signals to one process of
+a multi-process run: test_distributed_failures.py.
 """
 
 import os
@@ -11,17 +12,15 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 
 import jax
 import numpy as np
 import pytest
-from distributed_runs import free_port
-from run_utils import assert_trees_close, flat_leaves, latest_checkpoint, run_main_in_process
+import run_utils
+from run_utils import assert_trees_close, flat_leaves, latest_checkpoint
 
 from tce_jax import checkpointing
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT = 600
 
 
@@ -171,65 +170,33 @@ TINY = (
 )
 
 
-# Starts the CLI with SIGINT's default action, as an interactive shell does (a child of a
-# non-interactive shell or of a background job inherits SIGINT ignored, and keeps it so).
-INTERACTIVE = (
-    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
-    "os.execv(sys.executable, [sys.executable, '-m', 'tce_jax.main', *sys.argv[1:]])"
-)
+def tiny_flags(workdir, data_dir, *overrides) -> list[str]:
+    return run_utils.run_flags(workdir, data_dir, *TINY, *overrides)
 
 
-def launch(workdir, data_dir, *overrides):
-    # One CPU device, and compiled as in the test process (quickly).
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="")
-    env["JAX_DISABLE_MOST_OPTIMIZATIONS"] = "true"
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-c",
-            INTERACTIVE,
-            "--config=configs/default.py:tiny",
-            f"--workdir={workdir}",
-            f"--config.data.data_dir={data_dir}",
-            *TINY,
-            *overrides,
-        ],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+def start_cli(workdir, data_dir, *overrides):
+    """A CLI run of TINY in a process of its own (one CPU device), interruptible by SIGINT as
+    in a terminal; output and errors together."""
+    return run_utils.start_main(
+        *tiny_flags(workdir, data_dir, *overrides), interactive=True, stderr=subprocess.STDOUT
     )
 
 
-def finish(proc) -> tuple[int, str]:
-    try:
-        out, _ = proc.communicate(timeout=TIMEOUT)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    return proc.returncode, out
-
-
-def run_cli(workdir, data_dir, *overrides) -> tuple[int, str]:
-    return finish(launch(workdir, data_dir, *overrides))
+def run_cli(workdir, data_dir, *overrides) -> str:
+    """Runs TINY to its end as `start_cli`; returns the output."""
+    [result] = run_utils.wait_all([start_cli(workdir, data_dir, *overrides)], TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:]
+    return result.stdout
 
 
 def run_in_process(workdir, data_dir, *overrides) -> tuple[int, str]:
-    """As `run_cli`, inside the test process (its 8 devices): for the runs that need no signal."""
-    result = run_main_in_process(
-        f"--config={os.path.join(ROOT, 'configs', 'default.py')}:tiny",
-        f"--workdir={workdir}",
-        f"--config.data.data_dir={data_dir}",
-        *TINY,
-        *overrides,
-    )
+    """A run of TINY inside the test process (its 8 devices): for the runs that need no signal."""
+    result = run_utils.run_main_in_process(*tiny_flags(workdir, data_dir, *overrides))
     return result.returncode, result.stdout + result.stderr
 
 
-def interrupt_after_first_step(proc, signum) -> tuple[int, str]:
-    """Sends `signum` once the run has printed a training step; returns (code, output)."""
+def signal_after_first_step(proc, signum) -> run_utils.MainResult:
+    """Sends `signum` once the run has printed a training step; returns how it ended."""
     lines = []
     try:
         for line in proc.stdout:
@@ -237,12 +204,10 @@ def interrupt_after_first_step(proc, signum) -> tuple[int, str]:
             if re.match(r"\[tce\] step \d+/", line):
                 proc.send_signal(signum)
                 break
-        rest, _ = proc.communicate(timeout=TIMEOUT)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    return proc.returncode, "".join(lines) + rest
+        [result] = run_utils.wait_all([proc], TIMEOUT)
+    result.stdout = "".join(lines) + result.stdout
+    return result
 
 
 def last_line(output: str) -> str:
@@ -257,16 +222,16 @@ def checkpoint_steps(workdir) -> list[int]:
 def reference_run(small_data_dir, tmp_path_factory):
     """An uninterrupted CLI run of TINY."""
     workdir = str(tmp_path_factory.mktemp("reference"))
-    code, out = run_cli(workdir, small_data_dir)
-    assert code == 0, out[-3000:]
+    run_cli(workdir, small_data_dir)
     return workdir
 
 
 def stop_by_signal(workdir: str, data_dir: str, sig: signal.Signals) -> tuple[int, str]:
     """Sends `sig` to a CLI run after its first step; checks the exit status (128 + sig), the
     one-line message and that the step it names is the last checkpoint. Returns (step, output)."""
-    code, out = interrupt_after_first_step(launch(workdir, data_dir), sig)
-    assert code == 128 + sig, out[-3000:]
+    result = signal_after_first_step(start_cli(workdir, data_dir), sig)
+    out = result.stdout
+    assert result.returncode == 128 + sig, out[-3000:]
     stopped = re.fullmatch(
         rf"stopped at step (\d+) by {sig.name}; checkpoint saved; rerun the same command to "
         "resume",
@@ -275,25 +240,24 @@ def stop_by_signal(workdir: str, data_dir: str, sig: signal.Signals) -> tuple[in
     assert stopped, out[-3000:]
     step = int(stopped.group(1))
     assert checkpoint_steps(workdir)[-1] == step
+    assert "Traceback" not in out
+    assert not os.path.exists(os.path.join(workdir, "report.md"))  # the run did not end
     return step, out
 
 
-def test_sigterm_saves_and_the_rerun_continues_exactly(small_data_dir, reference_run, tmp_path):
+def test_a_signal_saves_and_the_rerun_continues_exactly(small_data_dir, reference_run, tmp_path):
+    """SIGINT (Ctrl-C) and SIGTERM (a preemption notice) each stop a run at a step of its own;
+    each rerun resumes there, and the last one ends bitwise equal to an uninterrupted run."""
     workdir = str(tmp_path / "w")
-    step, _ = stop_by_signal(workdir, small_data_dir, signal.SIGTERM)
-    assert not os.path.exists(os.path.join(workdir, "report.md"))
-
-    code, out = run_cli(workdir, small_data_dir)
-    assert code == 0, out[-3000:]
-    assert f"Resuming from the checkpoint of step {step} " in out
+    first, _ = stop_by_signal(workdir, small_data_dir, signal.SIGINT)
+    second, out = stop_by_signal(workdir, small_data_dir, signal.SIGTERM)
+    assert f"Resuming from the checkpoint of step {first} " in out
+    assert second > first
+    out = run_cli(workdir, small_data_dir)
+    assert f"Resuming from the checkpoint of step {second} " in out
     final_step, resumed = latest_checkpoint(workdir)
     assert final_step == 8
     assert_trees_close(resumed, latest_checkpoint(reference_run)[1], rtol=0, atol=0)
-
-
-def test_sigint_saves_with_a_one_line_message(small_data_dir, tmp_path):
-    _, out = stop_by_signal(str(tmp_path / "w"), small_data_dir, signal.SIGINT)
-    assert "Traceback" not in out
 
 
 def test_divergence_stops_the_run_and_saves_nothing_non_finite(small_data_dir, tmp_path):
@@ -348,45 +312,3 @@ def test_a_corrupt_checkpoint_is_refused_in_one_line(
     assert "to resume from step 4" in last_line(out)
     assert "Traceback" not in out
     assert checkpoint_steps(workdir) == [4, 8]
-
-
-def test_processes_of_a_multi_process_run_stop_at_the_same_step(small_data_dir, tmp_path):
-    """SIGTERM to one of two processes: both save and stop at one step; a relaunch resumes."""
-    workdir = str(tmp_path / "w")
-
-    def launch_pair():
-        port = free_port()
-        return [
-            launch(
-                workdir,
-                small_data_dir,
-                f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                "--config.distributed.num_processes=2",
-                f"--config.distributed.process_id={i}",
-            )
-            for i in range(2)
-        ]
-
-    first, second = launch_pair()
-    try:
-        for line in first.stdout:  # only process 0 prints progress
-            if re.match(r"\[tce\] step \d+/", line):
-                second.send_signal(signal.SIGTERM)
-                break
-    finally:
-        results = [finish(first), finish(second)]
-    messages = set()
-    for code, out in results:
-        assert code == 128 + signal.SIGTERM, out[-3000:]
-        messages.add(last_line(out))
-    [message] = messages  # the same step on both
-    stopped = re.fullmatch(r"stopped at step (\d+) by SIGTERM.*; checkpoint saved; .*", message)
-    assert stopped, message
-    step = int(stopped.group(1))
-    assert checkpoint_steps(workdir)[-1] == step
-
-    results = [finish(proc) for proc in launch_pair()]
-    for code, out in results:
-        assert code == 0, out[-3000:]
-    assert f"Resuming from the checkpoint of step {step} " in results[0][1]
-    assert latest_checkpoint(workdir)[0] == 8

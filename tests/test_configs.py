@@ -4,16 +4,15 @@ import contextlib
 import glob
 import importlib.util
 import os
-import subprocess
-import sys
 
 import jax
 import pytest
+import run_utils
 from run_utils import run_main_in_process
 
 from tce_jax import config_lib, objectives, steps
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = run_utils.ROOT
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
 DEFAULT_CONFIG = os.path.join(ROOT, "configs", "default.py")
 
@@ -52,8 +51,15 @@ def test_every_config_file_has_test_variants_and_tiny_means_the_same_run_everywh
     runs = set()
     for path in CONFIG_FILES:
         config = load_config_module(path).get_config("tiny")
-        runs.add((config.model.name, config.num_train_steps, config.checkpoint_every_steps,
-                  config.global_batch_size, config.log_every_steps))
+        runs.add(
+            (
+                config.model.name,
+                config.num_train_steps,
+                config.checkpoint_every_steps,
+                config.global_batch_size,
+                config.log_every_steps,
+            )
+        )
     assert runs == {("unet_small", 6, 3, 8, 2)}
 
 
@@ -126,26 +132,16 @@ def test_unknown_variant():
         load_config_module(DEFAULT_CONFIG).get_config("cee")
 
 
-def run_process(*args, timeout=120):
-    return subprocess.run(
-        [sys.executable, "-m", "tce_jax.main", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def run_main(*args):
+def run_in_process(*args):
     """The command line inside the test process (same parsing, messages and exit status; see
-    `run_utils.run_main_in_process`), from the repository's root as `run_process`."""
+    `run_utils.run_main_in_process`), from the repository's root as `run_utils.run_main`."""
     with contextlib.chdir(ROOT):
         return run_main_in_process(*args)
 
 
 def test_cli_rejects_a_misspelt_field_and_a_bad_value(tmp_path):
     # A real process: exit status, stderr and no traceback as a shell sees them.
-    typo = run_process(
+    typo = run_utils.run_main(
         "--config=configs/default.py:tiny", f"--workdir={tmp_path}", "--config.loss.tt=2"
     )
     assert typo.returncode == 1
@@ -153,7 +149,7 @@ def test_cli_rejects_a_misspelt_field_and_a_bad_value(tmp_path):
     assert typo.stderr.strip().splitlines()[-1] == (
         "error: --config.loss.tt: config.loss has no field 'tt'; did you mean --config.loss.t?"
     )
-    bad = run_main(
+    bad = run_in_process(
         "--config=configs/default.py:tiny", f"--workdir={tmp_path}", "--config.loss.name=mse"
     )
     assert bad.returncode != 0
@@ -178,12 +174,14 @@ def test_cli_rejects_a_misspelt_field_and_a_bad_value(tmp_path):
             "'deeplabv3plus_resnet50', 'deeplabv3plus_resnet101') (did you mean 'unet_small'?). "
             "Fix it in the config file or with --config.model.name=...",
         ),
-        ("--config.loss.t=abc", "flag --config.loss.t=abc: could not convert string to float: "
-         "'abc'"),
+        (
+            "--config.loss.t=abc",
+            "flag --config.loss.t=abc: could not convert string to float: 'abc'",
+        ),
     ],
 )
 def test_cli_start_up_errors_are_one_line_without_traceback(tmp_path, override, message):
-    result = run_main("--config=configs/default.py:tiny", f"--workdir={tmp_path}", override)
+    result = run_in_process("--config=configs/default.py:tiny", f"--workdir={tmp_path}", override)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == f"error: {message}"
@@ -191,15 +189,19 @@ def test_cli_start_up_errors_are_one_line_without_traceback(tmp_path, override, 
 
 
 def test_cli_unknown_variant_and_missing_config_file_are_one_line(tmp_path):
-    variant = run_main("--config=configs/default.py:cee", f"--workdir={tmp_path}")
-    missing = run_main("--config=configs/nonexistent.py", f"--workdir={tmp_path}")
+    variant = run_in_process("--config=configs/default.py:cee", f"--workdir={tmp_path}")
+    missing = run_in_process("--config=configs/nonexistent.py", f"--workdir={tmp_path}")
     for result in (variant, missing):
         assert result.returncode == 1
         assert "Traceback" not in result.stderr
-    assert variant.stderr.strip().splitlines()[-1].endswith(
-        "ValueError: Unknown config variant 'cee' (did you mean 'ce'?); use any of ce, tce, "
-        "stochastic_tce, weighted_ce, focal, lovasz, sampling, r50, r101, bf16, slide, tta, "
-        "tiny, comma-separated."
+    assert (
+        variant.stderr.strip()
+        .splitlines()[-1]
+        .endswith(
+            "ValueError: Unknown config variant 'cee' (did you mean 'ce'?); use any of ce, tce, "
+            "stochastic_tce, weighted_ce, focal, lovasz, sampling, r50, r101, bf16, slide, tta, "
+            "tiny, comma-separated."
+        )
     )
     assert missing.stderr.strip().splitlines()[-1] == (
         "error: --config=configs/nonexistent.py: [Errno 2] No such file or directory: "
@@ -209,7 +211,7 @@ def test_cli_unknown_variant_and_missing_config_file_are_one_line(tmp_path):
 
 def test_cli_missing_dataset_is_reported_without_traceback(tmp_path):
     manual = tmp_path / "manual"
-    result = run_main(
+    result = run_in_process(
         "--config=configs/cityscapes.py:runlocal",
         f"--workdir={tmp_path / 'run'}",
         f"--config.data.data_dir={tmp_path / 'tfds'}",

@@ -4,8 +4,8 @@ one device, four devices (jit and pmap) and two processes of two devices gives t
 
 import numpy as np
 import pytest
-from distributed_runs import SGD, TIMEOUT, read_run, start, wait_all
-from run_utils import assert_trees_close, flat_leaves
+from distributed_runs import SGD, read_run, start
+from run_utils import TIMEOUT, assert_trees_close, flat_leaves, wait_all
 
 LAYOUTS = {
     "1dev": dict(devices=1),
@@ -29,8 +29,8 @@ def runs(small_data_dir, tmp_path_factory):
         for name, layout in LAYOUTS.items()
     }
     results = wait_all([p for group in procs.values() for p in group], timeout=2 * TIMEOUT)
-    for code, out in results:
-        assert code == 0, out[-4000:]
+    for result in results:
+        assert result.returncode == 0, result.stdout[-4000:]
     return {name: read_run(str(base / name)) for name in LAYOUTS}
 
 

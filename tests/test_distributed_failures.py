@@ -1,56 +1,90 @@
-"""Failure behaviour of multi-process runs: a coordinator that cannot be reached, a peer that
-dies mid-run (the survivor ends, a relaunch resumes). Their own file so that pytest-xdist runs
-them beside the layout runs of test_distributed.py, not after them.
+"""Failure behaviour of multi-process runs: a coordinator that cannot be reached; a preemption
+notice (SIGTERM) to one process and the death of a peer (SIGKILL), each followed by a relaunch
+that resumes. Their own file so that pytest-xdist runs them beside the layout runs of
+test_distributed.py, not after them.
 """
 
 import os
+import re
 import signal
 import time
 
-from distributed_runs import TIMEOUT, free_port, launch, read_run, run, wait_all
+from distributed_runs import read_run, start
+from run_utils import TIMEOUT, free_port, process_flags, run_flags, start_main, wait_all
 
 
 def test_a_process_that_cannot_reach_the_coordinator_fails_clearly(small_data_dir, tmp_path):
-    proc = launch(
-        tmp_path / "w",
-        small_data_dir,
-        devices=2,
-        process=(1, 2, free_port()),
-        overrides=("--config.distributed.initialization_timeout=2",),
+    flags = run_flags(
+        tmp_path / "w", small_data_dir, "--config.distributed.initialization_timeout=2"
     )
-    [(code, out)] = wait_all([proc], timeout=120)
-    assert code != 0
-    assert "Cannot reach the coordinator at 127.0.0.1" in out
+    [result] = wait_all([start_main(*flags, *process_flags(1, 2, free_port()), devices=2)], 120)
+    assert result.returncode != 0
+    assert "Cannot reach the coordinator at 127.0.0.1" in result.stderr
     assert not os.path.exists(tmp_path / "w" / "checkpoints")
 
 
-def test_a_dead_peer_ends_the_run_and_a_relaunch_resumes(small_data_dir, tmp_path):
+def checkpoint_steps(workdir) -> list[int]:
+    return sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
+
+
+def last_line(output: str) -> str:
+    return output.strip().splitlines()[-1]
+
+
+def test_a_preempted_or_dead_process_stops_the_run_and_a_relaunch_resumes(small_data_dir, tmp_path):
+    """Two processes of two devices. SIGTERM to one: both save and stop at the same step. The
+    relaunch resumes there; SIGKILL to one: the survivor ends (no hang, no success). The next
+    relaunch resumes from the last committed checkpoint and finishes."""
     workdir = tmp_path / "w"
     overrides = (
         "--config.num_train_steps=12",
         "--config.eval_every_steps=12",
+        "--config.log_every_steps=1",
         "--config.distributed.heartbeat_timeout=10",
     )
-    port = free_port()
-    procs = [
-        launch(workdir, small_data_dir, devices=2, overrides=overrides, process=(i, 2, port))
-        for i in range(2)
-    ]
+
+    def launch():
+        return start(workdir, small_data_dir, devices=2, processes=2, overrides=overrides)
+
+    # A preemption notice to process 1 once process 0 (the one that prints) trains.
+    procs = launch()
     try:
-        first_checkpoint = workdir / "checkpoints" / "3"
+        for line in procs[0].stdout:
+            if re.match(r"\[\w+\] step \d+/", line):
+                procs[1].send_signal(signal.SIGTERM)
+                break
+    finally:
+        results = wait_all(procs)
+    messages = set()
+    for result in results:
+        assert result.returncode == 128 + signal.SIGTERM, result.stdout[-3000:]
+        messages.add(last_line(result.stdout))
+    [message] = messages  # the same step on both
+    stopped = re.fullmatch(r"stopped at step (\d+) by SIGTERM.*; checkpoint saved; .*", message)
+    assert stopped, message
+    preempted = int(stopped.group(1))
+    assert checkpoint_steps(workdir)[-1] == preempted
+
+    # The relaunch resumes; process 1 dies once it has saved a checkpoint of its own.
+    procs = launch()
+    try:
         deadline = time.monotonic() + TIMEOUT
-        while not first_checkpoint.exists() and time.monotonic() < deadline:
+        while checkpoint_steps(workdir)[-1] == preempted and time.monotonic() < deadline:
             assert procs[0].poll() is None, procs[0].communicate()[0][-3000:]
             time.sleep(0.2)
-        procs[1].send_signal(signal.SIGKILL)  # a peer dies mid-run
+        procs[1].send_signal(signal.SIGKILL)
     finally:
         results = wait_all(procs, timeout=120)
-    survivor_code, _ = results[0]
-    assert survivor_code != 0  # the survivor does not hang or pretend success
-    steps = sorted(int(s) for s in os.listdir(workdir / "checkpoints") if s.isdigit())
-    assert steps and steps[-1] < 12
-    # Relaunch: resumes from the last committed checkpoint and finishes.
-    run(str(workdir), small_data_dir, devices=2, processes=2, overrides=overrides)
+    assert f"Resuming from the checkpoint of step {preempted} " in results[0].stdout
+    assert results[0].returncode != 0  # the survivor does not hang or pretend success
+    steps = checkpoint_steps(workdir)
+    assert preempted < steps[-1] < 12
+
+    # The next relaunch resumes from the last committed checkpoint and finishes.
+    results = wait_all(launch())
+    for result in results:
+        assert result.returncode == 0, result.stdout[-3000:]
+    assert f"Resuming from the checkpoint of step {steps[-1]} " in results[0].stdout
     curve, final, state = read_run(str(workdir))
     assert int(state["step"]) == 12
     assert "validation" in final

@@ -5,18 +5,15 @@ normalisation on the device, and pipeline errors."""
 import glob
 import os
 import shutil
-import subprocess
-import sys
 import weakref
 
 import ml_collections
 import numpy as np
 import pytest
+import run_utils
 import tensorflow as tf
 
 from tce_jax import device_transforms, example_transforms, input_pipeline
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 IGNORE = 255
 
@@ -265,20 +262,8 @@ def test_cli_exits_with_the_error_when_an_image_is_corrupt(small_data_dir, tmp_p
     data_dir = tmp_path / "tfds"
     shutil.copytree(small_data_dir, data_dir)
     corrupt_training_images(data_dir)
-    run = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tce_jax.main",
-            "--config=configs/default.py:tiny",
-            f"--workdir={tmp_path / 'workdir'}",
-            f"--config.data.data_dir={data_dir}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,  # a hang fails here
-    )
+    # A hang fails at the timeout.
+    run = run_utils.run_main(*run_utils.run_flags(tmp_path / "workdir", data_dir), timeout=600)
     assert run.returncode == 1, run.stderr[-3000:]
     assert "The input pipeline failed reading split 'train'" in run.stderr
     assert "Invalid PNG" in run.stderr

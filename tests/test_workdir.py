@@ -18,52 +18,19 @@ import time
 import numpy as np
 import pytest
 import run_utils
-from distributed_runs import free_port
 from etils.epath import gpath as epath_gpath
 from etils.epath import testing as epath_testing
 
 from configs import default
 from tce_jax import config_lib, metrics, models, workdir
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMEOUT = 300
-
-
-def main_args(path, data_dir, *overrides):
-    """The flags of a tiny run of `tce_jax.main` in workdir `path`."""
-    return [
-        f"--config={os.path.join(ROOT, 'configs', 'default.py')}:tiny",
-        f"--workdir={path}",
-        f"--config.data.data_dir={data_dir}",
-        *overrides,
-    ]
-
-
-def cli_args(path, data_dir, *overrides):
-    return [sys.executable, "-m", "tce_jax.main", *main_args(path, data_dir, *overrides)]
-
-
-def cli_env():
-    return dict(
-        os.environ, TF_CPP_MIN_LOG_LEVEL="2", XLA_FLAGS="--xla_force_host_platform_device_count=2"
-    )
-
-
-def run_cli(path, data_dir, *overrides):
-    return subprocess.run(
-        cli_args(path, data_dir, *overrides),
-        cwd=ROOT,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=TIMEOUT,
-    )
+ROOT = run_utils.ROOT
 
 
 def run_in_process(path, data_dir, *overrides):
-    """The same command inside the test process (its 8 devices): for the tests that need no
-    process of their own."""
-    return run_utils.run_main_in_process(*main_args(path, data_dir, *overrides))
+    """A tiny run inside the test process (its 8 devices): for the tests that need no process
+    of their own."""
+    return run_utils.run_main_in_process(*run_utils.run_flags(path, data_dir, *overrides))
 
 
 def last_stderr_line(result) -> str:
@@ -86,7 +53,7 @@ def tiny_config(**fields):
 def finished_run(small_data_dir, tmp_path_factory):
     """A workdir of a complete tiny run (checkpoints at steps 3 and 6)."""
     path = tmp_path_factory.mktemp("finished") / "run"
-    result = run_cli(path, small_data_dir)
+    result = run_utils.run_main(*run_utils.run_flags(path, small_data_dir), devices=2)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return path
 
@@ -101,17 +68,14 @@ def test_a_second_trainer_is_refused_and_a_killed_ones_lock_taken_over(
     path = tmp_path / "run"
     lock_path = path / workdir.LOCK_FILE
     long_run = ("--config.num_train_steps=100000", "--config.eval_every_steps=100000")
-    first = subprocess.Popen(
-        cli_args(path, small_data_dir, *long_run),
-        cwd=ROOT,
-        env=cli_env(),
+    first = run_utils.start_main(
+        *run_utils.run_flags(path, small_data_dir, *long_run),
+        devices=2,
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + TIMEOUT
+        deadline = time.monotonic() + run_utils.TIMEOUT
         holder = None
         while holder is None or holder.get("pid") != first.pid:
             assert first.poll() is None, f"first run ended: {first.stderr.read()[-3000:]}"
@@ -163,36 +127,17 @@ def test_the_lock_is_released_when_the_run_raises_and_evaluation_needs_it_too(tm
 
 
 def test_only_process_0_locks_and_every_process_stops_when_it_cannot(small_data_dir, tmp_path):
-    port = free_port()
-    env = dict(cli_env(), XLA_FLAGS="--xla_force_host_platform_device_count=1")
     with workdir.WorkdirLock(str(tmp_path)):
-        procs = [
-            subprocess.Popen(
-                cli_args(
-                    tmp_path,
-                    small_data_dir,
-                    f"--config.distributed.coordinator_address=127.0.0.1:{port}",
-                    "--config.distributed.num_processes=2",
-                    f"--config.distributed.process_id={i}",
-                ),
-                cwd=ROOT,
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-                text=True,
-            )
-            for i in range(2)
-        ]
-        try:
-            results = [p.communicate(timeout=TIMEOUT) for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.communicate()
-    assert [p.returncode for p in procs] == [1, 1]
-    assert "is in use by process" in results[0][1].strip().splitlines()[-1]
-    assert "process 0 could not open workdir" in results[1][1].strip().splitlines()[-1]
+        procs = run_utils.start_processes(
+            *run_utils.run_flags(tmp_path, small_data_dir),
+            count=2,
+            devices=1,
+            stdout=subprocess.DEVNULL,
+        )
+        results = run_utils.wait_all(procs)
+    assert [r.returncode for r in results] == [1, 1]
+    assert "is in use by process" in results[0].stderr.strip().splitlines()[-1]
+    assert "process 0 could not open workdir" in results[1].stderr.strip().splitlines()[-1]
 
 
 # ---------------------------------------------------------------------------------------------
