@@ -18,7 +18,7 @@ from tce_jax import config_lib
 
 def get_config(arg: str | None = None):
     config = config_lib.get_base_config()
-    # The demo budget: CE and TCE each train in a few minutes on 2 CPU cores.
+    # The embedded study's budget (the demo, experiments/demo.py, trains 450 of these steps).
     config.global_batch_size = 8
     config.num_train_steps = 600
     config.log_every_steps = 50

@@ -77,15 +77,6 @@ def main() -> int:
     runs = demo_runs(args.steps, args.data_dir)
     workdir = os.path.abspath(args.workdir)
     class_names = prepare_dataset(args.data_dir)
-    # glibc malloc would hand XLA's large step buffers back to the system and fault them in
-    # again on every step; kept instead, a step costs about 10% less CPU time (same numbers).
-    # (The top pad keeps the worker threads' emptied heaps, on which XLA runs, from unmapping.)
-    for name, size in (
-        ("MMAP_THRESHOLD", 32 << 20),
-        ("TRIM_THRESHOLD", 1 << 32),
-        ("TOP_PAD", 1 << 28),
-    ):
-        os.environ.setdefault(f"MALLOC_{name}_", str(size))
     try:
         result = sweep.execute(workdir, runs, jobs=len(runs))
     except RuntimeError as e:

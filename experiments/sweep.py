@@ -256,6 +256,12 @@ def child_env(workdir: str, jobs: int, compile_cache: bool) -> dict[str, str]:
     env = dict(os.environ)
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     env["PYTHONUNBUFFERED"] = "1"
+    # glibc malloc would hand XLA's large step buffers back to the system and fault them in
+    # again on every step; kept instead, a step costs about 10% less CPU time (same numbers).
+    # (The top pad keeps the worker threads' emptied heaps, on which XLA runs, from unmapping.)
+    malloc = (("MMAP_THRESHOLD", 32 << 20), ("TRIM_THRESHOLD", 1 << 32), ("TOP_PAD", 1 << 28))
+    for name, size in malloc:
+        env.setdefault(f"MALLOC_{name}_", str(size))
     if compile_cache:
         env.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(workdir, ".jax_cache"))
     if jobs > 1:
