@@ -130,7 +130,10 @@ CASES = [
         marks=skip_without_toolchain(GPU),
     ),
     pytest.param(
-        TPU, default.get_config("tiny"), ("train", "eval (whole)"), marks=skip_without_toolchain(TPU)
+        TPU,
+        default.get_config("tiny"),
+        ("train", "eval (whole)"),
+        marks=skip_without_toolchain(TPU),
     ),
     pytest.param(
         TPU,
