@@ -1,8 +1,7 @@
 r"""`--mode=compile`: a run's steps compiled for accelerators this machine does not have.
 
     python -m tce_jax.main --config=configs/cityscapes.py:tce --mode=compile --target=v5e:2x4
-    JAX_PLATFORMS=cpu python -m tce_jax.main --config=configs/ade20k.py:tce --mode=compile \
-        --target=h100:1x1x8
+    python -m tce_jax.main --config=configs/ade20k.py:tce --mode=compile --target=h100:1x1x8
 
 The train step, the whole-image eval step (and the sliding-window one when the config evaluates
 so) and the predict step are built by `tce_jax.programs.Programs`, as the trainer builds them,

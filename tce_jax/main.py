@@ -205,7 +205,7 @@ def run(config) -> None:
 
 def compile_only(config) -> None:
     """`--mode=compile`: the config's checks, then `compile_mode.run`. No `startup.start`: this
-    process starts no distributed run and may compile for GPUs with JAX on the CPU."""
+    process starts no distributed run and no accelerator."""
     import os
 
     from tce_jax import compile_mode, config_lib
