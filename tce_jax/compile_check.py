@@ -195,8 +195,8 @@ class CompileReport:
             f"({'fits' if self.fits else 'DOES NOT FIT'}; arguments {gib(self.argument_bytes)}, "
             f"outputs {gib(self.output_bytes)}, temporaries {gib(self.temp_bytes)}, "
             f"aliased {gib(self.alias_bytes)})",
-            f"  {self.flops / 1e12:.3f} TFLOP per device ({self.flops_source}); step time "
-            f">= {self.step_seconds_bound * 1e3:.1f} ms at peak {self.compute_dtype}",
+            f"  {self.flops / 1e12:.3g} TFLOP per device ({self.flops_source}); step time "
+            f">= {self.step_seconds_bound * 1e3:.3g} ms at peak {self.compute_dtype}",
             "  collectives: "
             + (
                 ", ".join(

@@ -6,6 +6,7 @@ r"""Command line: train and evaluate from an ml_collections config file.
     python -m tce_jax.main --config=configs/default.py --workdir=workdirs/tce \
         --mode=predict --predict_split=validation
     python -m tce_jax.main --config=configs/default.py --workdir=... --config.loss.t=2.0
+    python -m tce_jax.main --config=configs/cityscapes.py:tce --mode=compile --target=v5e:2x4
 
 Configs are locked: a misspelt `--config.x=y` fails at once. Invalid values fail before any
 data is read or anything compiled. Errors the user can fix (config, data, workdir) end the
@@ -14,6 +15,9 @@ process with exit status 1 and one message on stderr, without a traceback.
 The workdir is a local path or `gs://bucket/path`. One process at a time may use it (a second
 is refused); resuming a checkpoint with a config of another experiment is refused unless
 `--allow_config_change` (see `tce_jax.workdir`).
+
+`--mode=compile --target=T` compiles the run's steps for accelerators this machine need not have
+(`tce_jax.compile_mode`): no workdir, no data.
 """
 
 import sys
@@ -28,8 +32,15 @@ flags.DEFINE_string("workdir", None, "Directory for checkpoints, logs and report
 flags.DEFINE_enum(
     "mode",
     "train",
-    ["train", "evaluate", "predict"],
-    "Train (and resume), only evaluate, or write predictions (PNG files; see tce_jax.predict).",
+    ["train", "evaluate", "predict", "compile"],
+    "Train (and resume), only evaluate, write predictions (PNG files; see tce_jax.predict), or "
+    "compile the steps for --target (see tce_jax.compile_mode).",
+)
+flags.DEFINE_string(
+    "target",
+    None,
+    "--mode=compile: the accelerators, e.g. v5e:2x4, v4:2x2x1 (TPU chips per axis) or h100:1x1x8, "
+    "a100-80gb:2x1x8 (GPU partitions x hosts x GPUs per host); see tce_jax.targets.",
 )
 flags.DEFINE_string(
     "checkpoint", "best", "For --mode=evaluate/predict: best, latest or a step number."
@@ -51,7 +62,7 @@ flags.DEFINE_bool(
     "Resume a workdir even though experiment fields of its config.json differ (the change is "
     "recorded in config_history.jsonl).",
 )
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["config"])
 
 
 def fail(message) -> None:
@@ -71,9 +82,13 @@ def is_user_error(error: BaseException) -> bool:
     archives = sys.modules.get("tce_jax.datasets.archives")
     if archives is not None:
         kinds.append(archives.DatasetNotFoundError)
-    predict = sys.modules.get("tce_jax.predict")
-    if predict is not None:
-        kinds.append(predict.PredictInputError)
+    for module, kind in (
+        ("tce_jax.predict", "PredictInputError"),
+        ("tce_jax.compile_mode", "CompileModeError"),
+        ("tce_jax.targets", "ToolchainMissing"),
+    ):
+        if module in sys.modules:
+            kinds.append(getattr(sys.modules[module], kind))
     return isinstance(error, tuple(kinds))
 
 
@@ -149,6 +164,11 @@ def main(argv):
 def run(config) -> None:
     from tce_jax import startup, workdir
 
+    if FLAGS.mode == "compile":
+        return compile_only(config)
+    if FLAGS.workdir is None:
+        fail("Flag --workdir must have a value other than None (every mode but compile).")
+
     # Both checks (the config's in `start`) before any device is set up: a bad value or
     # workdir should cost nothing.
     path = workdir.resolve(FLAGS.workdir)
@@ -181,6 +201,22 @@ def run(config) -> None:
         sys.exit(e.exit_code)
     distributed.barrier("end of run")
     logging.info("Done (process %d).", jax.process_index())
+
+
+def compile_only(config) -> None:
+    """`--mode=compile`: the config's checks, then `compile_mode.run`. No `startup.start`: this
+    process starts no distributed run and no accelerator."""
+    import os
+
+    from tce_jax import compile_mode, config_lib
+
+    if FLAGS.target is None:
+        fail("--mode=compile needs --target, e.g. --target=h100:1x1x8 or --target=v5e:2x4.")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+    config_lib.validate_config(config)
+    compile_mode.run(config, FLAGS.target)
 
 
 if __name__ == "__main__":

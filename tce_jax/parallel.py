@@ -9,7 +9,9 @@ Two interchangeable strategies, chosen by `config.parallelism`:
 * `PmapParallel` (`"pmap"`): `jax.pmap` over the local devices with the axis `PMAP_AXIS`; the
   state is replicated per device and the losses reduce over that axis.
 
-Both expose the same methods, so the trainer never asks which one it has.
+Both expose the same methods, so the trainer never asks which one it has. Both take the devices
+to compile for (default: JAX's own): `--mode=compile` passes a target's compile-only devices
+(`tce_jax.targets`) and lowers the same steps for abstract inputs (`abstract_inputs`).
 """
 
 import jax
@@ -28,8 +30,9 @@ class MeshParallel:
     axis_name = None
     eval_axis_name = MESH_AXIS  # evaluation runs per device (shard_map)
 
-    def __init__(self):
-        self.mesh = Mesh(np.asarray(jax.devices()), (MESH_AXIS,))
+    def __init__(self, devices=None):
+        devices = jax.devices() if devices is None else devices
+        self.mesh = Mesh(np.asarray(devices), (MESH_AXIS,))
         self.replicated = NamedSharding(self.mesh, P())
         self.sharded = NamedSharding(self.mesh, P(MESH_AXIS))
 
@@ -91,6 +94,13 @@ class MeshParallel:
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.replicated), abstract
         )
 
+    def abstract_inputs(self, abstract_state, batch):
+        """`(state, batch)` as the compiled steps take them, from the state's shapes and the
+        global batch's (`jax.ShapeDtypeStruct`s): for lowering without data or devices."""
+        return self.abstract_state(abstract_state), jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=self.sharded), batch
+        )
+
     @staticmethod
     def fetch(tree):
         return jax.device_get(tree)
@@ -106,17 +116,18 @@ class PmapParallel:
     axis_name = PMAP_AXIS
     eval_axis_name = PMAP_AXIS
 
-    def __init__(self):
-        self.num_local = jax.local_device_count()
+    def __init__(self, devices=None):
+        self.devices = devices  # None: this process's devices
+        self.num_local = jax.local_device_count() if devices is None else len(devices)
 
     def compile_init(self, init_fn):
         return jax.jit(init_fn)
 
     def compile_train(self, step_fn):
-        return jax.pmap(step_fn, axis_name=PMAP_AXIS, donate_argnums=0)
+        return jax.pmap(step_fn, axis_name=PMAP_AXIS, donate_argnums=0, devices=self.devices)
 
     def compile_eval(self, step_fn):
-        return jax.pmap(step_fn, axis_name=PMAP_AXIS)
+        return jax.pmap(step_fn, axis_name=PMAP_AXIS, devices=self.devices)
 
     compile_predict = compile_eval
 
@@ -139,6 +150,17 @@ class PmapParallel:
     def abstract_state(self, abstract):
         return jax.tree.map(lambda x: np.zeros(x.shape, x.dtype), abstract)
 
+    def abstract_inputs(self, abstract_state, batch):
+        """`(state, batch)` as the compiled steps take them (see `MeshParallel`): the state
+        replicated and the batch split over a leading device axis."""
+        n = self.num_local
+        return (
+            jax.tree.map(lambda x: jax.ShapeDtypeStruct((n, *x.shape), x.dtype), abstract_state),
+            jax.tree.map(
+                lambda x: jax.ShapeDtypeStruct((n, x.shape[0] // n, *x.shape[1:]), x.dtype), batch
+            ),
+        )
+
     @staticmethod
     def fetch(tree):
         return jax.device_get(jax.tree.map(lambda x: x[0], tree))
@@ -148,5 +170,7 @@ class PmapParallel:
         return int(jax.device_get(state.step[0]))
 
 
-def create_parallel(config):
-    return PmapParallel() if config.parallelism == "pmap" else MeshParallel()
+def create_parallel(config, devices=None):
+    """The parallelism of `config.parallelism` over `devices` (default: JAX's)."""
+    kind = PmapParallel if config.parallelism == "pmap" else MeshParallel
+    return kind(devices)

@@ -43,7 +43,7 @@ import tensorflow as tf
 from etils import epath
 from PIL import Image
 
-from tce_jax import example_transforms, input_pipeline, steps, train, train_metrics
+from tce_jax import example_transforms, input_pipeline, train, train_metrics
 from tce_jax import workdir as workdir_lib
 from tce_jax.datasets import cityscapes
 
@@ -320,19 +320,6 @@ def _blank(geometry, config) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------
-# The prediction step, compiled like the evaluation step, and its rows on this process.
-
-
-def compile_predict(trainer: train.Trainer, geometry: input_pipeline.EvalGeometry):
-    """`steps.predict_step` with the config's inference settings, compiled for the trainer's
-    parallelism with the predictions sharded over devices like the batch."""
-    step_fn = functools.partial(
-        steps.predict_step, label_shape=geometry.label_shape, **trainer.predict_kwargs(geometry)
-    )
-    return trainer.parallel.compile_predict(step_fn)
-
-
-# ---------------------------------------------------------------------------------------------
 # The command.
 
 
@@ -390,7 +377,7 @@ def _predict(config, workdir, checkpoint, split, images_dir, output_dir, log_eve
 
 
 def _run(trainer, state, geometry, batches: Iterator, total: int, output_dir, log_every) -> None:
-    step_fn = compile_predict(trainer, geometry)
+    step_fn = trainer.programs.predict_step(geometry)
     writer = PredictionWriter(output_dir, trainer.spec)
     done, start, last_log = 0, time.time(), 0
     try:

@@ -6,7 +6,7 @@ A target string names an accelerator and a topology:
   names: chips along each axis). Needs ``libtpu`` (``pip install 'tce_jax[compile-tpu]'``).
 * GPU: ``h100:1x1x8``, ``a100-80gb:2x1x8`` (the card, then partitions x hosts x GPUs per host).
   Needs JAX's CUDA plugin and ``ptxas`` (``pip install 'tce_jax[compile-gpu]'``), no GPU and
-  no CUDA runtime; JAX must start with ``JAX_PLATFORMS=cpu`` (:func:`compile_devices` sets it
+  no CUDA runtime; JAX must run on the CPU (:func:`compile_devices` sets ``jax_platforms=cpu``
   when JAX has not started yet), otherwise the plugin fails at start-up on ``cuInit``.
 
 :func:`compile_devices` / :func:`compile_mesh` give XLA's compile-only devices for a target
@@ -238,6 +238,12 @@ def compile_devices(target: str | Target) -> list:
     target = parse_target(target) if isinstance(target, str) else target
     check_toolchain(target)
     accelerator = target.accelerator
+    from jax._src import xla_bridge
+
+    if not xla_bridge.backends_are_initialized():
+        # JAX itself on the CPU: only the target's compiler runs (an installed CUDA plugin would
+        # look for a GPU at start-up, and fail without one, even for a TPU target).
+        jax.config.update("jax_platforms", "cpu")
     if accelerator.platform == "tpu":
         options = {"chip_config_name": "megacore"} if accelerator.megacore else {}
         if target.chips <= accelerator.chips_per_host:  # one host drives the whole slice
@@ -246,10 +252,6 @@ def compile_devices(target: str | Target) -> list:
             topology_name=target.name, platform="tpu", **options
         )
         return list(topology.devices)
-    from jax._src import xla_bridge
-
-    if not xla_bridge.backends_are_initialized():
-        jax.config.update("jax_platforms", "cpu")  # the CUDA plugin must not start a GPU client
     try:
         topology = topologies.get_topology_desc(
             platform="cuda",

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-from typing import Any
 
 import jax
 import ml_collections
@@ -27,13 +26,12 @@ from tce_jax import (
     checkpointing,
     config_lib,
     datasets,
-    device_transforms,
     input_pipeline,
     metrics,
     parallel,
     pretrained,
     profiling,
-    steps,
+    programs,
     train_metrics,
 )
 from tce_jax import workdir as workdir_lib
@@ -57,16 +55,8 @@ class Trainer:
         self.spec = datasets.get_dataset_spec(config.data.name, config)
         self.num_classes = self.spec.num_classes
         self.parallel = parallel.create_parallel(config)
-        self.model = steps.create_model(config, self.num_classes, self.parallel.axis_name)
-        schedule = steps.create_learning_rate_schedule(config)
-        tx = steps.create_optimizer(config, schedule)
-        init = functools.partial(steps.init_state, config, self.model, tx, self.num_classes)
-        self._init = self.parallel.compile_init(init)
-        self._abstract = jax.eval_shape(init, jax.random.key(0))
-        step_fn = steps.create_train_step(config, self.model, tx, self.parallel.axis_name)
-        # Its figures come as a clu Collection, merged on the host up to each log step.
-        self._train_step = self.parallel.compile_train(train_metrics.collecting(step_fn, schedule))
-        self._eval_steps: dict[bool, Any] = {}  # by EvalGeometry.resize
+        # The model and the compiled steps, as `--mode=compile` compiles them for a target.
+        self.programs = programs.Programs(config, self.spec, self.parallel)
         self._eval_geometry: dict[str, input_pipeline.EvalGeometry] = {}
         self.manager = checkpointing.create_checkpoint_manager(
             os.path.join(workdir, "checkpoints"), config.keep_checkpoints
@@ -75,9 +65,10 @@ class Trainer:
         # Fail fast, before any data preparation: the weights must exist and fit the model.
         self.backbone = None
         if config.model.pretrained and self.manager.latest_step() is None:
+            abstract = self.programs.abstract_state
             self.backbone = pretrained.load_for_model(
                 config.model.pretrained,
-                {"params": self._abstract.params, "batch_stats": self._abstract.batch_stats},
+                {"params": abstract.params, "batch_stats": abstract.batch_stats},
                 model=config.model.name,
             )
         if prepare_data:  # now, before anything is compiled; else on first use
@@ -96,7 +87,7 @@ class Trainer:
         pretrained backbone of `config.model.pretrained`, if set)."""
         step = self.manager.latest_step()
         if step is None:
-            state = self._init(jax.random.key(self.config.seed), self.backbone)
+            state = self.programs.init(jax.random.key(self.config.seed), self.backbone)
             return self.parallel.device_state(state)
         if self.is_main:
             print(f"Resuming from the checkpoint of step {step} in {self.workdir}", flush=True)
@@ -105,7 +96,7 @@ class Trainer:
     def restore(self, step: int) -> TrainState:
         """The verified state of `step` (see `checkpointing.restore_checkpoint`)."""
         restored = checkpointing.restore_checkpoint(
-            self.manager, step, self.parallel.abstract_state(self._abstract)
+            self.manager, step, self.parallel.abstract_state(self.programs.abstract_state)
         )
         return self.parallel.device_state(restored)
 
@@ -126,40 +117,13 @@ class Trainer:
 
     # -- evaluation ------------------------------------------------------------------------
 
-    def predict_kwargs(self, geometry: input_pipeline.EvalGeometry) -> dict:
-        """`predict_step`'s keyword arguments in evaluation (also those of `tce_jax.predict`)."""
-        data = self.config.data
-        return dict(
-            model=self.model,
-            mode=data.eval_mode,
-            window=tuple(data.eval_window),
-            stride=tuple(data.eval_stride),
-            resize=geometry.resize,
-            tta_flip=data.tta_flip,
-            tta_scales=tuple(data.tta_scales),
-            normalise=device_transforms.device_normaliser(data),
-        )
-
-    def _eval_step_for(self, geometry: input_pipeline.EvalGeometry):
-        if geometry.resize not in self._eval_steps:
-            self._eval_steps[geometry.resize] = self.parallel.compile_eval(
-                functools.partial(
-                    steps.eval_step,
-                    num_classes=self.num_classes,
-                    axis_name=self.parallel.eval_axis_name,
-                    ignore_index=self.spec.ignore_index,
-                    **self.predict_kwargs(geometry),
-                )
-            )
-        return self._eval_steps[geometry.resize]
-
     def evaluate(self, state: TrainState, split: str) -> dict:
         """The figures of docs/maths.md ("Metrics") over the whole split (every example once,
         padding masked), with predictions at the label maps' resolution."""
         if split not in self._eval_geometry:
             self._eval_geometry[split] = self.data.eval_geometry(split)
         geometry = self._eval_geometry[split]
-        step_fn = self._eval_step_for(geometry)
+        step_fn = self.programs.eval_step(geometry)
         confusion = train_metrics.ConfusionMatrix.empty(self.num_classes)
         for batch in self.data.eval_iterator(split, geometry):
             matrix = self.parallel.fetch(step_fn(state, self.parallel.put_batch(batch)))
@@ -200,7 +164,7 @@ class Trainer:
             with checkpointing.StopRequests(self.manager) as stop:
                 for step in range(start + 1, config.num_train_steps + 1):
                     # -- A step; the previous one is checked while this one runs --
-                    state, step_figures = self._train_step(
+                    state, step_figures = self.programs.train(
                         state, self.parallel.put_batch(next(data))
                     )
                     profiler(step, state)

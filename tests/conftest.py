@@ -11,6 +11,9 @@ os.environ["XLA_FLAGS"] = (
 ).strip()
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# JAX on the CPU even where its CUDA plugin is installed (tce_jax[compile-gpu]): the plugin
+# then only compiles for GPU targets (tests/test_compile_mode.py) and never starts a GPU client.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Also for the command-line runs the tests start (they inherit the environment): their tiny
 # programs compile in a fraction of the time, and each run compares only with runs compiled
 # the same way.
