@@ -75,7 +75,6 @@ SLOW_FILES_FIRST = (
     "test_distributed.py",
     "test_workdir.py",
     "test_accumulation.py",
-    "test_sampling.py",
     "test_models.py",
     "test_train.py",
     "test_predict.py",

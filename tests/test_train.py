@@ -24,9 +24,10 @@ def tiny_config(data_dir, variant="tce", **overrides):
 
 @pytest.fixture(scope="module")
 def stochastic_run(small_data_dir, tmp_path_factory):
-    """A finished 6-step Stochastic TCE run (checkpoints at steps 3 and 6)."""
+    """A finished 6-step Stochastic TCE run with tilted class-aware sampling (checkpoints at
+    steps 3 and 6; the sampling probabilities are refreshed every 2 steps)."""
     workdir = str(tmp_path_factory.mktemp("stochastic"))
-    config = tiny_config(small_data_dir, "stochastic_tce")
+    config = tiny_config(small_data_dir, "stochastic_tce", **{"data.class_aware_sampling": True})
     results = train.train_and_evaluate(config, workdir)
     return config, workdir, results
 
@@ -67,6 +68,9 @@ def test_resume_after_interruption_is_exact(stochastic_run, tmp_path):
     step, resumed = latest_checkpoint(resumed_dir)
     assert step == 6
     assert_trees_close(resumed, uninterrupted, rtol=0, atol=0)
+    probs = np.asarray(uninterrupted["sampling_probs"])
+    assert probs.shape == (2, 11) and np.allclose(probs.sum(axis=1), 1.0)
+    assert not np.allclose(probs[1], 1 / 11)  # refreshed from the Stochastic TCE weights
 
 
 def test_loss_falls(small_data_dir, tmp_path):
