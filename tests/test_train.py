@@ -1,5 +1,6 @@
 """End-to-end training: the loss falls, reports are written, resume is exact, jit == pmap."""
 
+import glob
 import os
 import shutil
 
@@ -25,9 +26,14 @@ def tiny_config(data_dir, variant="tce", **overrides):
 @pytest.fixture(scope="module")
 def stochastic_run(small_data_dir, tmp_path_factory):
     """A finished 6-step Stochastic TCE run with tilted class-aware sampling (checkpoints at
-    steps 3 and 6; the sampling probabilities are refreshed every 2 steps)."""
+    steps 3 and 6; the sampling probabilities are refreshed every 2 steps), profiling steps 3
+    and 4 (after the profiler's 2 warm-up steps)."""
     workdir = str(tmp_path_factory.mktemp("stochastic"))
-    config = tiny_config(small_data_dir, "stochastic_tce", **{"data.class_aware_sampling": True})
+    config = tiny_config(
+        small_data_dir,
+        "stochastic_tce",
+        **{"data.class_aware_sampling": True, "profile_steps": 2},
+    )
     results = train.train_and_evaluate(config, workdir)
     return config, workdir, results
 
@@ -55,6 +61,12 @@ def test_run_writes_logs_reports_and_checkpoints(stochastic_run):
     assert step == 6
     assert int(state["step"]) == 6
     assert np.asarray(state["tce_state"]["seen"]).any()
+
+
+def test_run_writes_a_profile_trace(stochastic_run):
+    _, workdir, _ = stochastic_run
+    traces = glob.glob(os.path.join(workdir, "plugins", "profile", "*", "*.xplane.pb"))
+    assert len(traces) == 1, os.listdir(workdir)
 
 
 def test_resume_after_interruption_is_exact(stochastic_run, tmp_path):
