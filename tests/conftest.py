@@ -76,13 +76,13 @@ SLOW_FILES_FIRST = (
     "test_distributed_failures.py",
     "test_checkpointing.py",
     "test_distributed.py",
-    "test_workdir.py",
-    "test_accumulation.py",
-    "test_sampling.py",
-    "test_models.py",
     "test_train.py",
-    "test_predict.py",
     "test_cityscapes_ade20k.py",
+    "test_accumulation.py",
+    "test_workdir.py",
+    "test_models.py",
+    "test_baselines.py",
+    "test_predict.py",
 )
 
 

@@ -1,12 +1,12 @@
-"""`config.profile_steps`: a trace of a few training steps for TensorBoard's Profile tab."""
+"""`config.profile_steps`: a trace of a few training steps for TensorBoard's Profile tab (a
+training run's trace: tests/test_train.py)."""
 
 import glob
 import os
 
 import jax.numpy as jnp
 
-from configs import default
-from tce_jax import profiling, train
+from tce_jax import profiling
 
 
 def traces(logdir) -> list[str]:
@@ -48,12 +48,3 @@ def test_profiler_stops_a_trace_left_open_at_the_end(tmp_path):
     assert profiler.running
     profiler.close(jnp.zeros(1))
     assert not profiler.running and len(traces(tmp_path)) == 1
-
-
-def test_tiny_run_writes_a_trace(small_data_dir, tmp_path):
-    config = default.get_config("ce,tiny")
-    config.data.data_dir = small_data_dir
-    config.data.final_eval_splits = ("validation",)
-    config.profile_steps = 2
-    train.train_and_evaluate(config, str(tmp_path))
-    assert len(traces(tmp_path)) == 1, os.listdir(tmp_path)

@@ -1,18 +1,15 @@
 """Tilted class-aware sampling: the cached class index, the draw's frequencies and determinism,
-the probability hand-over between trainer and reader, and an exactly resumable run."""
+and the probability hand-over between trainer and reader (an exactly resumed class-aware run:
+tests/test_train.py)."""
 
-import os
-import shutil
 import threading
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from configs import default
-from tce_jax import losses, sampling, train
+from tce_jax import losses, sampling
 
 
 def _members():
@@ -127,33 +124,3 @@ def test_advance_sampling_probs_moves_on_at_period_starts():
     np.testing.assert_array_equal(unchanged, probs)
     rolled = sampling.advance_sampling_probs(probs, 8, fresh, 4)
     np.testing.assert_array_equal(rolled, jnp.stack([probs[1], fresh]))
-
-
-def _final_state(workdir):
-    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
-    state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore())
-    manager.close()
-    return state
-
-
-def test_class_aware_training_resumes_exactly(small_data_dir, tmp_path):
-    config = default.get_config("stochastic_tce,tiny")
-    config.data.data_dir = small_data_dir
-    config.data.class_aware_sampling = True
-    config.data.sampling_refresh_steps = 2
-    config.data.final_eval_splits = ("validation",)
-    config.num_train_steps = 4
-    config.checkpoint_every_steps = 2
-    config.eval_every_steps = 4
-    full = str(tmp_path / "full")
-    train.train_and_evaluate(config, full)
-    resumed = str(tmp_path / "resumed")
-    shutil.copytree(full, resumed)
-    shutil.rmtree(os.path.join(resumed, "checkpoints", "4"))
-    train.train_and_evaluate(config, resumed)
-    a, b = _final_state(full), _final_state(resumed)
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
-    probs = np.asarray(a["sampling_probs"])
-    assert probs.shape == (2, 11) and np.allclose(probs.sum(axis=1), 1.0)
-    assert not np.allclose(probs[1], 1 / 11)  # refreshed from the Stochastic TCE weights

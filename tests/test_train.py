@@ -1,5 +1,6 @@
 """End-to-end training: the loss falls, reports are written, resume is exact, jit == pmap."""
 
+import glob
 import os
 import shutil
 
@@ -24,9 +25,15 @@ def tiny_config(data_dir, variant="tce", **overrides):
 
 @pytest.fixture(scope="module")
 def stochastic_run(small_data_dir, tmp_path_factory):
-    """A finished 6-step Stochastic TCE run (checkpoints at steps 3 and 6)."""
+    """A finished 6-step Stochastic TCE run with tilted class-aware sampling (checkpoints at
+    steps 3 and 6; the sampling probabilities are refreshed every 2 steps), profiling steps 3
+    and 4 (after the profiler's 2 warm-up steps)."""
     workdir = str(tmp_path_factory.mktemp("stochastic"))
-    config = tiny_config(small_data_dir, "stochastic_tce")
+    config = tiny_config(
+        small_data_dir,
+        "stochastic_tce",
+        **{"data.class_aware_sampling": True, "profile_steps": 2},
+    )
     results = train.train_and_evaluate(config, workdir)
     return config, workdir, results
 
@@ -56,6 +63,12 @@ def test_run_writes_logs_reports_and_checkpoints(stochastic_run):
     assert np.asarray(state["tce_state"]["seen"]).any()
 
 
+def test_run_writes_a_profile_trace(stochastic_run):
+    _, workdir, _ = stochastic_run
+    traces = glob.glob(os.path.join(workdir, "plugins", "profile", "*", "*.xplane.pb"))
+    assert len(traces) == 1, os.listdir(workdir)
+
+
 def test_resume_after_interruption_is_exact(stochastic_run, tmp_path):
     config, workdir, _ = stochastic_run
     _, uninterrupted = latest_checkpoint(workdir)
@@ -67,6 +80,9 @@ def test_resume_after_interruption_is_exact(stochastic_run, tmp_path):
     step, resumed = latest_checkpoint(resumed_dir)
     assert step == 6
     assert_trees_close(resumed, uninterrupted, rtol=0, atol=0)
+    probs = np.asarray(uninterrupted["sampling_probs"])
+    assert probs.shape == (2, 11) and np.allclose(probs.sum(axis=1), 1.0)
+    assert not np.allclose(probs[1], 1 / 11)  # refreshed from the Stochastic TCE weights
 
 
 def test_loss_falls(small_data_dir, tmp_path):

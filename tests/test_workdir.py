@@ -51,9 +51,10 @@ def tiny_config(**fields):
 
 @pytest.fixture(scope="module")
 def finished_run(small_data_dir, tmp_path_factory):
-    """A workdir of a complete tiny run (checkpoints at steps 3 and 6)."""
+    """A workdir of a complete tiny run (checkpoints at steps 3 and 6), run in the test process
+    (its 8 devices; the tests that resume it run there too)."""
     path = tmp_path_factory.mktemp("finished") / "run"
-    result = run_utils.run_main(*run_utils.run_flags(path, small_data_dir), devices=2)
+    result = run_in_process(path, small_data_dir)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return path
 
@@ -288,8 +289,8 @@ def test_every_start_records_its_provenance(finished_run):
     assert record["devices"] == {
         "platform": "cpu",
         "kinds": ["cpu"],
-        "count": 2,
-        "local_count": 2,
+        "count": 8,
+        "local_count": 8,
         "process_count": 1,
     }
     assert not (finished_run / workdir.LOCK_FILE).exists()  # released at the end
