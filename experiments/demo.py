@@ -58,9 +58,10 @@ def prepare_dataset(data_dir: str):
 def final_figures(run_dir: str, split: str, class_names) -> dict:
     """The figures of `split` in a finished run's `final_metrics.json`, in the form of
     `metrics.segmentation_figures` that `metrics.format_table` reads (NaN where absent)."""
-    with open(os.path.join(run_dir, sweep.FINAL_FILE)) as f:
+    from tce_jax import metrics, workdir
+
+    with open(os.path.join(run_dir, workdir.FINAL_METRICS_FILE)) as f:
         flat = json.load(f)[split]
-    from tce_jax import metrics
 
     figures = {key: flat.get(key, math.nan) for key in metrics.SUMMARY_KEYS}
     figures["iou"] = [flat.get(f"iou/{name}", math.nan) for name in class_names]

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from experiments import (
+    demo,
     report,
     report_plots,
     report_render,
@@ -115,6 +116,25 @@ def test_sweep_runs_everything_then_skips_finished_runs(tmp_path, fake_runner):
     grid3 = sweep.Grid(grid.config, grid.arms, [0, 1, 2], grid.common)
     result = run_sweep(workdir, grid3, fake_runner)
     assert sorted(result["ran"]) == ["ce/seed2", "tce_t1/seed2", "tce_t2.5/seed2"]
+
+
+def test_demo_runs_through_the_sweep_and_tabulates_the_finished_runs(tmp_path, fake_runner):
+    """The demo's two runs (its budget, the data dir) go through the sweep; its table reads each
+    run's final_metrics.json (NaN for a figure the file lacks)."""
+    runs = demo.demo_runs(None, "/data")
+    assert [r.name for r in runs] == ["ce/seed0", "tce/seed0"]
+    assert {r.overrides["loss.name"] for r in runs} == {"ce", "tce"}
+    for run in runs:
+        assert run.overrides["num_train_steps"] == demo.BUDGET["num_train_steps"]
+        assert run.overrides["data.data_dir"] == "/data"
+    assert demo.demo_runs(7, "")[0].overrides["num_train_steps"] == 7
+    workdir = tmp_path / "demo"
+    result = sweep.execute(str(workdir), runs, runner=fake_runner, poll_s=0.02,
+                           compile_cache=False, stream=io.StringIO())
+    assert sorted(result["ran"]) == ["ce/seed0", "tce/seed0"]
+    figures = demo.final_figures(sweep.run_dir(str(workdir), runs[0]), "validation", ["a", "b"])
+    assert figures["miou"] == 0.5 and figures["worst_iou"] == 0.1
+    assert math.isnan(figures["pixel_accuracy"]) and all(math.isnan(x) for x in figures["iou"])
 
 
 def test_sweep_refuses_conflicting_run_directories(tmp_path, fake_runner):
