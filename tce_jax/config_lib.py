@@ -7,7 +7,7 @@ import math
 import ml_collections
 
 from tce_jax import device_transforms, losses, objectives
-from tce_jax.objectives import LOSSES, parse_class_weights
+from tce_jax.objectives import LOSSES, parse_class_counts, parse_class_weights
 
 
 def get_base_config() -> ml_collections.ConfigDict:
@@ -68,7 +68,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.model.pretrained = ""  # local file with backbone weights (DeepLabV3+ only)
 
     config.loss = ml_collections.ConfigDict()
-    config.loss.name = "tce"  # ce | tce | stochastic_tce | weighted_ce | focal | lovasz
+    # ce | tce | stochastic_tce | weighted_ce | focal | lovasz | recall | class_balanced
+    config.loss.name = "tce"
     config.loss.t = 1.0  # class-level tilt
     config.loss.tau = 0.0  # pixel-level tilt (hierarchical TERM)
     config.loss.class_weighting = "frequency"  # frequency | uniform
@@ -83,6 +84,11 @@ def get_base_config() -> ml_collections.ConfigDict:
     # counts), or one weight per class, comma-separated ("1,2.5,...").
     config.loss.class_weights = "inverse_frequency"
     config.loss.focal_gamma = 2.0  # focal
+    # class_balanced (Cui et al.): weights (1 - beta) / (1 - beta^n_c) from the counts n_c of
+    # cb_counts: "images" (training images containing each class), "pixels" (its pixels; any
+    # beta < 1 - 1e-8 then gives uniform weights), or one count per class, comma-separated.
+    config.loss.cb_beta = 0.9999
+    config.loss.cb_counts = "images"
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "adamw"  # sgd | adamw
@@ -249,12 +255,20 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         config.loss.focal_gamma,
         "a number >= 0",
     )
-    try:
-        parse_class_weights(config.loss.class_weights)
-    except ValueError as e:
-        raise ConfigError(
-            f"{e} Fix it in the config file or with --config.loss.class_weights=..."
-        ) from None
+    for field, parse in (("class_weights", parse_class_weights), ("cb_counts", parse_class_counts)):
+        try:
+            parse(config.loss[field])
+        except ValueError as e:
+            raise ConfigError(
+                f"{e} Fix it in the config file or with --config.loss.{field}=..."
+            ) from None
+    beta = config.loss.cb_beta
+    _check(
+        isinstance(beta, int | float) and 0.0 <= beta <= 1.0,
+        "loss.cb_beta",
+        beta,
+        "a number in [0, 1] (0: uniform weights, 1: inverse frequency; the reference's 0.9999)",
+    )
     accum = config.grad_accum_steps
     _check(
         isinstance(accum, int) and not isinstance(accum, bool) and accum >= 1,

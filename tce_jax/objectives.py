@@ -38,6 +38,11 @@ The names:
 * `focal`: softmax focal loss with `loss.focal_gamma`;
 * `lovasz`: Lovász-softmax over the batch (classes present in the batch); it sorts the pixel
   errors of the whole batch, so it has no finisher and cannot be accumulated.
+* `recall`: the recall loss, CE weighted by `1 - recall_c` of the batch's hard predictions
+  (the true positives are extra counts);
+* `class_balanced`: class-balanced CE with `loss.cb_beta` and `loss.cb_counts` (`'images'`
+  or `'pixels'` of the training split, which the trainer reads once, `resolve_class_counts`;
+  or C comma-separated numbers).
 
 Config values are checked once, by `config_lib.validate_config`, before any of this runs.
 """
@@ -60,28 +65,68 @@ AUX_KEYS = ("objective", "class_loss", "class_weight", "num_invalid")
 REQUIRED_AUX_KEYS = ("class_loss", "num_invalid")
 
 
+def _numbers(value) -> np.ndarray | None:
+    """Numbers from a sequence or "1,2.5,...": finite, non-negative, not all zero; else None."""
+    try:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        vector = np.array([float(x) for x in items], np.float64)
+    except (TypeError, ValueError):
+        return None
+    if vector.size == 0 or not np.all(np.isfinite(vector)) or np.any(vector < 0):
+        return None
+    return vector if np.any(vector > 0) else None
+
+
 def parse_class_weights(value) -> str | np.ndarray:
     """`config.loss.class_weights`: a scheme name, or numbers (a sequence or "1,2.5,...")."""
     if isinstance(value, str) and value in losses.CLASS_WEIGHT_SCHEMES:
         return value
-    try:
-        items = value.split(",") if isinstance(value, str) else list(value)
-        vector = np.array([float(x) for x in items], np.float32)
-    except (TypeError, ValueError):
-        vector = None
-    if (
-        vector is None
-        or vector.size == 0
-        or not np.all(np.isfinite(vector))
-        or np.any(vector < 0)
-        or not np.any(vector > 0)
-    ):
+    vector = _numbers(value)
+    if vector is None:
         raise ValueError(
             f"config.loss.class_weights={value!r} is invalid: expected one of "
             f"{losses.CLASS_WEIGHT_SCHEMES} or one non-negative number per class, "
             "comma-separated (e.g. '1,2,0.5')."
         )
+    return vector.astype(np.float32)
+
+
+# `config.loss.cb_counts` that the trainer reads from the training split's class index
+# (`tce_jax.datasets.class_index.ClassIndex`): the images containing each class, or its pixels.
+CLASS_COUNT_SOURCES = {
+    "images": lambda index: np.sum(index.presence, axis=0, dtype=np.int64),
+    "pixels": lambda index: np.sum(index.counts, axis=0, dtype=np.int64),
+}
+
+
+def parse_class_counts(value) -> str | np.ndarray:
+    """`config.loss.cb_counts`: a name of `CLASS_COUNT_SOURCES`, or numbers ("120,4,...")."""
+    if isinstance(value, str) and value in CLASS_COUNT_SOURCES:
+        return value
+    vector = _numbers(value)
+    if vector is None:
+        raise ValueError(
+            f"config.loss.cb_counts={value!r} is invalid: expected one of "
+            f"{tuple(CLASS_COUNT_SOURCES)} (counted in the training split) or one non-negative "
+            "count per class, comma-separated (e.g. '2975,120,0')."
+        )
     return vector
+
+
+def resolve_class_counts(
+    config: ml_collections.ConfigDict, class_index: Callable[[], object]
+) -> ml_collections.ConfigDict:
+    """`config`, or for `loss.name='class_balanced'` with `loss.cb_counts` one of
+    `CLASS_COUNT_SOURCES`, a copy whose `loss.cb_counts` holds those counts of
+    `class_index()` (the training split's `ClassIndex`, read only then) as numbers: the
+    weights are fixed for the whole run."""
+    source = config.loss.cb_counts
+    if config.loss.name != "class_balanced" or source not in CLASS_COUNT_SOURCES:
+        return config
+    counts = CLASS_COUNT_SOURCES[source](class_index())
+    resolved = config.copy_and_resolve_references()
+    resolved.loss.cb_counts = ",".join(str(int(n)) for n in counts)
+    return resolved
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +231,35 @@ def _focal_sum(logits, labels, classes, *, gamma):
     return {"focal": losses.softmax_focal_loss(logits, labels, gamma=gamma) * valid}, {}
 
 
+def _recall(stats, tce_state):
+    true_positives = stats.counts["true_positives"]
+    loss, aux = losses.recall_cross_entropy_from_statistics(stats.classes, true_positives)
+    return loss, tce_state, aux
+
+
+def _true_positives(logits, labels, classes):
+    return {}, {"true_positives": losses.class_true_positives(logits, labels)}
+
+
+def _class_balanced(stats, tce_state, *, counts, beta):
+    counts = parse_class_counts(counts)
+    if isinstance(counts, str):  # the trainer replaces the name by the counts it reads
+        raise ValueError(
+            f"config.loss.cb_counts={counts!r} is counted in the training split, which only "
+            "the trainer reads; here pass the counts: --config.loss.cb_counts=n_1,...,n_C."
+        )
+    num_classes = stats.classes.count.shape[-1]
+    if counts.shape != (num_classes,):
+        raise ValueError(
+            f"config.loss.cb_counts has {counts.size} counts but the model has {num_classes} "
+            f"classes: give one count per class (--config.loss.cb_counts=n_1,...,n_C)."
+        )
+    loss, aux = losses.class_balanced_cross_entropy_from_statistics(
+        stats.classes, class_count=counts, beta=beta
+    )
+    return loss, tce_state, aux
+
+
 # ---------------------------------------------------------------------------------------------
 # The registry: one entry per loss.
 
@@ -233,6 +307,10 @@ OBJECTIVES: dict[str, Objective] = {
     ),
     "focal": Objective(_focal, lambda cfg: {"gamma": float(cfg.focal_gamma)}, _focal_sum),
     "lovasz": Objective(loss=losses.lovasz_softmax),
+    "recall": Objective(_recall, extra=_true_positives),
+    "class_balanced": Objective(
+        _class_balanced, lambda cfg: {"counts": cfg.cb_counts, "beta": float(cfg.cb_beta)}
+    ),
 }
 LOSSES = tuple(OBJECTIVES)
 # The losses with a tilt `loss.t` (the sweep expands their t values; the report groups by it).

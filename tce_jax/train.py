@@ -28,6 +28,7 @@ from tce_jax import (
     datasets,
     input_pipeline,
     metrics,
+    objectives,
     parallel,
     pretrained,
     profiling,
@@ -35,6 +36,7 @@ from tce_jax import (
     train_metrics,
 )
 from tce_jax import workdir as workdir_lib
+from tce_jax.datasets import class_index
 from tce_jax.steps import TrainState
 
 
@@ -55,8 +57,13 @@ class Trainer:
         self.spec = datasets.get_dataset_spec(config.data.name, config)
         self.num_classes = self.spec.num_classes
         self.parallel = parallel.create_parallel(config)
-        # The model and the compiled steps, as `--mode=compile` compiles them for a target.
-        self.programs = programs.Programs(config, self.spec, self.parallel)
+        # The model and the compiled steps, as `--mode=compile` compiles them for a target;
+        # their loss reads the training split's class counts first if it needs them
+        # (class_balanced; `objectives.resolve_class_counts`).
+        program_config = config
+        if prepare_data:
+            program_config = objectives.resolve_class_counts(config, self._train_class_index)
+        self.programs = programs.Programs(program_config, self.spec, self.parallel)
         self._eval_geometry: dict[str, input_pipeline.EvalGeometry] = {}
         self.manager = checkpointing.create_checkpoint_manager(
             os.path.join(workdir, "checkpoints"), config.keep_checkpoints
@@ -79,6 +86,10 @@ class Trainer:
         """The prepared dataset of `config.data.name` as this process reads it (prediction on
         image files uses none: `Trainer(..., prepare_data=False)`)."""
         return input_pipeline.Dataset.load(self.config, self.layout)
+
+    def _train_class_index(self):
+        split = self.config.data.train_split
+        return class_index.get_class_index(self.data.builder, self.spec, split)
 
     # -- state -----------------------------------------------------------------------------
 

@@ -142,6 +142,10 @@ LOSS_CASES = {
     ),
     "focal": losses.softmax_focal_loss,
     "lovasz": losses.lovasz_softmax,
+    "recall": losses.recall_cross_entropy,
+    "class_balanced": functools.partial(
+        losses.class_balanced_cross_entropy, class_count=np.arange(NUM_CLASSES) + 1
+    ),
     "class_statistics": _statistics_sum,
     "class_statistics_tau": functools.partial(_statistics_sum, tau=-0.5),
 }

@@ -16,6 +16,7 @@ def test_losses_are_the_registry_names_and_every_entry_builds():
     labels = jnp.asarray(np.random.default_rng(1).integers(0, 5, size=(2, 4, 4)), jnp.int32)
     for name in objectives.LOSSES:
         config = default.get_config(name)
+        config.loss.cb_counts = "9,5,3,0,1"  # class_balanced's (the trainer reads the data's)
         loss, _, aux = objectives.create_loss_fn(config)(
             logits, labels, losses.stochastic_tce_init(5), None
         )
@@ -55,6 +56,8 @@ def test_the_tilted_losses_are_the_entries_that_read_t_and_tau():
         ("weighted_ce", {"class_weights": "median_frequency"}),
         ("focal", {}),
         ("lovasz", {}),
+        ("recall", {}),
+        ("class_balanced", {"cb_counts": "9,5,3,0,1"}),
     ],
 )
 def test_pmap_objective_equals_the_objective_of_the_whole_batch(name, fields):
