@@ -76,6 +76,8 @@ CASES = {
     "weighted_ce": loss_config("weighted_ce", class_weights="median_frequency"),
     "weighted_ce_vector": loss_config("weighted_ce", class_weights="1,2,0.5,3,4"),
     "focal": loss_config("focal", focal_gamma=2.0),
+    "recall": loss_config("recall"),
+    "class_balanced": loss_config("class_balanced", cb_counts="500,90,40,3,0", cb_beta=0.99),
 }
 
 
