@@ -142,6 +142,8 @@ LOSS_CASES = {
     ),
     "focal": losses.softmax_focal_loss,
     "lovasz": losses.lovasz_softmax,
+    "ohem": functools.partial(losses.ohem_cross_entropy, min_kept=50),
+    "dice": losses.dice_loss,
     "class_statistics": _statistics_sum,
     "class_statistics_tau": functools.partial(_statistics_sum, tau=-0.5),
 }
