@@ -68,8 +68,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.model.pretrained = ""  # local file with backbone weights (DeepLabV3+ only)
 
     config.loss = ml_collections.ConfigDict()
-    # ce | tce | stochastic_tce | weighted_ce | focal | lovasz | recall | class_balanced
-    config.loss.name = "tce"
+    config.loss.name = "tce"  # a name of tce_jax.objectives.LOSSES
     config.loss.t = 1.0  # class-level tilt
     config.loss.tau = 0.0  # pixel-level tilt (hierarchical TERM)
     config.loss.class_weighting = "frequency"  # frequency | uniform
@@ -89,6 +88,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     # beta < 1 - 1e-8 then gives uniform weights), or one count per class, comma-separated.
     config.loss.cb_beta = 0.9999
     config.loss.cb_counts = "images"
+    # ohem (docs/comparison.md): min_kept is per image; mmsegmentation's 100000 per 512x1024
+    # crop (get_recipe_config), here the same share of a 64x128 crop.
+    config.loss.ohem_thresh = 0.7
+    config.loss.ohem_min_kept = 100_000 * 64 * 128 // (512 * 1024)
+    config.loss.dice_smooth = 1.0  # dice (mmsegmentation 0.x's smooth and exponent)
+    config.loss.dice_exponent = 2.0
 
     config.optimizer = ml_collections.ConfigDict()
     config.optimizer.name = "adamw"  # sgd | adamw
@@ -101,7 +106,8 @@ def get_base_config() -> ml_collections.ConfigDict:
 
     config.global_batch_size = 16
     # Exact gradient accumulation: the global batch runs as this many micro-batches (same loss
-    # and gradients, activation memory of a micro-batch; tce_jax.accumulation). Not for lovasz.
+    # and gradients, activation memory of a micro-batch; tce_jax.accumulation). Not for lovasz
+    # or ohem.
     config.grad_accum_steps = 1
     config.num_train_steps = 1200
     config.parallelism = "jit"  # jit (device mesh) | pmap
@@ -269,6 +275,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         beta,
         "a number in [0, 1] (0: uniform weights, 1: inverse frequency; the reference's 0.9999)",
     )
+    _validate_ohem_dice(config.loss)
     accum = config.grad_accum_steps
     _check(
         isinstance(accum, int) and not isinstance(accum, bool) and accum >= 1,
@@ -393,6 +400,27 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _validate_ohem_dice(loss: ml_collections.ConfigDict) -> None:
+    """The fields of `ohem` and `dice` (`tce_jax.losses.ohem_cross_entropy`, `dice_loss`)."""
+    thresh, min_kept = loss.ohem_thresh, loss.ohem_min_kept
+    _check(
+        _is_number(thresh) and 0 <= thresh <= 1, "loss.ohem_thresh", thresh, "a number in [0, 1]"
+    )
+    _check(
+        isinstance(min_kept, int) and not isinstance(min_kept, bool) and min_kept >= 0,
+        "loss.ohem_min_kept",
+        min_kept,
+        "an integer >= 0 (pixels kept per image)",
+    )
+    smooth, exponent = loss.dice_smooth, loss.dice_exponent
+    _check(_is_number(smooth) and smooth >= 0, "loss.dice_smooth", smooth, "a number >= 0")
+    _check(_is_number(exponent) and exponent >= 1, "loss.dice_exponent", exponent, "a number >= 1")
+
+
 def _validate_tta(data: ml_collections.ConfigDict) -> None:
     """Test-time augmentation fields (see `tce_jax.inference.tta_probabilities`)."""
     _check(isinstance(data.tta_flip, bool), "data.tta_flip", data.tta_flip, "True or False")
@@ -465,6 +493,7 @@ def get_recipe_config() -> ml_collections.ConfigDict:
     opt = config.optimizer
     opt.name, opt.learning_rate, opt.momentum, opt.weight_decay = "sgd", 0.01, 0.9, 5e-4
     opt.schedule, opt.poly_power, opt.warmup_steps = "poly", 0.9, 0
+    config.loss.ohem_min_kept = 100_000  # mmsegmentation's OHEMPixelSampler, per image
     config.log_every_steps = 50
     return config
 

@@ -8,14 +8,14 @@ nothing else):
 
 * `class_loss` (`[C]`): the per-class losses of the batch. For TCE, Stochastic TCE and CE the
   mean pixel cross-entropy of each class (`L_c`, also what TCE tilts), for weighted CE the
-  same, and for the focal and Lovász losses also the per-class cross-entropy (a diagnostic:
-  not what they minimise). 0 for classes absent from the batch.
+  same, and for the focal, Lovász, OHEM and Dice losses also the per-class cross-entropy (a
+  diagnostic: not what they minimise). 0 for classes absent from the batch.
 * `class_weight` (`[C]`, where defined): the share of each class's mean loss in the
   gradient, `sum_c w_c grad L_c`: the tilted weights for TCE, the class frequencies of the batch
   for CE (what TCE gives at t = 0), `w_c n_c / sum w n` for weighted CE. Not logged for the
-  focal and Lovász losses, whose gradients do not decompose over the class means.
+  focal, Lovász, OHEM and Dice losses, whose gradients do not decompose over the class means.
 
-Every loss but Lovász is computed one way: the additive statistics `S` of the batch
+Every loss but Lovász and OHEM is computed one way: the additive statistics `S` of the batch
 (`BatchStatistics`: the per-class statistics of `tce_jax.losses`, plus the sums and counts a
 loss needs beyond them), then its finisher `F(S)`. The one-pass objective (`create_loss_fn`)
 takes `S` of the whole batch, reduced over the devices; exact gradient accumulation
@@ -43,6 +43,10 @@ The names:
 * `class_balanced`: class-balanced CE with `loss.cb_beta` and `loss.cb_counts` (`'images'`
   or `'pixels'` of the training split, which the trainer reads once, `resolve_class_counts`;
   or C comma-separated numbers).
+* `ohem`: CE over the hard pixels, `loss.ohem_thresh`, `loss.ohem_min_kept` (per image); its
+  threshold is an order statistic of the whole batch: no finisher, no accumulation.
+* `dice`: soft Dice over all classes, `loss.dice_smooth`, `loss.dice_exponent`; its per-class
+  sums are additive (`sums`).
 
 Config values are checked once, by `config_lib.validate_config`, before any of this runs.
 """
@@ -260,6 +264,19 @@ def _class_balanced(stats, tce_state, *, counts, beta):
     return loss, tce_state, aux
 
 
+def _dice(stats, tce_state, *, smooth, exponent):
+    dice = losses.DiceStatistics(
+        stats.sums["dice_intersection"], stats.sums["dice_prediction"], stats.classes.count
+    )
+    loss, _ = losses.dice_loss_from_statistics(dice, smooth=smooth)
+    return loss, tce_state, _class_aux(stats.classes)
+
+
+def _dice_sums(logits, labels, classes, *, smooth, exponent):
+    dice = losses.dice_statistics(logits, labels, exponent=exponent)
+    return {"dice_intersection": dice.intersection, "dice_prediction": dice.prediction}, {}
+
+
 # ---------------------------------------------------------------------------------------------
 # The registry: one entry per loss.
 
@@ -310,6 +327,15 @@ OBJECTIVES: dict[str, Objective] = {
     "recall": Objective(_recall, extra=_true_positives),
     "class_balanced": Objective(
         _class_balanced, lambda cfg: {"counts": cfg.cb_counts, "beta": float(cfg.cb_beta)}
+    ),
+    "ohem": Objective(
+        options=lambda cfg: {"thresh": float(cfg.ohem_thresh), "min_kept": int(cfg.ohem_min_kept)},
+        loss=losses.ohem_cross_entropy,
+    ),
+    "dice": Objective(
+        _dice,
+        lambda cfg: {"smooth": float(cfg.dice_smooth), "exponent": float(cfg.dice_exponent)},
+        _dice_sums,
     ),
 }
 LOSSES = tuple(OBJECTIVES)
@@ -371,9 +397,9 @@ def create_decomposition(config: ml_collections.ConfigDict) -> Decomposition:
     entry = OBJECTIVES[name]
     if entry.finish is None:
         raise ValueError(
-            f"loss.name={name!r} is not a function of additive statistics (the Lovász "
-            "loss sorts the pixel errors of the whole batch), so it cannot be accumulated "
-            "over micro-batches."
+            f"loss.name={name!r} is not a function of additive statistics (it needs the whole "
+            "batch at once: Lovász sorts its pixel errors, OHEM takes an order statistic of its "
+            "probabilities), so it cannot be accumulated over micro-batches."
         )
     options = entry.options(config.loss)
 

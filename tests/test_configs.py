@@ -199,8 +199,8 @@ def test_cli_unknown_variant_and_missing_config_file_are_one_line(tmp_path):
         .splitlines()[-1]
         .endswith(
             "ValueError: Unknown config variant 'cee' (did you mean 'ce'?); use any of ce, tce, "
-            "stochastic_tce, weighted_ce, focal, lovasz, recall, class_balanced, sampling, r50, "
-            "r101, bf16, slide, tta, tiny, comma-separated."
+            "stochastic_tce, weighted_ce, focal, lovasz, recall, class_balanced, ohem, dice, "
+            "sampling, r50, r101, bf16, slide, tta, tiny, comma-separated."
         )
     )
     assert missing.stderr.strip().splitlines()[-1] == (

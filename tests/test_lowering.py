@@ -146,6 +146,8 @@ LOSS_CASES = {
     "class_balanced": functools.partial(
         losses.class_balanced_cross_entropy, class_count=np.arange(NUM_CLASSES) + 1
     ),
+    "ohem": functools.partial(losses.ohem_cross_entropy, min_kept=50),
+    "dice": losses.dice_loss,
     "class_statistics": _statistics_sum,
     "class_statistics_tau": functools.partial(_statistics_sum, tau=-0.5),
 }

@@ -23,7 +23,7 @@ def test_losses_are_the_registry_names_and_every_entry_builds():
         assert np.isfinite(float(loss)), name
         assert set(aux) <= set(objectives.AUX_KEYS), name
         assert {"class_loss", "num_invalid"} <= set(aux), name
-        assert objectives.supports_accumulation(name) == (name != "lovasz")
+        assert objectives.supports_accumulation(name) == (name not in ("lovasz", "ohem"))
 
 
 def test_the_aux_contract_is_enforced_for_every_objective(monkeypatch):
@@ -58,6 +58,8 @@ def test_the_tilted_losses_are_the_entries_that_read_t_and_tau():
         ("lovasz", {}),
         ("recall", {}),
         ("class_balanced", {"cb_counts": "9,5,3,0,1"}),
+        ("ohem", {"ohem_thresh": 0.5, "ohem_min_kept": 2}),
+        ("dice", {"dice_smooth": 0.5}),
     ],
 )
 def test_pmap_objective_equals_the_objective_of_the_whole_batch(name, fields):

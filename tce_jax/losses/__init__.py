@@ -49,16 +49,29 @@ Modules (everything public is re-exported here; import from ``tce_jax.losses``):
   loss, Lovász-softmax);
 * ``reweighted``: CE reweighted per class, the mean of ``w_{y_i} l_i``: the recall loss and
   class-balanced CE;
+* ``ohem``: ``ohem_cross_entropy``, CE over the hard pixels (an exact global order statistic);
+* ``dice``: ``dice_loss``, the soft Dice loss, and its additive statistics;
 * ``_statistics``: per-pixel losses and the per-class statistics (and their GPU/TPU-safe
   reductions) that every loss reduces over the global batch;
 * ``_validation``: the argument checks (trace time).
 """
 
 # Each module lists its public names in its __all__: a new loss is exported by adding it there.
-from tce_jax.losses import _statistics, baselines, reweighted, tilted
+from tce_jax.losses import _statistics, baselines, dice, ohem, reweighted, tilted
 from tce_jax.losses._statistics import *  # noqa: F403
 from tce_jax.losses.baselines import *  # noqa: F403
+from tce_jax.losses.dice import *  # noqa: F403
+from tce_jax.losses.ohem import *  # noqa: F403
 from tce_jax.losses.reweighted import *  # noqa: F403
 from tce_jax.losses.tilted import *  # noqa: F403
 
-__all__ = sorted([*_statistics.__all__, *baselines.__all__, *reweighted.__all__, *tilted.__all__])
+__all__ = sorted(
+    [
+        *_statistics.__all__,
+        *baselines.__all__,
+        *dice.__all__,
+        *ohem.__all__,
+        *reweighted.__all__,
+        *tilted.__all__,
+    ]
+)
