@@ -7,8 +7,8 @@ Variants are chosen after a colon, comma-separated, e.g.::
 
 * `ce`, `tce`, `stochastic_tce`, `weighted_ce`, `focal`, `lovasz`: the loss (default `tce`);
 * `tiny`: six steps of a small U-Net on small crops of a subset, for tests and smoke runs;
-* the other variants every config accepts (`sampling`, `r50`, `r101`, `bf16`, `slide`, `tta`;
-  see `tce_jax.config_lib.VARIANTS`).
+* the other variants every config accepts (`sampling`, `rcs`, `repeat_factor`, `r50`, `r101`,
+  `bf16`, `slide`, `tta`; see `tce_jax.config_lib.VARIANTS`).
 
 Any field can be overridden on the command line: `--config.loss.t=2.0`.
 """

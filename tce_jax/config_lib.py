@@ -6,7 +6,7 @@ import math
 
 import ml_collections
 
-from tce_jax import device_transforms, losses, objectives
+from tce_jax import device_transforms, losses, objectives, sampling
 from tce_jax.objectives import LOSSES, parse_class_counts, parse_class_weights
 
 
@@ -60,6 +60,17 @@ def get_base_config() -> ml_collections.ConfigDict:
     # alone) or "loss" (loss.class_weighting's prior, with which frequent classes dominate the
     # draw as they do the pixels); docs/maths.md.
     config.data.sampling_prior = "uniform"
+    # The sampler (tce_jax.sampling, docs/comparison.md): "uniform" (shuffled epochs), "tilted"
+    # (the same as class_aware_sampling=True), "rcs" (DAFormer's Rare Class Sampling) or
+    # "repeat_factor" (LVIS's repeat-factor sampling).
+    config.data.sampling = "uniform"
+    config.data.rcs_temperature = 0.01  # T of P(c) = softmax((1 - f_c) / T)
+    # rcs: an image must hold more than rcs_min_pixels pixels of the drawn class, its crop more
+    # than rcs_min_pixels * rcs_min_crop_ratio (0 = no re-crop); both for a 512x512 crop, scaled
+    # by the crop's area (sampling.rcs_min_pixels).
+    config.data.rcs_min_pixels = 3000
+    config.data.rcs_min_crop_ratio = 0.5
+    config.data.repeat_factor_threshold = 0.001  # t of r_i = max_c max(1, sqrt(t / f_c))
     config.data.folder = get_folder_fields()  # data.name = "folder": your own dataset
 
     config.model = ml_collections.ConfigDict()
@@ -374,24 +385,12 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "an integer > 0",
     )
     _check(
-        not data.class_aware_sampling or config.loss.name == "stochastic_tce",
-        "data.class_aware_sampling",
-        data.class_aware_sampling,
-        "False unless loss.name='stochastic_tce' (the sampler reads its running weights)",
-    )
-    _check(
         data.sampling_prior in SAMPLING_PRIORS,
         "data.sampling_prior",
         data.sampling_prior,
         f"one of {SAMPLING_PRIORS}",
     )
-    _check(
-        config.loss.batch_loss == "tilted" or data.class_aware_sampling,
-        "loss.batch_loss",
-        config.loss.batch_loss,
-        "'tilted' unless data.class_aware_sampling=True (plain CE over uniformly drawn batches "
-        "would not tilt at all)",
-    )
+    _validate_sampling(config)
     _check(
         not config.model.pretrained or is_deeplab(config.model.name),
         "model.pretrained",
@@ -419,6 +418,52 @@ def _validate_ohem_dice(loss: ml_collections.ConfigDict) -> None:
     smooth, exponent = loss.dice_smooth, loss.dice_exponent
     _check(_is_number(smooth) and smooth >= 0, "loss.dice_smooth", smooth, "a number >= 0")
     _check(_is_number(exponent) and exponent >= 1, "loss.dice_exponent", exponent, "a number >= 1")
+
+
+def _validate_sampling(config: ml_collections.ConfigDict) -> None:
+    """The sampler's fields (`tce_jax.sampling`)."""
+    data = config.data
+    samplings = sampling.SAMPLINGS
+    _check(data.sampling in samplings, "data.sampling", data.sampling, f"one of {samplings}")
+    _check(
+        not data.class_aware_sampling or data.sampling in ("uniform", "tilted"),
+        "data.class_aware_sampling",
+        data.class_aware_sampling,
+        f"False with data.sampling={data.sampling!r} (True means data.sampling='tilted')",
+    )
+    tilted = sampling.method(data) == "tilted"
+    field, value, other = ("class_aware_sampling", True, "False")
+    if not data.class_aware_sampling:
+        field, value, other = ("sampling", data.sampling, "another sampler")
+    _check(
+        not tilted or config.loss.name == "stochastic_tce",
+        f"data.{field}",
+        value,
+        f"{other} unless loss.name='stochastic_tce' (the sampler reads its running weights)",
+    )
+    _check(
+        config.loss.batch_loss == "tilted" or tilted,
+        "loss.batch_loss",
+        config.loss.batch_loss,
+        "'tilted' unless data.class_aware_sampling=True or data.sampling='tilted' (plain CE over "
+        "batches drawn otherwise would not tilt at all)",
+    )
+    for field, positive in (
+        ("rcs_temperature", True),
+        ("rcs_min_pixels", False),
+        ("rcs_min_crop_ratio", False),
+        ("repeat_factor_threshold", True),
+    ):
+        value = data[field]
+        _check(
+            isinstance(value, int | float)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and (value > 0 if positive else value >= 0),
+            f"data.{field}",
+            value,
+            "a finite number > 0" if positive else "a finite number >= 0",
+        )
 
 
 def _validate_tta(data: ml_collections.ConfigDict) -> None:
@@ -506,6 +551,13 @@ def _sampling(config):
     config.data.class_aware_sampling = True
 
 
+def _sampler(name: str):
+    def apply(config):
+        config.data.sampling = name
+
+    return apply
+
+
 def _backbone(depth: int):
     def apply(config):
         config.model.name = f"deeplabv3plus_resnet{depth}"
@@ -529,6 +581,8 @@ def _tta(config):  # mmsegmentation's aug-test ratios, with flip
 # name -> what it sets; the loss names (LOSSES) set config.loss.name, and `tiny` is below.
 VARIANTS = {
     "sampling": _sampling,  # tilted class-aware sampling (with stochastic_tce)
+    "rcs": _sampler("rcs"),  # DAFormer's Rare Class Sampling
+    "repeat_factor": _sampler("repeat_factor"),  # LVIS's repeat-factor sampling
     "r50": _backbone(50),
     "r101": _backbone(101),
     "bf16": _bf16,  # bfloat16 compute, float32 parameters

@@ -37,17 +37,62 @@ def _map_labels(label, label_map):
     return tf.gather(lut, tf.cast(label, tf.int32))
 
 
-def train_transform(spec, data_config) -> Callable:
-    """`(image bytes, label bytes, seed int64 [2]) -> example dict` (see `train_augment`): what
-    the training pipeline runs per example (decode, then `train_augment`)."""
+def train_transform(spec, data_config, min_crop_pixels: float | None = None) -> Callable:
+    """`(image bytes, label bytes, seed int64 [2], crop class = -1) -> example dict` (see
+    `train_augment`): what the training pipeline runs per example (decode, then
+    `train_augment`). With `min_crop_pixels` (Rare Class Sampling), the crop is first re-drawn
+    until it holds more than that many pixels of the crop class (`rare_class_seed`)."""
 
-    def transform(image_bytes, label_bytes, seed):
+    def transform(image_bytes, label_bytes, seed, crop_class=-1):
         image, label = decode(spec, image_bytes, label_bytes, map_labels=False)
+        if min_crop_pixels is not None:
+            seed = rare_class_seed(
+                label, seed, crop_class, min_crop_pixels, data_config, spec.label_map
+            )
         return train_augment(
             image, label, seed, data_config, spec.ignore_index, label_map=spec.label_map
         )
 
     return transform
+
+
+# Rare Class Sampling (DAFormer) checks up to this many crops for the drawn class, and keeps
+# the next one if none of them holds enough of it.
+CROP_CHECKS = 10
+
+
+def rare_class_seed(label, seed, crop_class, min_pixels: float, data_config, label_map=None):
+    """The seed `train_augment` should crop with: DAFormer's re-crop, deterministic.
+
+    Attempt `k` is `train_augment`'s draw with seed `s_k`: `s_0 = seed`, `s_k` the `k`-th of
+    `stateless_split(seed, CROP_CHECKS + 1)`. The first of attempts `0 .. CROP_CHECKS - 1`
+    whose crop holds more than `min_pixels` pixels of `crop_class` (int32 scalar) is kept,
+    else attempt `CROP_CHECKS`; only the crops' label windows are computed. `crop_class < 0`
+    keeps `seed`. `label`: uint8 [H, W, 1], raw values mapped by `label_map` ([256] or None).
+    """
+    splits = tf.random.experimental.stateless_split(seed, CROP_CHECKS + 1)
+
+    def seed_of(k):
+        return tf.where(k == 0, seed, splits[k])
+
+    def holds_enough(k):
+        seeds = tf.random.experimental.stateless_split(seed_of(k), 4)
+        size, offset = _crop_geometry(tf.shape(label)[:2], seeds, data_config)
+        # Padding gets 255, never a class.
+        window = _crop_label(label, size, offset, data_config.crop_size, 255, label_map)
+        count = tf.reduce_sum(tf.cast(tf.cast(window, tf.int32) == crop_class, tf.int32))
+        return tf.cast(count, tf.float32) > min_pixels
+
+    def searching(k):
+        return tf.cond(k < CROP_CHECKS, lambda: tf.logical_not(holds_enough(k)), lambda: False)
+
+    crop_class = tf.cast(crop_class, tf.int32)
+    attempt = tf.cond(
+        crop_class < 0,
+        lambda: tf.constant(0),
+        lambda: tf.while_loop(searching, lambda k: (k + 1,), (tf.constant(0),))[0],
+    )
+    return seed_of(attempt)
 
 
 def _to_uint8(image):
@@ -142,6 +187,41 @@ def _resize_window(image, offset, window, size):
     return crop[0]
 
 
+def _crop_geometry(in_hw, seeds, data_config):
+    """The random resize and crop of `train_augment` for an image of size `in_hw` (int32 [2]),
+    drawn with `seeds[0]` and `seeds[1]`: the resized size (h', w') and the crop's offset
+    (y, x) in it (int32 [2] each)."""
+    crop = tf.constant(data_config.crop_size, tf.int32)
+    scale = tf.random.stateless_uniform([], seeds[0], data_config.min_scale, data_config.max_scale)
+    hw = tf.cast(in_hw, tf.float32)
+    scale = scale * base_scale(hw, tuple(data_config.base_size))
+    size = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), 1)
+    # The draw of stateless_random_crop([crop_h, crop_w, C]) on the padded [h', w', C] image.
+    limit = tf.concat([tf.maximum(size, crop) - crop + 1, [1]], axis=0)
+    offset = tf.random.stateless_uniform([3], seeds[1], maxval=tf.int32.max, dtype=tf.int32)
+    return size, (offset % limit)[:2]
+
+
+def _crop_positions(size, offset, crop_size):
+    """The rows and columns of the crop window in the resized image, and bool [crop_h, crop_w]:
+    which of its pixels are inside the image (the others are padding)."""
+    rows = offset[0] + tf.range(crop_size[0])
+    cols = offset[1] + tf.range(crop_size[1])
+    return rows, cols, (rows < size[0])[:, None] & (cols < size[1])[None, :]
+
+
+def _crop_label(label, size, offset, crop_size, ignore_index: int, label_map):
+    """uint8 [crop_h, crop_w]: the crop window at `offset` of `label` (uint8 [H, W, 1], raw
+    values) resized to `size` (nearest), mapped by `label_map`; `ignore_index` outside the
+    image."""
+    rows, cols, inside = _crop_positions(size, offset, crop_size)
+    in_hw = tf.shape(label)[:2]
+    label = tf.gather(tf.reshape(label, in_hw), _nearest_taps(rows, in_hw[0], size[0]))
+    label = tf.gather(label, _nearest_taps(cols, in_hw[1], size[1]), axis=1)
+    label = _map_labels(label, label_map)
+    return tf.where(inside, label, tf.cast(ignore_index, tf.uint8))
+
+
 def train_augment(image, label, seed, data_config, ignore_index: int, label_map=None) -> dict:
     """Random resize, crop (padded: labels with `ignore_index`), flip; photometric jitter drawn.
 
@@ -160,24 +240,9 @@ def train_augment(image, label, seed, data_config, ignore_index: int, label_map=
     """
     seeds = tf.random.experimental.stateless_split(seed, 4)
     crop_h, crop_w = data_config.crop_size
-    crop = tf.constant([crop_h, crop_w], tf.int32)
-    scale = tf.random.stateless_uniform([], seeds[0], data_config.min_scale, data_config.max_scale)
-    hw = tf.cast(tf.shape(image)[:2], tf.float32)
-    scale = scale * base_scale(hw, tuple(data_config.base_size))
-    size = tf.maximum(tf.cast(tf.round(hw * scale), tf.int32), 1)
-    # The draw of stateless_random_crop([crop_h, crop_w, C]) on the padded [h', w', C] image.
-    limit = tf.concat([tf.maximum(size, crop) - crop + 1, [1]], axis=0)
-    offset = tf.random.stateless_uniform([3], seeds[1], maxval=tf.int32.max, dtype=tf.int32)
-    offset = (offset % limit)[:2]
-    rows = offset[0] + tf.range(crop_h)
-    cols = offset[1] + tf.range(crop_w)
-    inside = (rows < size[0])[:, None] & (cols < size[1])[None, :]
-
-    in_hw = tf.shape(image)[:2]
-    label = tf.gather(tf.reshape(label, in_hw), _nearest_taps(rows, in_hw[0], size[0]))
-    label = tf.gather(label, _nearest_taps(cols, in_hw[1], size[1]), axis=1)
-    label = _map_labels(label, label_map)
-    label = tf.where(inside, label, tf.cast(ignore_index, tf.uint8))
+    size, offset = _crop_geometry(tf.shape(image)[:2], seeds, data_config)
+    _, _, inside = _crop_positions(size, offset, (crop_h, crop_w))
+    label = _crop_label(label, size, offset, (crop_h, crop_w), ignore_index, label_map)
     window = _resize_window(image, offset, (crop_h, crop_w), size)
     window = tf.where(inside[..., None], _to_uint8(window), pad_colour(data_config))
     both = tf.concat([window, label[..., None]], axis=-1)
@@ -188,6 +253,7 @@ def train_augment(image, label, seed, data_config, ignore_index: int, label_map=
         both = tf.cond(flip, lambda: tf.reverse(both, axis=[1]), lambda: both)
     example = {"image": both[..., :3], "label": both[..., 3]}
     if data_config.photometric:
+        crop = tf.constant([crop_h, crop_w], tf.int32)
         valid = tf.minimum(size - offset, crop)  # the image's part of the crop: its top rows
         flipped = tf.logical_and(flip, bool(data_config.flip))
         first_col = tf.where(flipped, crop_w - valid[1], 0)

@@ -9,7 +9,8 @@ of `(seed, step, shard)`:
   `num_shards` shards (`tfds.split_for_jax_process(split, process_index=s, process_count=S)`),
   every step takes `global_batch / S` examples from each shard, and each process reads only the
   shards it owns;
-* tilted class-aware sampling can draw examples that contain a chosen class.
+* the class-aware samplers (`tce_jax.sampling`: tilted, Rare Class Sampling, repeat factors)
+  can draw examples that contain a chosen class.
 
 Random augmentation uses stateless TF ops seeded by `(seed, position in the global stream)`, so
 it too is independent of the process layout and of restarts. Training crops are computed from
@@ -54,8 +55,9 @@ from tce_jax.datasets.preparation import load_builder
 from tce_jax.datasets.spec import DatasetSpec
 
 Batch = dict[str, np.ndarray]
-# Maps (shard, step) to the within-shard indices of the examples of that step.
-IndexFn = Callable[[int, int], np.ndarray]
+# Maps (shard, step) to the within-shard indices of the examples of that step, or to a
+# `sampling.Draw` that also names the class each example's crop should hold.
+IndexFn = Callable[[int, int], "np.ndarray | sampling.Draw"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,7 +316,7 @@ class Dataset:
         `data.photometric`, `photometric` float32 [B, PHOTOMETRIC_SIZE] (apply with
         `device_transforms.photometric_on_device`), where B = global_batch_size /
         process_count, rows ordered by shard. A Python generator walks the step's indices
-        (`index_fn`, default `epoch_index_fn`; it may wait for class-sampling probabilities);
+        (`index_fn`, default `fixed_sampler()`; it may wait for class-sampling probabilities);
         reading, decoding and augmentation run in tf.data's parallel map. Close the iterator
         when done (`with` or `close()`); a `ClassAwareSampler` index_fn is closed with it.
         """
@@ -325,8 +327,7 @@ class Dataset:
             s: self._source(_shard_split(split, s, layout.num_shards)) for s in layout.owned_shards
         }
         if index_fn is None:
-            sizes = {s: len(src) for s, src in sources.items()}
-            index_fn = epoch_index_fn(sizes, batch_per_shard, config.seed)
+            index_fn = self.fixed_sampler()
 
         def step_indices():
             """(shard, index in shard, position in the global stream) of every local example."""
@@ -334,24 +335,38 @@ class Dataset:
             while True:
                 for shard in sources:
                     position = step * config.global_batch_size + shard * batch_per_shard
+                    drawn = index_fn(shard, step)
+                    if not isinstance(drawn, sampling.Draw):
+                        drawn = sampling.Draw(drawn, np.full(batch_per_shard, -1))
                     yield {
                         "shard": np.full(batch_per_shard, shard, np.int32),
-                        "index": np.asarray(index_fn(shard, step), np.int64),
+                        "index": np.asarray(drawn.indices, np.int64),
                         "position": position + np.arange(batch_per_shard, dtype=np.int64),
+                        "crop_class": np.asarray(drawn.crop_classes, np.int32),
                     }
                 step += 1
 
         read = _record_reader(sources, self.spec)
-        augment = example_transforms.train_transform(self.spec, config.data)
+        recrop = sampling.method(config.data) == "rcs" and config.data.rcs_min_crop_ratio > 0
+        augment = example_transforms.train_transform(
+            self.spec,
+            config.data,
+            min_crop_pixels=(
+                sampling.rcs_min_pixels(config.data) * config.data.rcs_min_crop_ratio
+                if recrop
+                else None
+            ),
+        )
 
         def transform(ex):
             seed = tf.stack([tf.constant(config.seed, tf.int64), ex["position"]])
-            return augment(*read(ex["shard"], ex["index"]), seed)
+            return augment(*read(ex["shard"], ex["index"]), seed, ex["crop_class"])
 
         signature = {
             "shard": tf.TensorSpec([batch_per_shard], tf.int32),
             "index": tf.TensorSpec([batch_per_shard], tf.int64),
             "position": tf.TensorSpec([batch_per_shard], tf.int64),
+            "crop_class": tf.TensorSpec([batch_per_shard], tf.int32),
         }
         ds = tf.data.Dataset.from_generator(step_indices, output_signature=signature).unbatch()
         ds = ds.map(
@@ -364,26 +379,63 @@ class Dataset:
             on_close=getattr(index_fn, "close", None),
         )
 
+    def _owned_rows(self, per_example: np.ndarray) -> dict[int, np.ndarray]:
+        """`per_example` (rows of the training split, in its data-source order) cut into this
+        process's shards: shard -> its rows, in the shard's data-source order."""
+        split = self.config.data.train_split
+        shards = {}
+        for s in self.layout.owned_shards:
+            shard_split = _shard_split(split, s, self.layout.num_shards)
+            positions = class_index_lib.shard_positions(self.builder, split, shard_split)
+            shards[s] = per_example[positions]
+        return shards
+
+    def _train_class_index(self) -> class_index_lib.ClassIndex:
+        split = self.config.data.train_split
+        return class_index_lib.get_class_index(self.builder, self.spec, split)
+
     def class_aware_sampler(self) -> sampling.ClassAwareSampler:
         """The tilted class-aware `IndexFn` of this process's shards of the training split.
 
         The trainer posts its class probabilities (`ClassAwareSampler.post`) before it reads.
         """
         config, layout = self.config, self.layout
-        split = config.data.train_split
-        presence = class_index_lib.get_class_index(self.builder, self.spec, split).presence
-        shards = {}
-        for s in layout.owned_shards:
-            shard_split = _shard_split(split, s, layout.num_shards)
-            positions = class_index_lib.shard_positions(self.builder, split, shard_split)
-            shards[s] = presence[positions]
         return sampling.ClassAwareSampler(
-            shards,
+            self._owned_rows(self._train_class_index().presence),
             batch_per_shard=config.global_batch_size // layout.num_shards,
             seed=config.seed,
             refresh_steps=config.data.sampling_refresh_steps,
             num_steps=config.num_train_steps,
         )
+
+    def fixed_sampler(self) -> IndexFn:
+        """The `IndexFn` of a sampler that needs no training state (`sampling.method`):
+        shuffled epochs (uniform), Rare Class Sampling or repeat-factor sampling, the latter
+        two from the class index of the whole training split."""
+        data, layout = self.config.data, self.layout
+        batch_per_shard = self.config.global_batch_size // layout.num_shards
+        method = sampling.method(data)
+        if method == "rcs":
+            counts = self._train_class_index().counts
+            return sampling.RareClassSampler(
+                self._owned_rows(counts),
+                sampling.rcs_class_probs(counts, data.rcs_temperature),
+                min_pixels=sampling.rcs_min_pixels(data),
+                batch_per_shard=batch_per_shard,
+                seed=self.config.seed,
+            )
+        if method == "repeat_factor":
+            presence = self._train_class_index().presence
+            factors = sampling.repeat_factors(presence, data.repeat_factor_threshold)
+            return sampling.RepeatFactorSampler(
+                self._owned_rows(factors), batch_per_shard=batch_per_shard, seed=self.config.seed
+            )
+        split = data.train_split
+        sizes = {
+            s: self.split_size(_shard_split(split, s, layout.num_shards))
+            for s in layout.owned_shards
+        }
+        return epoch_index_fn(sizes, batch_per_shard, self.config.seed)
 
     # -- evaluation --------------------------------------------------------------------------
 

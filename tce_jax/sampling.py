@@ -1,4 +1,13 @@
-"""Tilted class-aware sampling (docs/maths.md).
+"""The training samplers beside uniform epochs (docs/maths.md): tilted class-aware sampling, Rare
+Class Sampling and repeat-factor sampling.
+
+``data.sampling`` chooses (:func:`method`; ``data.class_aware_sampling=True`` is ``'tilted'``).
+Every sampler is an ``IndexFn(shard, step)`` for the input pipeline whose draw is a pure function
+of ``(seed, shard, step)`` (and, tilted, of the posted probabilities): exact resume, and a global
+batch that does not depend on the process count. Which images contain which class, and how many
+of its pixels, comes from the class index (``tce_jax.datasets.class_index``).
+
+Tilted class-aware sampling:
 
 * :class:`ClassAwareSampler`: an ``IndexFn(shard, step) -> indices`` for the input pipeline.
   Every example slot of a step draws a class ``c ~ p`` (among the classes present in the
@@ -12,12 +21,24 @@
   ``p_0 = p_1`` come from the initial state and ``p_b`` (``b >= 2``) from the state after
   ``(b - 1) R`` updates. The train state keeps ``[p_b, p_{b+1}]`` for its current period ``b``
   (:func:`advance_sampling_probs`, checkpointed), so a resumed run draws the same batches.
+
+Fixed distributions, computed once from the class index of the whole training split:
+
+* :class:`RareClassSampler` (DAFormer's Rare Class Sampling, ``'rcs'``): a class with
+  ``P(c) = softmax((1 - f_c) / T)`` (:func:`rcs_class_probs`), then an image holding more than
+  ``m`` of its pixels; the slot's :class:`Draw` names the class, and the input pipeline re-crops
+  until the crop holds enough of it (``tce_jax.example_transforms.rare_class_seed``).
+* :class:`RepeatFactorSampler` (LVIS's repeat-factor sampling, ``'repeat_factor'``): epochs in
+  which image ``i`` appears ``r_i`` times in expectation (:func:`repeat_factors`), by
+  detectron2's stochastic rounding.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 from collections.abc import Callable, Mapping, Sequence
+from typing import NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -225,3 +246,158 @@ def advance_sampling_probs(
     """
     rolled = jnp.stack([sampling_probs[1], fresh_probs.astype(sampling_probs.dtype)])
     return jnp.where(new_step % refresh_steps == 0, rolled, sampling_probs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rare Class Sampling and repeat-factor sampling: fixed distributions from the class index.
+
+SAMPLINGS = ("uniform", "tilted", "rcs", "repeat_factor")
+# DAFormer's training crop (512 x 512): `data.rcs_min_pixels` is given at its scale.
+RCS_REFERENCE_CROP_PIXELS = 512 * 512
+# Separate random streams for the repeat-factor epochs' rounding and order.
+_ROUNDING_STREAM, _ORDER_STREAM = 0x7CE5B, 0x7CE5C
+
+
+def method(data_config) -> str:
+    """The run's sampler, one of `SAMPLINGS`: ``data.sampling``, where the older switch
+    ``data.class_aware_sampling=True`` means ``'tilted'``."""
+    return "tilted" if data_config.class_aware_sampling else data_config.sampling
+
+
+class Draw(NamedTuple):
+    """What an `IndexFn` may return instead of bare indices: the examples of a step and, per
+    slot, the class its crop should hold (Rare Class Sampling's re-crop; -1: any crop)."""
+
+    indices: np.ndarray
+    crop_classes: np.ndarray
+
+
+def rcs_min_pixels(data_config) -> float:
+    """DAFormer's ``min_pixels`` for this run's crop: ``data.rcs_min_pixels`` (given for a
+    512 x 512 crop) times ``crop_h * crop_w / 512**2``, so that it stays the same share of the
+    crop."""
+    crop_h, crop_w = data_config.crop_size
+    return data_config.rcs_min_pixels * crop_h * crop_w / RCS_REFERENCE_CROP_PIXELS
+
+
+def rcs_class_probs(counts: np.ndarray, temperature: float) -> np.ndarray:
+    """``[C]`` Rare Class Sampling's ``P(c) = softmax((1 - f_c) / T)``, ``f_c`` the share of
+    class ``c`` among the labelled pixels of ``counts`` (``[N, C]``, the class index), over the
+    classes with pixels (DAFormer's classes are those in its statistics); 0 for the others."""
+    total = np.asarray(counts, np.float64).sum(axis=0)
+    present = total > 0
+    if not present.any():
+        raise ValueError("The training split has no labelled pixel: nothing to sample.")
+    logits = np.where(present, (1.0 - total / total.sum()) / temperature, -np.inf)
+    weights = np.exp(logits - logits[present].max())
+    return weights / weights.sum()
+
+
+def _rcs_candidates(class_counts: np.ndarray, min_pixels: float) -> np.ndarray:
+    """The images a class is drawn from: those with more than ``min_pixels`` of its pixels
+    (DAFormer), or, where none has that many, every image that contains it (DAFormer stops)."""
+    above = np.flatnonzero(class_counts > min_pixels)
+    return above if len(above) else np.flatnonzero(class_counts > 0)
+
+
+class RareClassSampler:
+    """``IndexFn(shard, step) -> Draw``: DAFormer's Rare Class Sampling, per shard.
+
+    Every slot draws a class ``c ~ P`` (renormalised over the classes the shard's images
+    contain) and, uniformly, one of the shard's images with more than ``min_pixels`` pixels of
+    ``c`` (:func:`_rcs_candidates`); the `Draw` names ``c`` for the re-crop. A pure function of
+    ``(seed, shard, step)`` (:func:`draw`).
+
+    Args:
+      counts: int ``[N_s, C]`` per owned shard ``s``: pixels of each class in each of its
+        examples (rows in the shard's data-source order).
+      probs: ``[C]`` class probabilities, :func:`rcs_class_probs` of the whole split.
+      min_pixels: :func:`rcs_min_pixels`.
+      batch_per_shard: examples drawn per shard and step.
+      seed: the run's seed.
+    """
+
+    def __init__(
+        self,
+        counts: Mapping[int, np.ndarray],
+        probs,
+        *,
+        min_pixels: float,
+        batch_per_shard: int,
+        seed: int,
+    ):
+        self.members = {
+            shard: [_rcs_candidates(c[:, k], min_pixels) for k in range(c.shape[1])]
+            for shard, c in counts.items()
+        }
+        self.probs = np.asarray(probs, np.float64)
+        self.batch_per_shard = batch_per_shard
+        self.seed = seed
+
+    def __call__(self, shard: int, step: int) -> Draw:
+        classes, indices = draw(
+            self.members[shard],
+            self.probs,
+            seed=self.seed,
+            shard=shard,
+            step=step,
+            batch=self.batch_per_shard,
+        )
+        return Draw(indices, classes.astype(np.int32))
+
+
+def repeat_factors(presence: np.ndarray, threshold: float) -> np.ndarray:
+    """``[N]`` LVIS's image repeat factors ``r_i = max_{c in i} max(1, sqrt(t / f_c))``, ``f_c``
+    the fraction of the images of ``presence`` (bool ``[N, C]``) that contain class ``c``; 1 for
+    an image without labelled pixels (detectron2's default)."""
+    presence = np.asarray(presence, bool)
+    with np.errstate(divide="ignore"):  # a class in no image: never an image's max
+        class_factors = np.maximum(1.0, np.sqrt(threshold / presence.mean(axis=0)))
+    return np.where(presence, class_factors, 1.0).max(axis=1, initial=1.0)
+
+
+class RepeatFactorSampler:
+    """``IndexFn(shard, step) -> indices``: LVIS's repeat-factor sampling, per shard.
+
+    The shard's stream is a sequence of epochs, as detectron2's `RepeatFactorTrainingSampler`
+    builds them: in epoch ``e`` image ``i`` appears ``floor(r_i)`` times plus once more with
+    probability ``r_i - floor(r_i)`` (stochastic rounding: ``r_i`` times in expectation), in a
+    random order; step ``k`` takes slots ``k B ... k B + B - 1`` of the stream. Epoch ``e`` is
+    a pure function of ``(seed, shard, e)``, so step ``k`` is one of ``(seed, shard, k)``;
+    locating it sums the lengths of the epochs before it (a rounding draw per epoch and image:
+    milliseconds on resume).
+
+    Args:
+      factors: ``[N_s]`` per owned shard: :func:`repeat_factors` (of the whole split) of its
+        examples, in the shard's data-source order.
+      batch_per_shard: examples drawn per shard and step.
+      seed: the run's seed.
+    """
+
+    def __init__(self, factors: Mapping[int, np.ndarray], *, batch_per_shard: int, seed: int):
+        self.factors = {shard: np.asarray(r, np.float64) for shard, r in factors.items()}
+        self.batch_per_shard = batch_per_shard
+        self.seed = seed
+        self._starts = {shard: [0] for shard in self.factors}  # first slot of epochs 0, 1, ...
+        self.epoch = functools.lru_cache(maxsize=8)(self._epoch)  # a step spans <= 2 epochs
+
+    def repeats(self, shard: int, epoch: int) -> np.ndarray:
+        """int ``[N_s]``: how often each image of ``shard`` appears in ``epoch``."""
+        r = self.factors[shard]
+        rng = np.random.default_rng([self.seed, _ROUNDING_STREAM, shard, epoch])
+        return (np.floor(r) + (rng.random(len(r)) < r - np.floor(r))).astype(np.int64)
+
+    def _epoch(self, shard: int, epoch: int) -> np.ndarray:
+        """int64: the images of ``epoch`` of ``shard``, in their drawn order (``self.epoch``,
+        cached)."""
+        images = np.repeat(np.arange(len(self.factors[shard])), self.repeats(shard, epoch))
+        return np.random.default_rng([self.seed, _ORDER_STREAM, shard, epoch]).permutation(images)
+
+    def __call__(self, shard: int, step: int) -> np.ndarray:
+        positions = step * self.batch_per_shard + np.arange(self.batch_per_shard)
+        starts = self._starts[shard]
+        while starts[-1] <= positions[-1]:
+            starts.append(starts[-1] + int(self.repeats(shard, len(starts) - 1).sum()))
+        epochs = np.searchsorted(starts, positions, side="right") - 1
+        slots = zip(epochs, positions, strict=True)
+        return np.array([self.epoch(shard, int(e))[p - starts[e]] for e, p in slots], np.int64)

@@ -198,7 +198,7 @@ def create_train_step(config: ml_collections.ConfigDict, model, tx, axis_name=No
     """`train_step` with the settings of `config`: its objective, the class-aware sampling's
     refresh, gradient accumulation and the input normalisation."""
     kwargs = {}
-    if config.data.class_aware_sampling:
+    if sampling.method(config.data) == "tilted":
         kwargs.update(
             sampling_probs_fn=functools.partial(sampling.class_probs, config),
             refresh_steps=config.data.sampling_refresh_steps,

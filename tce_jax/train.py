@@ -33,6 +33,7 @@ from tce_jax import (
     pretrained,
     profiling,
     programs,
+    sampling,
     train_metrics,
 )
 from tce_jax import workdir as workdir_lib
@@ -225,8 +226,8 @@ class Trainer:
 
     def _start_sampler(self, state: TrainState, start: int):
         """Tilted class-aware sampling's `IndexFn`, started from the (restored) state; None
-        when batches are drawn uniformly."""
-        if not self.config.data.class_aware_sampling:
+        for the samplers that need no training state (`Dataset.fixed_sampler`)."""
+        if sampling.method(self.config.data) != "tilted":
             return None
         sampler = self.data.class_aware_sampler()
         sampler.start(start, self.parallel.fetch(state.sampling_probs))

@@ -33,9 +33,18 @@ _RECIPE_VARIANTS = (
     "r50,bf16,slide,tta",
     "runlocal",
     "stochastic_tce,sampling,slide,runlocal",
+    "rcs,runlocal",
+    "repeat_factor,runlocal",
 )
 TEST_VARIANTS = {
-    "default.py": ("", *objectives.LOSSES, "tiny", "stochastic_tce,sampling,tiny"),
+    "default.py": (
+        "",
+        *objectives.LOSSES,
+        "tiny",
+        "stochastic_tce,sampling,tiny",
+        "rcs,tiny",
+        "repeat_factor,tiny",
+    ),
     "cityscapes.py": _RECIPE_VARIANTS,
     "ade20k.py": _RECIPE_VARIANTS,
     "folder.py": (*_RECIPE_VARIANTS, "unet", "unet,ce,bf16"),
@@ -200,7 +209,7 @@ def test_cli_unknown_variant_and_missing_config_file_are_one_line(tmp_path):
         .endswith(
             "ValueError: Unknown config variant 'cee' (did you mean 'ce'?); use any of ce, tce, "
             "stochastic_tce, weighted_ce, focal, lovasz, recall, class_balanced, ohem, dice, "
-            "sampling, r50, r101, bf16, slide, tta, tiny, comma-separated."
+            "sampling, rcs, repeat_factor, r50, r101, bf16, slide, tta, tiny, comma-separated."
         )
     )
     assert missing.stderr.strip().splitlines()[-1] == (
