@@ -299,7 +299,7 @@ def image_class_iou(counts: np.ndarray) -> np.ndarray:
 def worst_mean(values: np.ndarray, percent: int) -> float:
     """Mean of the ``max(1, floor(percent * n / 100))`` lowest of ``n`` values (NaN if none);
     ``percent = 100`` is the mean. The floor is exact (integers: the authors' float product can
-    fall one short, e.g. 70% of 30)."""
+    fall one short, e.g. 70% of 90)."""
     ordered = np.sort(np.asarray(values, np.float64))
     if ordered.size == 0:
         return float("nan")
