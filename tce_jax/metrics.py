@@ -156,7 +156,7 @@ def confusion_matrix(
 
 def class_counts(confusion):
     """``[..., 3, C]``: true positives, false positives and false negatives of each class, from
-    ``[..., C, C]`` confusion matrices (jax or numpy arrays; the eval step's per-image rows)."""
+    ``[..., C, C]`` confusion matrices (in the eval step: one row per image)."""
     tp = confusion.diagonal(axis1=-2, axis2=-1)
     return jnp.stack([tp, confusion.sum(-2) - tp, confusion.sum(-1) - tp], axis=-2)
 

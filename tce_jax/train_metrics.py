@@ -9,6 +9,9 @@
   collected; `compute()` gives the figures of `tce_jax.metrics`, dataset-level and fine-grained.
 
 Also `format_duration`, the one way a duration is printed (progress lines, the sweep).
+
+(No `from __future__ import annotations` here: a clu `Collection` reads its metrics' classes
+from its fields' annotations.)
 """
 
 from collections.abc import Callable
