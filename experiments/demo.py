@@ -57,13 +57,15 @@ def prepare_dataset(data_dir: str):
 
 def final_figures(run_dir: str, split: str, class_names) -> dict:
     """The figures of `split` in a finished run's `final_metrics.json`, in the form of
-    `metrics.segmentation_figures` that `metrics.format_table` reads (NaN where absent)."""
+    `metrics.segmentation_figures` that `metrics.format_table` reads (NaN where absent), with
+    the fine-grained figures the file has."""
     from tce_jax import metrics, workdir
 
     with open(os.path.join(run_dir, workdir.FINAL_METRICS_FILE)) as f:
         flat = json.load(f)[split]
 
     figures = {key: flat.get(key, math.nan) for key in metrics.SUMMARY_KEYS}
+    figures.update({key: flat[key] for key in metrics.FINE_GRAINED_KEYS if key in flat})
     figures["iou"] = [flat.get(f"iou/{name}", math.nan) for name in class_names]
     return figures
 

@@ -14,7 +14,9 @@ its loss fields ("TCE", "TCE (uniform prior)", "Stochastic TCE (EMA)", ...).
 Selection without peeking: within each family the arm with the best mean ``--select_metric``
 (default mIoU) on ``--select_split`` (validation) over its seeds is selected; every figure of
 the main tables is then on ``--report_split`` (test). The table of every arm shows both splits.
-Aggregates are mean ± sample std (ddof=1) over seeds, in %.
+Aggregates are mean ± sample std (ddof=1) over seeds, in %. The tables' figures are mIoU, pixel
+accuracy, IoU std, worst-class IoU and worst-25% mIoU, then the fine-grained mIoU^I, mIoU^C and
+their worst-5% figures where the runs have them (docs/comparison.md).
 
 Paired statistics: each selected arm is paired with the CE family's selected arm by seed (only
 seeds both have count); per figure, the per-seed differences arm - CE, their mean and the

@@ -36,8 +36,22 @@ SUMMARY = (
     ("worst_iou", "worst-class IoU"),
     ("worst25_miou", "worst-25% mIoU"),
 )
+# The fine-grained figures (Wang et al., NeurIPS 2023; docs/maths.md), columns where the runs
+# have them (runs from before they were computed do not).
+FINE_GRAINED = (
+    ("image_miou", "mIoU^I"),
+    ("class_miou", "mIoU^C"),
+    ("image_miou_worst5", "worst-5% mIoU^I"),
+    ("class_miou_worst5", "worst-5% mIoU^C"),
+)
 # The figures of the primary questions (docs/experiments.md): fairness first, then its cost.
 PRIMARY = ("worst25_miou", "miou")
+
+
+def summary_columns(arms: Sequence[ArmResult], split: str) -> tuple[tuple[str, str], ...]:
+    """The figures of the tables: SUMMARY, then the fine-grained ones some run has on `split`."""
+    present = {k for a in arms for r in a.runs for k in r.final.get(split, {})}
+    return SUMMARY + tuple((k, n) for k, n in FINE_GRAINED if k in present)
 
 
 def pm(stat: tuple[float, float, int], scale: float = 100.0) -> str:
@@ -121,16 +135,17 @@ def _difference_sections(
     select_split: str,
     metric_name: str,
     names: Sequence[str],
+    columns: Sequence[tuple[str, str]],
 ) -> list[str]:
     """The summary, the paired-difference table and its per-class version (non-CE arms)."""
     others = [a for a in selected if a is not reference]
     if not others:
         return []
     lines = _summary_block(others, reference, split)
-    header = ["loss", "configuration", "pairs (seeds)"] + [n for _, n in SUMMARY]
+    header = ["loss", "configuration", "pairs (seeds)"] + [n for _, n in columns]
     rows = [
         [a.family, _config_text(a), _pairs_text(a, reference)]
-        + [interval_text(difference(a, reference, split, k)) for k, _ in SUMMARY]
+        + [interval_text(difference(a, reference, split, k)) for k, _ in columns]
         for a in others
     ]
     tuned = [a for a in others if a.family_size > 1]
@@ -180,7 +195,8 @@ def render_markdown(
     selected = selected_arms(arms, chosen)
     reference = reference_arm(arms, chosen)
     names = class_names(selected, report_split)
-    metric_name = dict(SUMMARY).get(metric, metric)
+    columns = summary_columns(arms, report_split)
+    metric_name = dict(SUMMARY + FINE_GRAINED).get(metric, metric)
     lines = [f"# {title}", ""]
     n_runs = sum(len(a.runs) for a in arms)
     seeds = sorted({str(s) for a in arms for s in a.seeds})
@@ -206,13 +222,13 @@ def render_markdown(
         lines += ["No CE run: no paired differences.", ""]
     else:
         lines += _difference_sections(
-            selected, reference, report_split, select_split, metric_name, names
+            selected, reference, report_split, select_split, metric_name, names, columns
         )
 
-    header = ["loss", f"selected on {select_split}", "seeds"] + [n for _, n in SUMMARY]
+    header = ["loss", f"selected on {select_split}", "seeds"] + [n for _, n in columns]
     rows = [
         [a.family, _config_text(a), _seeds_text(a)]
-        + [pm(a.stat(report_split, k)) for k, _ in SUMMARY]
+        + [pm(a.stat(report_split, k)) for k, _ in columns]
         for a in selected
     ]
     lines += [
@@ -236,7 +252,7 @@ def render_markdown(
         "seeds",
         f"{select_split} {metric_name}",
         f"{select_split} worst-class IoU",
-    ] + [n for _, n in SUMMARY]
+    ] + [n for _, n in columns]
     rows = []
     for a in arms:
         mark = " (selected)" if chosen.get(a.family) is a and a.family_size > 1 else ""
@@ -248,7 +264,7 @@ def render_markdown(
                 pm(a.stat(select_split, metric)),
                 pm(a.stat(select_split, "worst_iou")),
             ]
-            + [pm(a.stat(report_split, k)) for k, _ in SUMMARY]
+            + [pm(a.stat(report_split, k)) for k, _ in columns]
         )
     lines += [
         f"## Every configuration ({report_split}, except the two {select_split} columns)",

@@ -1,11 +1,15 @@
 """Segmentation metrics: confusion matrix, per-class IoU and fairness figures.
 
 The evaluation accumulates one ``[C, C]`` confusion matrix (rows = true class, columns =
-predicted class) over the *whole* split, then derives every figure from it on the host:
+predicted class) over the *whole* split, and each image's per-class TP/FP/FN, then derives every
+figure from them on the host:
 
 * :func:`confusion_matrix` — inside the jitted eval step, from integer predictions and labels;
 * :func:`segmentation_figures` — pixel/mean-class accuracy, per-class IoU, mIoU and the fairness
   figures (IoU std, worst-class IoU, worst-25% mIoU, max-min gap), in float64 numpy;
+* :func:`fine_grained_figures` — the image- and class-level mIoUs of Wang et al. (NeurIPS 2023)
+  and their worst cases, from each image's per-class counts (:func:`class_counts` of the
+  per-example matrices of ``confusion_matrix(..., per_example=True)``);
 * :func:`flatten_figures`, :func:`write_report`, :func:`format_table` — scalars for metric
   writers, ``report.md``/``per_class.csv`` for a workdir, a CE-vs-TCE comparison table.
 
@@ -36,6 +40,11 @@ __all__ = [
     "format_table",
     "markdown_table",
     "SUMMARY_KEYS",
+    "class_counts",
+    "image_class_iou",
+    "worst_mean",
+    "fine_grained_figures",
+    "FINE_GRAINED_KEYS",
 ]
 
 # Scalar figures of `segmentation_figures`, in report order, with their display names.
@@ -56,7 +65,23 @@ _DISPLAY_NAMES: dict[str, str] = {
     "worst_iou": "worst-class IoU",
     "worst25_miou": "worst-25% mIoU",
     "iou_gap": "max-min IoU gap",
+    "image_miou": "image-level mIoU (mIoU^I)",
+    "image_miou_worst5": "worst-5% images' mIoU^I",
+    "image_miou_qbar": "worst-q% mIoU^I, mean over q = 10..100",
+    "class_miou": "class-level mIoU (mIoU^C)",
+    "class_miou_worst5": "worst-5% images' mIoU^C",
+    "class_miou_qbar": "worst-q% mIoU^C, mean over q = 10..100",
 }
+# The fine-grained figures of `fine_grained_figures` (Wang et al., NeurIPS 2023), in report
+# order: the worst-case percentage the authors' released evaluation reports, and their average
+# over q = 10%, 20%, ..., 100% ("q bar").
+WORST_PERCENT = 5
+QBAR_PERCENTS = tuple(range(10, 101, 10))
+FINE_GRAINED_KEYS: tuple[str, ...] = tuple(
+    f"{level}_miou{suffix}"
+    for level in ("image", "class")
+    for suffix in ("", f"_worst{WORST_PERCENT}", "_qbar")
+)
 
 
 # --------------------------------------------------------------------------------------------
@@ -71,6 +96,7 @@ def confusion_matrix(
     *,
     mask: jax.Array | None = None,
     ignore_index: int | None = 255,
+    per_example: bool = False,
 ) -> jax.Array:
     """Confusion matrix of integer predictions against integer labels.
 
@@ -82,12 +108,15 @@ def confusion_matrix(
         of it, e.g. ``[B]`` for ``[B, H, W]`` labels (per example: the padding of the last eval
         batch); it is broadcast over the trailing axes.
       ignore_index: label excluded from the counts (None: only the range check).
+      per_example: one matrix per example (the leading axis of ``labels``), for the per-image
+        figures of :func:`fine_grained_figures`.
 
     Returns:
       ``[C, C]`` int32 matrix ``M[i, j] = #{valid pixels with label i predicted as j}``, valid
-      meaning ``label != ignore_index``, ``0 <= label < C`` and ``mask`` true. Built with one
-      ``segment_sum`` over ``label * C + prediction`` (no ``[pixels, C, C]`` one-hot), so it is
-      cheap on full-resolution images and partitions under ``jit`` with sharded inputs.
+      meaning ``label != ignore_index``, ``0 <= label < C`` and ``mask`` true (``[B, C, C]``
+      with ``per_example``). Built with one ``segment_sum`` over ``label * C + prediction``
+      (plus ``example * C * C`` per example; no ``[pixels, C, C]`` one-hot), so it is cheap on
+      full-resolution images and partitions under ``jit`` with sharded inputs.
     """
     predictions = jnp.asarray(predictions)
     labels = jnp.asarray(labels)
@@ -111,10 +140,25 @@ def confusion_matrix(
     if mask is not None:
         valid &= _broadcast_mask(jnp.asarray(mask), labels.shape)
     ids = jnp.where(valid, labels * num_classes + predictions, 0)
+    matrices = 1
+    if per_example:
+        matrices = labels.shape[0]
+        example = jnp.arange(matrices, dtype=jnp.int32).reshape((-1,) + (1,) * (labels.ndim - 1))
+        ids = ids + example * (num_classes * num_classes)
     counts = jax.ops.segment_sum(
-        valid.astype(jnp.int32).ravel(), ids.ravel(), num_segments=num_classes * num_classes
+        valid.astype(jnp.int32).ravel(),
+        ids.ravel(),
+        num_segments=matrices * num_classes * num_classes,
     )
-    return counts.reshape(num_classes, num_classes)
+    shape = (num_classes, num_classes)
+    return counts.reshape((matrices, *shape) if per_example else shape)
+
+
+def class_counts(confusion):
+    """``[..., 3, C]``: true positives, false positives and false negatives of each class, from
+    ``[..., C, C]`` confusion matrices (in the eval step: one row per image)."""
+    tp = confusion.diagonal(axis1=-2, axis2=-1)
+    return jnp.stack([tp, confusion.sum(-2) - tp, confusion.sum(-1) - tp], axis=-2)
 
 
 def _broadcast_mask(mask: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -228,6 +272,85 @@ def segmentation_figures(confusion: np.ndarray) -> dict[str, Any]:
     }
 
 
+def image_class_iou(counts: np.ndarray) -> np.ndarray:
+    """``IoU[i, c]`` (float64 ``[N, C]``) of the images with a labelled pixel.
+
+    Args:
+      counts: ``[images, 3, C]`` per-image true positives, false positives and false negatives
+        of each class (:func:`class_counts` of the per-image confusion matrices), counted over
+        the image's valid pixels only (ignored pixels count in neither label nor prediction).
+
+    Returns:
+      ``TP / (TP + FP + FN)`` where class c is in the label of image i (``TP + FN > 0``), NaN
+      elsewhere: a class absent from the label, even if predicted, is not scored in that image
+      (its predicted pixels are false negatives of the classes they belong to). Images without
+      a labelled pixel (the padding of the last batch, images wholly ignored) are dropped.
+    """
+    counts = np.asarray(counts, np.float64)
+    if counts.ndim != 3 or counts.shape[1] != 3:
+        raise ValueError(f"counts must be [images, 3, C] (TP, FP, FN), got {counts.shape}.")
+    tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
+    labelled = tp + fn > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(labelled, tp / (tp + fp + fn), np.nan)
+    return iou[labelled.any(axis=1)]
+
+
+def worst_mean(values: np.ndarray, percent: int) -> float:
+    """Mean of the ``max(1, floor(percent * n / 100))`` lowest of ``n`` values (NaN if none);
+    ``percent = 100`` is the mean. The floor is exact (integers: the authors' float product can
+    fall one short, e.g. 70% of 90)."""
+    ordered = np.sort(np.asarray(values, np.float64))
+    if ordered.size == 0:
+        return float("nan")
+    return float(ordered[: max(1, percent * ordered.size // 100)].mean())
+
+
+def fine_grained_figures(counts: np.ndarray) -> dict[str, Any]:
+    """The fine-grained mIoUs of Wang et al. (NeurIPS 2023) from per-image counts.
+
+    With ``IoU[i, c]`` of :func:`image_class_iou` (N images with a labelled pixel; ``K_i`` the
+    classes in the label of image i; ``I_c`` the images whose label holds class c)::
+
+        image_iou_i      = mean_{c in K_i} IoU[i, c]
+        image_miou       = mean_i image_iou_i                               (mIoU^I)
+        class_miou       = mean over classes with I_c non-empty of
+                           mean_{i in I_c} IoU[i, c]                        (mIoU^C)
+        image_miou_worst5 = worst_mean(image_iou, 5)                        (mIoU^I_5)
+        class_miou_worst5 = mean_c worst_mean({IoU[i, c] : i in I_c}, 5)    (mIoU^C_5)
+        *_qbar           = mean over q = 10, 20, ..., 100 of the worst-q% figure
+
+    Args:
+      counts: ``[images, 3, C]`` as for :func:`image_class_iou`, every image of the split once
+        (rows of padding are dropped there).
+
+    Returns:
+      dict with the float figures of ``FINE_GRAINED_KEYS`` (fractions; NaN without images) and
+      ``num_images`` (N).
+    """
+    iou = image_class_iou(counts)
+    present = ~np.isnan(iou)
+    image_iou = np.where(present, iou, 0.0).sum(axis=1) / present.sum(axis=1)
+    class_ious = [column[~np.isnan(column)] for column in iou.T]
+    class_ious = [values for values in class_ious if values.size]
+
+    def image(percent: int) -> float:
+        return worst_mean(image_iou, percent)
+
+    def per_class(percent: int) -> float:
+        if not class_ious:
+            return float("nan")
+        return float(np.mean([worst_mean(values, percent) for values in class_ious]))
+
+    figures: dict[str, Any] = {}
+    for level, figure in (("image", image), ("class", per_class)):
+        figures[f"{level}_miou"] = figure(100)
+        figures[f"{level}_miou_worst{WORST_PERCENT}"] = figure(WORST_PERCENT)
+        figures[f"{level}_miou_qbar"] = float(np.mean([figure(q) for q in QBAR_PERCENTS]))
+    figures["num_images"] = int(image_iou.size)
+    return figures
+
+
 def _check_class_names(figures: Mapping[str, Any], class_names: Sequence[str]) -> list[str]:
     names = [str(n) for n in class_names]
     num_classes = len(np.asarray(figures["iou"]))
@@ -243,12 +366,13 @@ def flatten_figures(figures: Mapping[str, Any], class_names: Sequence[str]) -> d
 
     Returns ``{"miou", "pixel_accuracy", "mean_accuracy", "iou_std", "worst_iou",
     "worst25_miou", "iou_gap", "iou/<class_name>" ...}`` as Python floats (fractions in
-    [0, 1]). Classes absent from labels and predictions are omitted, and so is any summary
-    figure that is NaN (only for an all-zero matrix), so the result is NaN-free.
+    [0, 1]), and the ``FINE_GRAINED_KEYS`` that ``figures`` has (an evaluation's have them).
+    Classes absent from labels and predictions are omitted, and so is any summary figure that
+    is NaN (only for an all-zero matrix), so the result is NaN-free.
     """
     names = _check_class_names(figures, class_names)
     flat: dict[str, float] = {}
-    for key in SUMMARY_KEYS:
+    for key in _summary_keys(figures):
         value = float(figures[key])
         if not math.isnan(value):
             flat[key] = value
@@ -261,6 +385,11 @@ def flatten_figures(figures: Mapping[str, Any], class_names: Sequence[str]) -> d
 # --------------------------------------------------------------------------------------------
 # Reports
 # --------------------------------------------------------------------------------------------
+
+
+def _summary_keys(figures: Mapping[str, Any]) -> tuple[str, ...]:
+    """SUMMARY_KEYS, then the fine-grained figures if ``figures`` has them."""
+    return SUMMARY_KEYS + tuple(k for k in FINE_GRAINED_KEYS if k in figures)
 
 
 def _pct(value: Any) -> str:
@@ -305,7 +434,7 @@ def _summary_rows(figures: Mapping[str, Any], names: Sequence[str]) -> list[list
     worst_name = f" ({names[worst]})" if worst >= 0 else ""
     k = int(figures["worst25_count"])
     rows = []
-    for key in SUMMARY_KEYS:
+    for key in _summary_keys(figures):
         label = _DISPLAY_NAMES[key]
         value = _pct(figures[key])
         if key == "worst_iou":
@@ -379,12 +508,22 @@ def write_report(
         "",
         f"## Fairness over the {int(figures['num_present'])} present classes (%)",
         "",
-        markdown_table(["figure", "value"], summary[3:]),
+        markdown_table(["figure", "value"], summary[3 : len(SUMMARY_KEYS)]),
         "",
         f"Classes absent from both labels and predictions are excluded; "
         f"{int(figures['num_pixels'])} labelled pixels.",
         "",
     ]
+    if "num_images" in figures:
+        parts += [
+            f"## Fine-grained IoU over the {int(figures['num_images'])} images (%)",
+            "",
+            markdown_table(["figure", "value"], summary[len(SUMMARY_KEYS) :]),
+            "",
+            "Per image, the IoU of each class in its label (docs/maths.md); images without a "
+            "labelled pixel are excluded.",
+            "",
+        ]
     if extra:
         parts += [
             "## Details",
@@ -432,8 +571,9 @@ def format_table(
 ) -> str:
     """Side-by-side markdown table of several runs, e.g. ``{"ce": figs, "tce": figs}``.
 
-    One row per class (IoU) followed by the summary and fairness figures in bold; one column per
-    run; percentages with one decimal, "n/a" for absent classes.
+    One row per class (IoU) followed by the summary and fairness figures in bold (and the
+    fine-grained ones if every run has them); one column per run; percentages with one decimal,
+    "n/a" for absent classes.
     """
     if not figures_by_name:
         raise ValueError("figures_by_name is empty: pass at least one run's figures.")
@@ -444,6 +584,7 @@ def format_table(
         [_cell(name)] + [_pct(np.asarray(figures_by_name[r]["iou"])[c]) for r in runs]
         for c, name in enumerate(names)
     ]
-    for key in SUMMARY_KEYS:
+    keys = set.intersection(*(set(_summary_keys(figures_by_name[r])) for r in runs))
+    for key in (k for k in SUMMARY_KEYS + FINE_GRAINED_KEYS if k in keys):
         rows.append([f"**{_DISPLAY_NAMES[key]}**"] + [_pct(figures_by_name[r][key]) for r in runs])
     return markdown_table(["IoU (%)"] + [_cell(r) for r in runs], rows)

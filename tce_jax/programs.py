@@ -90,7 +90,7 @@ class Programs:
 
     def eval_step(self, geometry: EvalGeometry, mode: str | None = None):
         """The compiled `steps.eval_step` for batches of `geometry` (one per resize and mode):
-        `(state, batch) -> confusion matrix`, summed over devices."""
+        `(state, batch) -> {"matrix", "image_counts"}`, of the global batch."""
         key = (geometry.resize, mode or self.config.data.eval_mode)
         if key not in self._eval_steps:
             self._eval_steps[key] = self.parallel.compile_eval(

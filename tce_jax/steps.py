@@ -271,8 +271,11 @@ def eval_step(
     axis_name=None,
     ignore_index: int = 255,
     **predict_kwargs,
-) -> jax.Array:
-    """Confusion matrix [C, C] (int32) of one evaluation batch, summed over devices.
+) -> dict[str, jax.Array]:
+    """What one evaluation batch adds to the figures of `tce_jax.metrics`, over all devices:
+    `matrix`, its confusion matrix [C, C] (int32, summed), and `image_counts`, each example's
+    per-class TP, FP and FN [B, 3, C] (int32, gathered: the global batch's, on every device;
+    all zero for padding, whose labels are ignored and whose `mask` is False).
 
     Whole-image or sliding-window (`mode`) logits of the canvas; with `resize`, each image's
     logits are resized to its label map's resolution before the argmax; with `tta_flip` or
@@ -282,9 +285,16 @@ def eval_step(
     predictions = predict_step(
         state, batch, model=model, label_shape=batch["label"].shape[-2:], **predict_kwargs
     )
-    matrix = metrics.confusion_matrix(
-        predictions, batch["label"], num_classes, mask=batch["mask"], ignore_index=ignore_index
+    per_image = metrics.confusion_matrix(
+        predictions,
+        batch["label"],
+        num_classes,
+        mask=batch["mask"],
+        ignore_index=ignore_index,
+        per_example=True,
     )
+    matrix, counts = per_image.sum(axis=0), metrics.class_counts(per_image)
     if axis_name is not None:
         matrix = jax.lax.psum(matrix, axis_name)
-    return matrix
+        counts = jax.lax.all_gather(counts, axis_name, axis=0, tiled=True)
+    return {"matrix": matrix, "image_counts": counts}

@@ -136,11 +136,13 @@ class Trainer:
             self._eval_geometry[split] = self.data.eval_geometry(split)
         geometry = self._eval_geometry[split]
         step_fn = self.programs.eval_step(geometry)
-        confusion = train_metrics.ConfusionMatrix.empty(self.num_classes)
+        evaluation = train_metrics.Evaluation.empty(self.num_classes)
         for batch in self.data.eval_iterator(split, geometry):
-            matrix = self.parallel.fetch(step_fn(state, self.parallel.put_batch(batch)))
-            confusion = confusion.merge(train_metrics.ConfusionMatrix.from_model_output(matrix))
-        return confusion.compute()
+            outputs = self.parallel.fetch(step_fn(state, self.parallel.put_batch(batch)))
+            evaluation = evaluation.merge(
+                train_metrics.Evaluation.single_from_model_output(**outputs)
+            )
+        return evaluation.compute()
 
     # -- training --------------------------------------------------------------------------
 
@@ -288,7 +290,8 @@ class Trainer:
             print(
                 f"  eval {split} @ step {step}: mIoU {100 * flat['miou']:.1f}  "
                 f"worst-class IoU {100 * flat['worst_iou']:.1f}  "
-                f"pixel acc {100 * flat['pixel_accuracy']:.1f}",
+                f"pixel acc {100 * flat['pixel_accuracy']:.1f}  "
+                f"mIoU^I {100 * flat['image_miou']:.1f}  mIoU^C {100 * flat['class_miou']:.1f}",
                 flush=True,
             )
 

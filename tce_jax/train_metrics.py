@@ -4,13 +4,15 @@
   the compiled step (a `StepAverage` per figure of `steps.train_step`, the learning rate as a
   `LastValue`), fetched to the host and merged there step by step; `compute()` at a log step
   gives the averages since the last one.
-* An evaluation's confusion matrix (`ConfusionMatrix`): merged by addition over the batches,
-  exact int64 counts; `compute()` gives the figures of `tce_jax.metrics`.
+* An evaluation (`Evaluation`): its confusion matrix (`ConfusionMatrix`), merged by addition
+  over the batches in exact int64 counts, and every image's per-class counts (`ImageCounts`),
+  collected; `compute()` gives the figures of `tce_jax.metrics`, dataset-level and fine-grained.
 
 Also `format_duration`, the one way a duration is printed (progress lines, the sweep).
-"""
 
-from __future__ import annotations
+(No `from __future__ import annotations` here: a clu `Collection` reads its metrics' classes
+from its fields' annotations.)
+"""
 
 from collections.abc import Callable
 
@@ -29,7 +31,7 @@ class StepAverage(clu_metrics.Average):
     (`clu.metrics.Average` would average a vector's classes together too)."""
 
     @classmethod
-    def from_model_output(cls, values, **_) -> StepAverage:
+    def from_model_output(cls, values, **_) -> "StepAverage":
         return cls(total=jnp.asarray(values, jnp.float32), count=jnp.ones((), jnp.int32))
 
 
@@ -70,20 +72,61 @@ class ConfusionMatrix(clu_metrics.Metric):
     matrix: np.ndarray
 
     @classmethod
-    def empty(cls, num_classes: int = 0) -> ConfusionMatrix:
+    def empty(cls, num_classes: int = 0) -> "ConfusionMatrix":
         return cls(matrix=np.zeros((num_classes, num_classes), np.int64))
 
     @classmethod
-    def from_model_output(cls, matrix, **_) -> ConfusionMatrix:
+    def from_model_output(cls, matrix, **_) -> "ConfusionMatrix":
         """`matrix`: a batch's (fetched) matrix of `steps.eval_step`."""
         return cls(matrix=np.asarray(matrix, np.int64))
 
-    def merge(self, other: ConfusionMatrix) -> ConfusionMatrix:
+    def merge(self, other: "ConfusionMatrix") -> "ConfusionMatrix":
         return type(self)(matrix=self.matrix + other.matrix)
 
     def compute(self) -> dict:
         """The figures of docs/maths.md ("Metrics"), and the matrix itself as "confusion"."""
         return {**metrics.segmentation_figures(self.matrix), "confusion": self.matrix}
+
+
+@flax.struct.dataclass
+class ImageCounts(clu_metrics.Metric):
+    """Every evaluated image's per-class TP, FP and FN ([3, C] rows of `steps.eval_step`'s
+    `image_counts`, padding included), collected on the host in batch order."""
+
+    rows: tuple[np.ndarray, ...]
+
+    @classmethod
+    def empty(cls) -> "ImageCounts":
+        return cls(rows=())
+
+    @classmethod
+    def from_model_output(cls, image_counts, **_) -> "ImageCounts":
+        return cls(rows=(np.asarray(image_counts),))
+
+    def merge(self, other: "ImageCounts") -> "ImageCounts":
+        return type(self)(rows=self.rows + other.rows)
+
+    def compute(self) -> dict:
+        """The fine-grained figures (`metrics.fine_grained_figures`; padding rows, all zero,
+        are dropped there with the images that have no labelled pixel)."""
+        counts = np.concatenate(self.rows) if self.rows else np.zeros((0, 3, 0), np.int64)
+        return metrics.fine_grained_figures(counts)
+
+
+@flax.struct.dataclass
+class Evaluation(clu_metrics.Collection):
+    """An evaluation's metrics, from the fetched outputs of `steps.eval_step`, batch by batch."""
+
+    confusion: ConfusionMatrix
+    images: ImageCounts
+
+    @classmethod
+    def empty(cls, num_classes: int = 0) -> "Evaluation":
+        return super().empty().replace(confusion=ConfusionMatrix.empty(num_classes))
+
+    def compute(self) -> dict:
+        """Every figure of docs/maths.md ("Metrics"), and the confusion matrix as "confusion"."""
+        return {**self.confusion.compute(), **self.images.compute()}
 
 
 def format_duration(seconds: float) -> str:

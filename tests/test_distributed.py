@@ -44,5 +44,6 @@ def test_same_numbers_for_any_device_and_process_count(runs, name):
     # scale (momentum traces); a wrong reduction (per-device statistics) is off by far more.
     assert_trees_close(state, ref_state, rtol=1e-4, scaled=5e-3)
     for split in ref_final:
-        for figure in ("miou", "pixel_accuracy", "worst_iou", "iou_std"):
+        figures = ("miou", "pixel_accuracy", "worst_iou", "iou_std", "image_miou", "class_miou")
+        for figure in figures:
             assert final[split][figure] == pytest.approx(ref_final[split][figure], abs=1e-3)

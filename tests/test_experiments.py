@@ -42,7 +42,7 @@ FAKE_TRAINER = textwrap.dedent(
     with open(os.path.join(run_dir, "config.json"), "w") as f:
         json.dump({"seed": spec["seed"], "loss": {"name": spec["overrides"]["loss.name"]}}, f)
     with open(os.path.join(run_dir, "final_metrics.json"), "w") as f:
-        json.dump({"validation": {"miou": 0.5, "worst_iou": 0.1}}, f)
+        json.dump({"validation": {"miou": 0.5, "worst_iou": 0.1, "image_miou": 0.4}}, f)
     """
 )
 
@@ -135,6 +135,7 @@ def test_demo_runs_through_the_sweep_and_tabulates_the_finished_runs(tmp_path, f
     figures = demo.final_figures(sweep.run_dir(str(workdir), runs[0]), "validation", ["a", "b"])
     assert figures["miou"] == 0.5 and figures["worst_iou"] == 0.1
     assert math.isnan(figures["pixel_accuracy"]) and all(math.isnan(x) for x in figures["iou"])
+    assert figures["image_miou"] == 0.4 and "class_miou" not in figures  # only those it has
 
 
 def test_sweep_refuses_conflicting_run_directories(tmp_path, fake_runner):
@@ -370,6 +371,22 @@ def test_report_groups_selects_on_validation_and_aggregates(fabricated):
     assert row == ["pole", "30.0 ± 0.0", "50.0 ± 10.0", "30.0"]
     assert "t=1 (selected)" in text and "t=2 (selected)" not in text
     assert "seed9" in text and "Warning" not in text
+
+
+def test_report_shows_fine_grained_columns_where_runs_have_them(fabricated):
+    for seed, image_miou in enumerate((0.40, 0.42, 0.44)):  # CE runs evaluated with them
+        fake_run(fabricated, "ce", seed, "ce", val=(0.5, 0.05), test=(0.49, 0.04),
+                 test_figures={"image_miou": image_miou, "class_miou": 0.3})
+    arms = report_runs.group_runs(report_runs.find_runs(fabricated)[0])
+    chosen = report_runs.select(arms, "validation", "miou")
+    assert report_render.summary_columns(arms, "validation") == report_render.SUMMARY
+    text = report_render.render_markdown(arms, chosen, select_split="validation",
+                                         report_split="test", metric="miou", title="T")
+    rows = table_rows(text, "Selected configurations")
+    # ..., worst-25% mIoU, mIoU^I, mIoU^C (no run has the worst-5% figures: no column)
+    assert rows[0][-3:] == ["5.0 ± 0.0", "42.0 ± 2.0", "30.0 ± 0.0"]
+    assert rows[1][-2:] == ["n/a", "n/a"]  # TCE's runs predate them
+    assert "| mIoU^I | mIoU^C |" in text and "worst-5% mIoU^I" not in text
 
 
 def test_report_warns_when_arms_differ_outside_the_loss(fabricated):

@@ -1,6 +1,7 @@
 """End-to-end training: the loss falls, reports are written, resume is exact, jit == pmap."""
 
 import glob
+import json
 import os
 import shutil
 
@@ -12,7 +13,7 @@ import run_utils
 from run_utils import assert_trees_close, latest_checkpoint, read_jsonl
 
 from configs import default
-from tce_jax import train
+from tce_jax import metrics, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -55,6 +56,15 @@ def test_run_writes_logs_reports_and_checkpoints(stochastic_run):
     evals = read_jsonl(os.path.join(workdir, "metrics.jsonl"))
     assert [e["step"] for e in evals] == [3, 6]
     assert all(0.0 <= e["miou"] <= 1.0 for e in evals)
+    # The fine-grained figures: in every eval line, final_metrics.json and report.md.
+    assert all(0.0 <= e["image_miou"] <= 1.0 and "class_miou_worst5" in e for e in evals)
+    with open(os.path.join(workdir, "final_metrics.json")) as f:
+        final = json.load(f)
+    for split in ("validation", "test"):
+        assert set(metrics.FINE_GRAINED_KEYS) <= set(final[split]), split
+        assert results[split]["num_images"] > 0
+    with open(os.path.join(workdir, "report.md")) as f:
+        assert "## Fine-grained IoU over the" in f.read()
     train_lines = read_jsonl(os.path.join(workdir, "train_metrics.jsonl"))
     assert "train/class_weight/road" in train_lines[-1]
     step, state = latest_checkpoint(workdir)
