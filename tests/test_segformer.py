@@ -355,3 +355,11 @@ def test_config_accepts_a_pretrained_segformer_encoder():
     config.model.name = "segformer_b0"
     config.model.pretrained = "/weights/mit-b0.safetensors"
     config_lib.validate_config(config)
+
+
+def test_too_small_inputs_are_refused():
+    model = create_model("segformer_b0", num_classes=3)
+    with pytest.raises(ValueError, match=r"stage 1 is \(7, 7\), less than its spatial reduction 8"):
+        jax.eval_shape(
+            lambda: model.init(jax.random.key(0), jnp.zeros((1, 28, 28, 3)), train=False)
+        )
