@@ -255,7 +255,15 @@ class SegFormerHead(nn.Module):
         y = jnp.concatenate(projected[::-1], axis=-1)
         y = nn.relu(norm(name="bn")(conv(self.width, (1, 1), name="linear_fuse")(y)))
         y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-        return layers.conv(self.num_classes, (1, 1), name="classifier")(y)
+        # Flax's default (LeCun normal) init, as DeepLabV3+'s classifier: He init with fan_out =
+        # num_classes would start from logits of standard deviation ~7.
+        return nn.Conv(
+            self.num_classes,
+            (1, 1),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="classifier",
+        )(y)
 
 
 class SegFormer(nn.Module):
