@@ -82,7 +82,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.name = "unet"
     config.model.output_stride = 16  # DeepLabV3+ only
-    config.model.pretrained = ""  # local file with backbone weights (DeepLabV3+ only)
+    config.model.pretrained = ""  # local file with backbone weights (DeepLabV3+, SegFormer)
 
     config.loss = ml_collections.ConfigDict()
     config.loss.name = "tce"  # a name of tce_jax.objectives.LOSSES

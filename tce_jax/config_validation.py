@@ -58,7 +58,7 @@ def unknown_field_message(config: ml_collections.ConfigDict, field: str) -> str 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks every field the trainer reads, before any data is read or anything compiled."""
     # Flax's import: a third of a second, no device set-up.
-    from tce_jax.models import MODELS, is_deeplab
+    from tce_jax.models import MODELS, is_deeplab, is_segformer
 
     validate_folder_config(config)
     model_names = tuple(MODELS)
@@ -225,10 +225,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     )
     _validate_sampling(config)
     _check(
-        not config.model.pretrained or is_deeplab(config.model.name),
+        not config.model.pretrained
+        or is_deeplab(config.model.name)
+        or is_segformer(config.model.name),
         "model.pretrained",
         config.model.pretrained,
-        "'' unless model.name is a DeepLabV3+ (only its ResNet backbone is pretrained)",
+        "'' unless model.name is a DeepLabV3+ or a SegFormer (only the ResNet backbone or the "
+        "MiT encoder is pretrained)",
     )
 
 
