@@ -5,7 +5,8 @@
         [--only=cityscapes/h100:1x1x8/train]
 
 Each recipe (the config as shipped, with its `slide` variant so that both evaluations are
-compiled) is compiled for each target without the devices (`tce_jax.compile_mode`, as
+compiled) is compiled for each target, and its variants' train steps (R50, bf16,
+`grad_accum_steps=2`) for one GPU and one TPU target without the devices (`tce_jax.compile_mode`, as
 `--mode=compile` does; needs `pip install -e '.[compile-gpu,compile-tpu]'`): the train step,
 the whole-image eval step and the sliding-window eval step. Each row of
 benchmarks/results/compile_targets.md is written as soon as its step has compiled, and rows
@@ -20,6 +21,7 @@ import platform
 import re
 import sys
 import time
+from typing import NamedTuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -27,12 +29,32 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the CUDA plugin only compiles
 
-RECIPES = {
-    "cityscapes": "configs/cityscapes.py:tce,slide",
-    "ade20k": "configs/ade20k.py:tce,slide",
-}
 TARGETS = ("h100:1x1x8", "a100-80gb:1x1x8", "v5e:2x4", "v4:2x2x1")
 STEPS = ("train", "eval (whole)", "eval (sliding)")
+
+
+class Recipe(NamedTuple):
+    """A row group: the config (`path:variants`), dotted overrides, and which targets and steps
+    it is compiled for (a variant only changes the train step; one GPU and one TPU target)."""
+
+    config: str
+    overrides: dict = {}
+    targets: tuple[str, ...] = TARGETS
+    steps: tuple[str, ...] = STEPS
+
+
+_VARIANT_TARGETS = ("h100:1x1x8", "v4:2x2x1")
+RECIPES = {
+    "cityscapes": Recipe("configs/cityscapes.py:tce,slide"),
+    "ade20k": Recipe("configs/ade20k.py:tce,slide"),
+    # The variants of issue-sized interest: a smaller backbone, bf16 compute, and the global
+    # batch as two micro-batches (exact gradient accumulation).
+    "cityscapes r50": Recipe("configs/cityscapes.py:tce,r50", {}, _VARIANT_TARGETS, ("train",)),
+    "cityscapes bf16": Recipe("configs/cityscapes.py:tce,bf16", {}, _VARIANT_TARGETS, ("train",)),
+    "cityscapes accum 2": Recipe(
+        "configs/cityscapes.py:tce", {"grad_accum_steps": 2}, _VARIANT_TARGETS, ("train",)
+    ),
+}
 FILE = "compile_targets.md"
 COLUMNS = (
     "recipe", "target", "step", "fits", "GiB per device", "TFLOP per device", "step time bound",
@@ -80,14 +102,15 @@ def write(path, rows: dict, command: str) -> None:
 
     from tce_jax import compile_mode
 
-    order = {(r, t, s): i for i, (r, t, s) in enumerate(_all_keys(RECIPES, TARGETS))}
+    order = {key: i for i, key in enumerate(_all_keys(RECIPES))}
     keys = sorted(rows, key=lambda k: order.get(k, len(order)))
-    missing = [k for k in _all_keys(RECIPES, TARGETS) if k not in rows]
+    missing = [k for k in _all_keys(RECIPES) if k not in rows]
     lines = [
         "Compiled without the devices by `python benchmarks/compile_targets.py` (each row as its "
         f"step compiled; last run: `{command}`; JAX {jax.__version__}, {platform.machine()}, "
         f"{os.cpu_count()} CPU cores); recipes as shipped "
-        f"({', '.join(f'`{c}`' for c in RECIPES.values())}), float32, global batch and eval "
+        f"({', '.join(f'`{r.config}`' for r in RECIPES.values() if not r.overrides)}; "
+        "`accum 2`: `--config.grad_accum_steps=2`), float32 unless `bf16`, global batch and eval "
         "batch as the config says, evaluation on the nominal canvas of "
         "`compile_mode.NOMINAL_EVAL_SIZES` (Cityscapes 1024x2048, ADE20K 704x704).",
         "",
@@ -110,8 +133,8 @@ def write(path, rows: dict, command: str) -> None:
         f.write("\n".join(lines) + "\n")
 
 
-def _all_keys(recipes, targets_):
-    return [(r, t, s) for r in recipes for t in targets_ for s in STEPS]
+def _all_keys(recipes: dict[str, Recipe]):
+    return [(n, t, s) for n, r in recipes.items() for t in r.targets for s in r.steps]
 
 
 def main():
@@ -123,7 +146,7 @@ def main():
 
     import results_file
 
-    from experiments.train_run import load_config
+    from experiments.train_run import apply_overrides, load_config
     from tce_jax import compile_mode, config_lib
 
     path = results_file.RESULTS / FILE
@@ -132,11 +155,13 @@ def main():
     command = "python benchmarks/compile_targets.py" + "".join(
         f" {a}" for a in sys.argv[1:] if a.startswith("--")
     )
+    targets = args.targets.split(",")
     for recipe in args.recipes.split(","):
-        config = load_config(RECIPES[recipe])
+        spec = RECIPES[recipe]
+        config = apply_overrides(load_config(spec.config), spec.overrides)
         config_lib.validate_config(config)
-        for target in args.targets.split(","):
-            for step in STEPS:
+        for target in (t for t in spec.targets if t in targets):
+            for step in spec.steps:
                 key = (recipe, target, step)
                 if key in rows or (only and not any(p in "/".join(key) for p in only)):
                     continue
