@@ -281,19 +281,19 @@ def image_class_iou(counts: np.ndarray) -> np.ndarray:
         the image's valid pixels only (ignored pixels count in neither label nor prediction).
 
     Returns:
-      ``TP / (TP + FP + FN)`` where class c is in the label of image i (``TP + FN > 0``), NaN
-      elsewhere: a class absent from the label, even if predicted, is not scored in that image
-      (its predicted pixels are false negatives of the classes they belong to). Images without
-      a labelled pixel (the padding of the last batch, images wholly ignored) are dropped.
+      ``TP / (TP + FP + FN)`` where class c is in the label or the prediction of image i
+      (``TP + FP + FN > 0``; a class only predicted scores 0), NaN where it is in neither.
+      Images without a labelled pixel (the padding of the last batch, images wholly ignored)
+      are dropped.
     """
     counts = np.asarray(counts, np.float64)
     if counts.ndim != 3 or counts.shape[1] != 3:
         raise ValueError(f"counts must be [images, 3, C] (TP, FP, FN), got {counts.shape}.")
     tp, fp, fn = counts[:, 0], counts[:, 1], counts[:, 2]
-    labelled = tp + fn > 0
+    scored = tp + fp + fn > 0  # in the image's label or its prediction
     with np.errstate(divide="ignore", invalid="ignore"):
-        iou = np.where(labelled, tp / (tp + fp + fn), np.nan)
-    return iou[labelled.any(axis=1)]
+        iou = np.where(scored, tp / (tp + fp + fn), np.nan)
+    return iou[(tp + fn > 0).any(axis=1)]
 
 
 def worst_mean(values: np.ndarray, percent: int) -> float:
@@ -310,7 +310,8 @@ def fine_grained_figures(counts: np.ndarray) -> dict[str, Any]:
     """The fine-grained mIoUs of Wang et al. (NeurIPS 2023) from per-image counts.
 
     With ``IoU[i, c]`` of :func:`image_class_iou` (N images with a labelled pixel; ``K_i`` the
-    classes in the label of image i; ``I_c`` the images whose label holds class c)::
+    classes in the label or the prediction of image i; ``I_c`` the images where class c is in
+    the label or the prediction)::
 
         image_iou_i      = mean_{c in K_i} IoU[i, c]
         image_miou       = mean_i image_iou_i                               (mIoU^I)
@@ -520,8 +521,8 @@ def write_report(
             "",
             markdown_table(["figure", "value"], summary[len(SUMMARY_KEYS) :]),
             "",
-            "Per image, the IoU of each class in its label (docs/maths.md); images without a "
-            "labelled pixel are excluded.",
+            "Per image, the IoU of each class in its label or prediction (docs/maths.md); "
+            "images without a labelled pixel are excluded.",
             "",
         ]
     if extra:

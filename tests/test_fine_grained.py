@@ -22,8 +22,8 @@ IGNORE = 255
 
 def _reference(predictions, labels, keep, num_classes):
     """The paper's figures by loops: per kept image with a labelled pixel, the IoU of each class
-    in its label over the valid pixels; means over images and over classes; worst q% with
-    n = max(1, floor(q N / 100)) in exact fractions."""
+    in its label or its prediction over the valid pixels; means over images and over classes;
+    worst q% with n = max(1, floor(q N / 100)) in exact fractions."""
     image_ious, class_ious = [], {c: [] for c in range(num_classes)}
     for pred, label, kept in zip(predictions, labels, keep, strict=True):
         valid = (label != IGNORE) & (label >= 0) & (label < num_classes)
@@ -31,7 +31,7 @@ def _reference(predictions, labels, keep, num_classes):
             continue
         p, y = pred[valid], label[valid]
         ious = []
-        for c in sorted(set(y.tolist())):
+        for c in sorted(set(y.tolist()) | set(p.tolist())):
             iou = np.sum((p == c) & (y == c)) / np.sum((p == c) | (y == c))
             ious.append(iou)
             class_ious[c].append(iou)
@@ -64,8 +64,9 @@ def _counts(predictions, labels, mask, num_classes):
 
 
 # A hand-made batch of 3 classes. Image 0: class 0 (IoU 1/2), class 1 (IoU 2/4), class 2 only
-# predicted (not scored); its ignored pixel is predicted 0 and counts nowhere. Image 1: class 2
-# (IoU 4/5), class 0 only predicted. Image 2: wholly ignored. Image 3: padding (mask False).
+# predicted (IoU 0); its ignored pixel is predicted 0 and counts nowhere. Image 1: class 2
+# (IoU 4/5), class 0 only predicted (IoU 0), class 1 predicted only on an ignored pixel (not
+# scored). Image 2: wholly ignored. Image 3: padding (mask False).
 HAND_LABELS = np.array(
     [
         [[0, 0, 1], [1, 1, IGNORE]],
@@ -92,18 +93,20 @@ def test_hand_made_counts_and_figures():
     np.testing.assert_array_equal(counts[1], [[0, 0, 4], [1, 0, 0], [0, 0, 1]])
     np.testing.assert_array_equal(counts[2:], 0)  # wholly ignored; padding
     np.testing.assert_array_equal(
-        metrics.image_class_iou(counts), [[0.5, 0.5, np.nan], [np.nan, np.nan, 0.8]]
+        metrics.image_class_iou(counts), [[0.5, 0.5, 0.0], [0.0, np.nan, 0.8]]
     )
     figures = metrics.fine_grained_figures(counts)
+    image_means = (1 / 3, 0.4)  # (1/2 + 2/4 + 0) / 3, (0 + 4/5) / 2
+    class_means = (0.25, 0.5, 0.4)  # class 0: 1/2, 0; class 1: 2/4; class 2: 0, 4/5
     assert figures == pytest.approx(
         {
             "num_images": 2,
-            "image_miou": 0.65,
-            "image_miou_worst5": 0.5,  # max(1, floor(5% of 2)) = 1 image
-            "image_miou_qbar": (9 * 0.5 + 0.65) / 10,  # 1 image up to q = 90, both at 100
-            "class_miou": (0.5 + 0.5 + 0.8) / 3,
-            "class_miou_worst5": (0.5 + 0.5 + 0.8) / 3,  # one image per class
-            "class_miou_qbar": (0.5 + 0.5 + 0.8) / 3,
+            "image_miou": sum(image_means) / 2,
+            "image_miou_worst5": 1 / 3,  # max(1, floor(5% of 2)) = 1 image
+            "image_miou_qbar": (9 / 3 + sum(image_means) / 2) / 10,  # 1 image to q = 90
+            "class_miou": sum(class_means) / 3,
+            "class_miou_worst5": (0 + 0.5 + 0) / 3,  # each class's worst image
+            "class_miou_qbar": (9 * (0 + 0.5 + 0) / 3 + sum(class_means) / 3) / 10,
         }
     )
     expected = _reference(HAND_PREDICTIONS, HAND_LABELS, HAND_MASK, 3)
