@@ -35,7 +35,14 @@ LOSS_DISPLAY = {
     "stochastic_tce": "Stochastic TCE",
     "weighted_ce": "weighted CE",
     "lovasz": "Lovász-softmax",
+    "ohem": "OHEM CE",
+    "recall": "recall loss",
+    "class_balanced": "class-balanced CE",
+    "dice": "Dice",
 }
+# The samplers (`data.sampling`) other than uniform epochs and tilted class-aware sampling, which
+# the Stochastic TCE family names itself.
+SAMPLER_DISPLAY = {"rcs": "Rare Class Sampling", "repeat_factor": "repeat-factor sampling"}
 ESTIMATOR_DISPLAY = {"ema": "EMA", "tilted": "tilted estimate"}
 
 
@@ -128,12 +135,22 @@ def describe_family(config: dict[str, Any]) -> str:
         variant += _stochastic_variant(config)
     if loss in TILTED_LOSSES and config.get("loss.class_weighting") != "frequency":
         variant.append(f"{config.get('loss.class_weighting')} prior")
+    if _sampler(config) in SAMPLER_DISPLAY:
+        variant.append(SAMPLER_DISPLAY[_sampler(config)])
     return f"{text} ({', '.join(variant)})" if variant else text
+
+
+def _sampler(config: dict[str, Any]) -> str:
+    """The run's sampler as `tce_jax.sampling.method` reads it (runs from before
+    `data.sampling` existed have only `data.class_aware_sampling`)."""
+    if config.get("data.class_aware_sampling"):
+        return "tilted"
+    return str(config.get("data.sampling", "uniform"))
 
 
 def _stochastic_variant(config: dict[str, Any]) -> list[str]:
     estimator = str(config.get("loss.estimator"))
-    sampling = bool(config.get("data.class_aware_sampling"))
+    sampling = _sampler(config) == "tilted"
     ce_batch = config.get("loss.batch_loss") == "ce"
     if sampling and ce_batch and estimator == "tilted":
         return ["TERM: tilted sampling, CE batch loss"]
@@ -217,7 +234,7 @@ def _family_rank(arm: ArmResult) -> tuple:
     return (
         LOSS_ORDER.index(arm.loss) if arm.loss in LOSS_ORDER else len(LOSS_ORDER),
         config.get("loss.class_weighting") != "frequency" and arm.loss in TILTED_LOSSES,
-        bool(config.get("data.class_aware_sampling")),
+        _sampler(config) != "uniform",
         config.get("loss.estimator") != "ema" and arm.loss == "stochastic_tce",
         config.get("loss.batch_loss") != "tilted" and arm.loss == "stochastic_tce",
         arm.family,

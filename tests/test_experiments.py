@@ -566,3 +566,28 @@ def test_read_jsonl_keeps_the_last_record_of_a_step(tmp_path):
     path.write_text('{"step": 1, "a": 1}\n{"step": 2, "a": 2}\n{"step": 2, "a": 3}\n')
     records = report_plots.records_by_step(str(path))
     assert list(records.values()) == [{"step": 1, "a": 1}, {"step": 2, "a": 3}]
+
+
+def test_family_names_of_the_field_methods_and_samplers():
+    from experiments.report_runs import describe_family
+
+    assert describe_family({"loss.name": "ohem"}) == "OHEM CE"
+    assert describe_family({"loss.name": "ce", "data.sampling": "rcs"}) == (
+        "CE (Rare Class Sampling)"
+    )
+    assert describe_family(
+        {"loss.name": "tce", "loss.class_weighting": "frequency", "data.sampling": "rcs"}
+    ) == "TCE (Rare Class Sampling)"
+    assert describe_family({"loss.name": "ce", "data.sampling": "repeat_factor"}) == (
+        "CE (repeat-factor sampling)"
+    )
+    tilted = {
+        "loss.name": "stochastic_tce",
+        "loss.estimator": "ema",
+        "loss.batch_loss": "tilted",
+        "loss.class_weighting": "frequency",
+    }
+    # Runs written before data.sampling existed, and runs that name the sampler, read the same.
+    assert describe_family({**tilted, "data.class_aware_sampling": True}) == describe_family(
+        {**tilted, "data.class_aware_sampling": False, "data.sampling": "tilted"}
+    ) == "Stochastic TCE (EMA, tilted sampling)"
