@@ -41,6 +41,7 @@ __all__ = [
     "ResNet101",
     "UNet",
     "create_model",
+    "head_modules",
     "is_deeplab",
 ]
 
@@ -89,3 +90,10 @@ def is_deeplab(name: str) -> bool:
     its ResNet backbone can be pretrained, and it is a paper-scale model."""
     return getattr(MODELS.get(name), "func", None) is DeepLabV3Plus
 
+
+def head_modules(name: str) -> tuple[str, ...]:
+    """The top-level parameter names of the decode head of the model called ``name`` (the
+    model class's ``head_modules``; mmsegmentation's ``decode_head``): those whose learning
+    rate ``optimizer.head_lr_multiplier`` scales. ``()`` for a model without one (the U-Nets)."""
+    model = MODELS[name]
+    return getattr(getattr(model, "func", model), "head_modules", ())
