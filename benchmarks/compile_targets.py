@@ -4,14 +4,14 @@
         [--targets=h100:1x1x8,a100-80gb:1x1x8,v5e:2x4,v4:2x2x1] [--recipes=cityscapes,ade20k] \
         [--only=cityscapes/h100:1x1x8/train]
 
-Each recipe (the config as shipped, with its `slide` variant so that both evaluations are
-compiled) is compiled for each target without the devices (`tce_jax.compile_mode`, as
-`--mode=compile` does; needs `pip install -e '.[compile-gpu,compile-tpu]'`): the train step,
-the whole-image eval step and the sliding-window eval step. Each row of
-benchmarks/results/compile_targets.md is written as soon as its step has compiled, and rows
-already there are not compiled again (delete a row to redo it): a full run takes hours on a
-few CPU cores, so it can stop and resume. `--only` keeps the steps whose
-`recipe/target/step` contains any of its comma-separated parts.
+Each recipe of `RECIPES` (DeepLabV3+, and SegFormer with its smallest and largest encoders; the
+config as shipped, with its `slide` variant so that both evaluations are compiled) is compiled
+for each target without the devices (`tce_jax.compile_mode`, as `--mode=compile` does; needs
+`pip install -e '.[compile-gpu,compile-tpu]'`): the train step, the whole-image eval step and
+the sliding-window eval step. Each row of benchmarks/results/compile_targets.md is written as
+soon as its step has compiled, and rows already there are not compiled again (delete a row to
+redo it): a full run takes hours on a few CPU cores, so it can stop and resume. `--only` keeps
+the steps whose `recipe/target/step` contains any of its comma-separated parts.
 """
 
 import argparse
@@ -30,6 +30,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the CUDA plugin only compiles
 RECIPES = {
     "cityscapes": "configs/cityscapes.py:tce,slide",
     "ade20k": "configs/ade20k.py:tce,slide",
+    # SegFormer's recipes, smallest and largest encoder (Cityscapes' evaluates by sliding window).
+    "cityscapes_segformer_b0": "configs/cityscapes.py:tce,segformer_b0",
+    "cityscapes_segformer_b5": "configs/cityscapes.py:tce,segformer_b5",
+    "ade20k_segformer_b0": "configs/ade20k.py:tce,segformer_b0,slide",
+    "ade20k_segformer_b5": "configs/ade20k.py:tce,segformer_b5,slide",
 }
 TARGETS = ("h100:1x1x8", "a100-80gb:1x1x8", "v5e:2x4", "v4:2x2x1")
 STEPS = ("train", "eval (whole)", "eval (sliding)")

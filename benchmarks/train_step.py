@@ -1,9 +1,11 @@
 """Train-step and input-pipeline throughput, as ratios measured in one process.
 
-    python benchmarks/train_step.py [--config=configs/default.py] [--steps=20] [--repeats=5]
+    python benchmarks/train_step.py [--config=configs/default.py] [--steps=20] [--repeats=5] \
+        [--models=unet,segformer_b0]
 
-* steps/s of the TCE and Stochastic TCE train steps relative to the CE step (target >= 0.97):
-  the three compiled steps are timed in interleaved rounds so that machine load drifts cancel;
+* steps/s of the TCE and Stochastic TCE train steps relative to the CE step (target >= 0.97),
+  for each model of `--models` (default: the config's and SegFormer-B0, `SEGFORMER`): all the
+  compiled steps are timed in interleaved rounds so that machine load drifts cancel;
 * input-pipeline examples/s relative to what the CE train step consumes (target >= 2x).
 
 It runs on whatever `jax.default_backend()` is (printed with the device kind). On CPU the
@@ -29,6 +31,7 @@ LOSSES = ("ce", "tce", "stochastic_tce")
 TARGET = 0.97  # steps/s relative to the CE step
 ACCELERATOR_CROP = (512, 1024)
 ACCELERATOR_BATCH = 8
+SEGFORMER = "segformer_b0"  # the transformer timed next to the config's model
 
 
 def build_step(config, loss_name, parallel, num_classes, **step_kwargs):
@@ -73,6 +76,8 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="steps per timed round")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--data_dir", default="")
+    parser.add_argument("--models", default="", help="model names, comma-separated (default: "
+                        f"the config's and {SEGFORMER})")
     parser.add_argument("--crop_size", default="", help="H,W (default: the config's on CPU, "
                         f"{ACCELERATOR_CROP} on GPU/TPU)")
     parser.add_argument("--batch_size", type=int, default=0, help="global batch (default: the "
@@ -115,16 +120,23 @@ def main():
     data = dataset.train_iterator()
     batch = parallel.put_batch(next(data))
 
-    steps = {name: build_step(config, name, parallel, spec.num_classes) for name in LOSSES}
-    seconds = {name: [] for name in LOSSES}
-    for name, (state, step) in steps.items():  # compile and warm up
-        steps[name] = (time_steps(state, step, batch, 2)[0], step)
+    models = args.models.split(",") if args.models else [config.model.name, SEGFORMER]
+    models = list(dict.fromkeys(models))  # the config's model may be the SegFormer
+    steps = {}
+    for model in models:
+        model_config = config.copy_and_resolve_references()
+        model_config.model.name = model
+        for name in LOSSES:
+            steps[model, name] = build_step(model_config, name, parallel, spec.num_classes)
+    seconds = {key: [] for key in steps}
+    for key, (state, step) in steps.items():  # compile and warm up
+        steps[key] = (time_steps(state, step, batch, 2)[0], step)
     for _ in range(args.repeats):
-        for name, (state, step) in steps.items():
+        for key, (state, step) in steps.items():
             state, per_step = time_steps(state, step, batch, args.steps)
-            steps[name] = (state, step)
-            seconds[name].append(per_step)
-    median = {name: statistics.median(v) for name, v in seconds.items()}
+            steps[key] = (state, step)
+            seconds[key].append(per_step)
+    median = {key: statistics.median(v) for key, v in seconds.items()}
 
     # Input pipeline alone: examples/s once warmed up.
     for _ in range(3):
@@ -134,25 +146,27 @@ def main():
     for _ in range(n_batches):
         next(data)
     pipeline_rate = n_batches * config.global_batch_size / (time.perf_counter() - start)
-    consumed_rate = config.global_batch_size / median["ce"]
+    consumed_rate = config.global_batch_size / median[models[0], "ce"]
 
     h, w = config.data.crop_size
     lines = [
-        f"Config `{args.config}`: {config.model.name}, global batch {config.global_batch_size}"
+        f"Config `{args.config}`: {', '.join(models)}, global batch {config.global_batch_size}"
         f" of {h}x{w}, {spec.num_classes} classes, backend `{backend}` ({device_kind}, "
         f"{jax.device_count()} device(s)), parallelism {config.parallelism}; median of "
         f"{args.repeats} interleaved rounds of {args.steps} steps.",
         "",
-        "| train step | ms/step | steps/s relative to CE | target |",
-        "| --- | ---: | ---: | ---: |",
+        "| model | train step | ms/step | steps/s relative to CE | target |",
+        "| --- | --- | ---: | ---: | ---: |",
     ]
-    for name in LOSSES:
-        ratio = median["ce"] / median[name]
+    for model, name in steps:
+        ratio = median[model, "ce"] / median[model, name]
         target = "" if name == "ce" else f">= {TARGET}"
-        lines.append(f"| {name} | {1000 * median[name]:.1f} | {ratio:.3f} | {target} |")
+        ms = 1000 * median[model, name]
+        lines.append(f"| {model} | {name} | {ms:.1f} | {ratio:.3f} | {target} |")
     lines += [
         "",
-        "| input pipeline | examples/s | relative to CE step consumption | target |",
+        f"| input pipeline | examples/s | relative to {models[0]}'s CE step consumption | "
+        "target |",
         "| --- | ---: | ---: | ---: |",
         f"| train iterator | {pipeline_rate:.0f} | {pipeline_rate / consumed_rate:.2f}x | >= 2x |",
     ]

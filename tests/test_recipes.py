@@ -10,7 +10,7 @@ import pytest
 from flax import traverse_util
 from run_utils import assert_trees_close
 
-from configs import default
+from configs import ade20k, cityscapes, default
 from tce_jax import config_lib, models, steps
 
 # Parameters shaped as a model's: a backbone, a decode head of two modules, 1-D biases/norms.
@@ -143,3 +143,88 @@ def test_head_multiplier_changes_only_the_head_of_a_deeplab():
     first = {name: float(updates[name]["kernel"][0, 0]) for name in names}
     ratio = {name: first[name] / first["backbone"] for name in names}
     assert ratio == pytest.approx({"backbone": 1, "aspp": 10, "decoder": 10, "classifier": 10})
+
+
+# ----------------------------------------------------------------------------------------------
+# The SegFormer recipes (mmsegmentation's segformer_mit-b*_8xb*-160k_* configs).
+
+
+def _schedule_values(config):
+    opt = config.optimizer
+    return (
+        opt.name,
+        opt.learning_rate,
+        opt.weight_decay,
+        opt.head_lr_multiplier,
+        opt.schedule,
+        opt.poly_power,
+        opt.warmup_steps,
+        config.num_train_steps,
+    )
+
+
+@pytest.mark.parametrize("size", range(6))
+def test_segformer_recipes_have_the_published_values(size):
+    schedule = ("adamw", 6e-5, 0.01, 10.0, "poly", 1.0, 1500, 160_000)
+    ade = ade20k.get_config(f"segformer_b{size}")
+    config_lib.validate_config(ade)
+    assert ade.model.name == f"segformer_b{size}"
+    assert _schedule_values(ade) == schedule
+    assert (ade.data.crop_size, ade.global_batch_size, ade.data.eval_mode) == (
+        (512, 512),
+        16,
+        "whole",
+    )
+    cs = cityscapes.get_config(f"tce,segformer_b{size}")
+    config_lib.validate_config(cs)
+    assert cs.model.name == f"segformer_b{size}" and cs.loss.name == "tce"
+    assert _schedule_values(cs) == schedule
+    data = cs.data
+    assert (data.crop_size, cs.global_batch_size, data.base_size) == ((1024, 1024), 8, (1024, 2048))
+    assert (data.eval_mode, data.eval_window, data.eval_stride) == (
+        "sliding",
+        (1024, 1024),
+        (768, 768),
+    )
+    # The schedule: linear warm-up from 0 over 1500 steps, then linear (poly 1.0) decay to 0.
+    lr = steps.create_learning_rate_schedule(cs)
+    assert [float(lr(s)) for s in (0, 750, 1500, 80_750, 160_000)] == pytest.approx(
+        [0.0, 3e-5, 6e-5, 3e-5, 0.0], abs=1e-12
+    )
+
+
+def test_the_deeplab_recipes_are_unchanged_by_the_segformer_variants():
+    cs = cityscapes.get_config("tce")
+    assert cs.model.name == "deeplabv3plus_resnet101" and cs.optimizer.head_lr_multiplier == 1.0
+    assert (cs.data.crop_size, cs.num_train_steps, cs.data.eval_mode) == (
+        (512, 1024),
+        80_000,
+        "whole",
+    )
+
+
+@pytest.mark.parametrize(
+    "module, arg",
+    [(default, "segformer,tiny"), (cityscapes, "segformer_b5,tiny"), (ade20k, "segformer_b2,tiny")],
+)
+def test_tiny_keeps_a_segformer_small(module, arg):
+    """`tiny` with a SegFormer: SegFormer-B0 (whatever the size) in the usual six-step run."""
+    config = module.get_config(arg)
+    config_lib.validate_config(config)
+    assert config.model.name == "segformer_b0"
+    assert (config.num_train_steps, config.global_batch_size, config.optimizer.warmup_steps) == (
+        6,
+        8,
+        1,
+    )
+    assert max(config.data.crop_size) <= 128
+
+
+def test_embedded_segformer_variant():
+    config = default.get_config("segformer")
+    config_lib.validate_config(config)
+    plain = default.get_config()
+    assert config.model.name == "segformer_b0"
+    assert config.optimizer.learning_rate == default.SEGFORMER_LEARNING_RATE
+    config.model.name, config.optimizer.learning_rate = "unet", plain.optimizer.learning_rate
+    assert config == plain  # nothing else changes
