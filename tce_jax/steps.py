@@ -143,6 +143,7 @@ def train_step(
     grad_accum_steps: int = 1,
     decomposition: objectives.Decomposition | None = None,
     normalise=device_transforms.normalise_on_device,
+    seed: int = 0,
 ):
     """One optimisation step on the (global) batch; returns the new state and scalar metrics.
 
@@ -152,8 +153,13 @@ def train_step(
     objective as `loss_fn`) gives the exact loss and gradient of the whole batch
     (`tce_jax.accumulation`). The uint8 images of the batch are jittered (when the batch
     carries `photometric` draws, `device_transforms.photometric_on_device`) and normalised
-    (`normalise`) on the device first.
+    (`normalise`) on the device first. The model's `dropout` rng (SegFormer's stochastic depth
+    and dropout; the other models ignore it) is a function of (`seed`, step), and of the
+    replica under pmap; every micro-batch of an accumulated step uses the same one.
     """
+    dropout_rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    if axis_name is not None:
+        dropout_rng = jax.random.fold_in(dropout_rng, jax.lax.axis_index(axis_name))
     if "photometric" in batch:
         jittered = device_transforms.photometric_on_device(batch["image"], batch["photometric"])
         batch = {**batch, "image": jittered}
@@ -164,6 +170,7 @@ def train_step(
             normalise(images),  # uint8 from the input pipeline
             train=True,
             mutable=["batch_stats"],
+            rngs={"dropout": dropout_rng},
         )
         return logits, updates["batch_stats"]
 
@@ -228,6 +235,7 @@ def create_train_step(config: ml_collections.ConfigDict, model, tx, axis_name=No
         loss_fn=objectives.create_loss_fn(config),
         axis_name=axis_name,
         normalise=device_transforms.device_normaliser(config.data),
+        seed=config.seed,
         **kwargs,
     )
 

@@ -4,7 +4,8 @@ Every model is called as ``model.apply(variables, x, train=..., mutable=[...])``
 ``x: float [B, H, W, C_in]`` (NHWC) and returns logits ``[B, H, W, num_classes]`` at the
 input resolution, in the model's compute ``dtype``. Variables: ``params`` (``param_dtype``,
 float32 by default; BatchNorm scale/bias included) and ``batch_stats`` (BatchNorm running
-mean/var; mutable when ``train=True``).
+mean/var; mutable when ``train=True``). SegFormer's stochastic depth and dropout draw from the
+``'dropout'`` rng when ``train=True`` (``rngs={"dropout": key}``; the other models need none).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tce_jax.models.deeplab import (
     DeepLabV3PlusResNet101,
 )
 from tce_jax.models.resnet import Bottleneck, ResNet, ResNet50, ResNet101
+from tce_jax.models.segformer import SEGFORMERS, MixTransformer, SegFormer
 from tce_jax.models.unet import ConvBNReLU, DoubleConv, UNet
 
 __all__ = [
@@ -36,13 +38,16 @@ __all__ = [
     "DeepLabV3PlusResNet101",
     "DoubleConv",
     "MODELS",
+    "MixTransformer",
     "ResNet",
     "ResNet50",
     "ResNet101",
+    "SegFormer",
     "UNet",
     "create_model",
     "head_modules",
     "is_deeplab",
+    "is_segformer",
 ]
 
 MODELS: Mapping[str, Callable[..., nn.Module]] = {
@@ -51,6 +56,8 @@ MODELS: Mapping[str, Callable[..., nn.Module]] = {
     "unet_small": functools.partial(UNet, features=(8, 16, 32)),
     "deeplabv3plus_resnet50": DeepLabV3PlusResNet50,
     "deeplabv3plus_resnet101": DeepLabV3PlusResNet101,
+    # SegFormer-B0 ... B5: segformer_b0, ..., segformer_b5.
+    **SEGFORMERS,
 }
 
 
@@ -65,8 +72,8 @@ def create_model(
     """Builds the model called ``name`` (one of ``MODELS``).
 
     Args:
-      name: ``'unet'``, ``'unet_small'``, ``'deeplabv3plus_resnet50'`` or
-        ``'deeplabv3plus_resnet101'``.
+      name: ``'unet'``, ``'unet_small'``, ``'deeplabv3plus_resnet50'``,
+        ``'deeplabv3plus_resnet101'`` or ``'segformer_b0'`` ... ``'segformer_b5'``.
       num_classes: number of output classes ``C`` (logits are ``[B, H, W, C]``).
       dtype: compute dtype, e.g. ``jnp.bfloat16`` or ``'bfloat16'`` for mixed precision
         (parameters stay float32).
@@ -89,6 +96,12 @@ def is_deeplab(name: str) -> bool:
     """Whether ``name`` (a key of ``MODELS``) is a DeepLabV3+: it takes ``output_stride``, only
     its ResNet backbone can be pretrained, and it is a paper-scale model."""
     return getattr(MODELS.get(name), "func", None) is DeepLabV3Plus
+
+
+def is_segformer(name: str) -> bool:
+    """Whether ``name`` (a key of ``MODELS``) is a SegFormer (B0-B5): only its MiT encoder can
+    be pretrained (`tce_jax.pretrained_segformer`)."""
+    return getattr(MODELS.get(name), "func", None) is SegFormer
 
 
 def head_modules(name: str) -> tuple[str, ...]:
