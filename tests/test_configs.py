@@ -35,10 +35,10 @@ _RECIPE_VARIANTS = (
     "stochastic_tce,sampling,slide,runlocal",
 )
 TEST_VARIANTS = {
-    "default.py": ("", *objectives.LOSSES, "tiny", "stochastic_tce,sampling,tiny"),
-    "cityscapes.py": _RECIPE_VARIANTS,
-    "ade20k.py": _RECIPE_VARIANTS,
-    "folder.py": (*_RECIPE_VARIANTS, "unet", "unet,ce,bf16"),
+    "default.py": ("", *objectives.LOSSES, "tiny", "stochastic_tce,sampling,tiny", "segformer"),
+    "cityscapes.py": (*_RECIPE_VARIANTS, "ce,segformer_b0"),
+    "ade20k.py": (*_RECIPE_VARIANTS, "segformer_b1,bf16,runlocal"),
+    "folder.py": (*_RECIPE_VARIANTS, "unet", "unet,ce,bf16", "segformer_b0"),
 }
 
 
