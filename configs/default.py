@@ -6,8 +6,7 @@ Variants are chosen after a colon, comma-separated, e.g.::
     python -m tce_jax.main --config=configs/default.py:stochastic_tce,tiny --workdir=/tmp/s
 
 * `ce`, `tce`, `stochastic_tce`, `weighted_ce`, `focal`, `lovasz`: the loss (default `tce`);
-* `segformer`: SegFormer-B0 trained from scratch instead of the U-Net (same optimizer,
-  learning rate `SEGFORMER_LEARNING_RATE`);
+* `segformer`: SegFormer-B0 trained from scratch instead of the U-Net (the same optimizer);
 * `tiny`: six steps of a small U-Net (SegFormer-B0 with `segformer`) on small crops of a subset,
   for tests and smoke runs;
 * the other variants every config accepts (`sampling`, `r50`, `r101`, `bf16`, `slide`, `tta`;
@@ -17,9 +16,6 @@ Any field can be overridden on the command line: `--config.loss.t=2.0`.
 """
 
 from tce_jax import config_lib
-
-# AdamW's learning rate for SegFormer-B0 from scratch on the embedded data (the U-Net's is 3e-3).
-SEGFORMER_LEARNING_RATE = 1e-3
 
 
 def get_config(arg: str | None = None):
@@ -35,8 +31,9 @@ def get_config(arg: str | None = None):
     # lets a class whose loss is ~2.5 nats above road's outweigh its prior.
     config.loss.t = 2.0
     if "segformer" in variants:
+        # AdamW at the U-Net's 3e-3: of 3e-4, 1e-3 and 3e-3, the fastest fall of the training
+        # loss over 60 steps of the tiny data, with no instability.
         config.model.name = "segformer_b0"
-        config.optimizer.learning_rate = SEGFORMER_LEARNING_RATE
     return config_lib.apply_variants(
         config,
         ",".join(v for v in variants if v != "segformer"),
