@@ -65,7 +65,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.model = ml_collections.ConfigDict()
     config.model.name = "unet"
     config.model.output_stride = 16  # DeepLabV3+ only
-    config.model.pretrained = ""  # local file with backbone weights (DeepLabV3+ only)
+    config.model.pretrained = ""  # local file with backbone weights (DeepLabV3+, SegFormer)
 
     config.loss = ml_collections.ConfigDict()
     config.loss.name = "tce"  # ce | tce | stochastic_tce | weighted_ce | focal | lovasz
@@ -205,7 +205,7 @@ def unknown_field_message(config: ml_collections.ConfigDict, field: str) -> str 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks every field the trainer reads, before any data is read or anything compiled."""
     # Flax's import: a third of a second, no device set-up.
-    from tce_jax.models import MODELS, head_modules, is_deeplab
+    from tce_jax.models import MODELS, head_modules, is_deeplab, is_segformer
 
     validate_folder_config(config)
     model_names = tuple(MODELS)
@@ -383,10 +383,13 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         "would not tilt at all)",
     )
     _check(
-        not config.model.pretrained or is_deeplab(config.model.name),
+        not config.model.pretrained
+        or is_deeplab(config.model.name)
+        or is_segformer(config.model.name),
         "model.pretrained",
         config.model.pretrained,
-        "'' unless model.name is a DeepLabV3+ (only its ResNet backbone is pretrained)",
+        "'' unless model.name is a DeepLabV3+ or a SegFormer (only the ResNet backbone or the "
+        "MiT encoder is pretrained)",
     )
 
 

@@ -206,7 +206,7 @@ def load_backbone_variables(path: str) -> Tree:
             flat = {key: f[key] for key in f.files}
         return _from_flat_arrays(flat, path)
     if suffix == ".safetensors":
-        return _from_flat_arrays(_read_safetensors(path), path)
+        return _from_flat_arrays(read_safetensors(path), path)
     if suffix == ".msgpack":
         from flax import serialization
 
@@ -234,7 +234,7 @@ def _from_flat_arrays(flat: Mapping[str, Any], path: str) -> Tree:
     return torchvision_to_flax(flat)
 
 
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+def read_safetensors(path: str) -> dict[str, np.ndarray]:
     """The tensors of a ``.safetensors`` file as numpy arrays (bfloat16 ones as float32)."""
     import safetensors
     import safetensors.numpy
@@ -246,10 +246,25 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
 
         return {k: np.asarray(v, np.float32) for k, v in safetensors.flax.load_file(path).items()}
     except safetensors.SafetensorError as e:
-        raise PretrainedMismatchError(
-            f"{path} is not a readable .safetensors file ({e}): the download is incomplete or "
-            "the file is not in the safetensors format. Download it again."
-        ) from e
+        raise _unreadable(path, e) from e
+
+
+def read_safetensors_layout(path: str) -> dict[str, tuple[int, ...]]:
+    """The tensor names and shapes of a ``.safetensors`` file, from its header alone."""
+    import safetensors
+
+    try:
+        with safetensors.safe_open(path, framework="np") as f:
+            return {key: tuple(f.get_slice(key).get_shape()) for key in f.keys()}
+    except safetensors.SafetensorError as e:
+        raise _unreadable(path, e) from e
+
+
+def _unreadable(path: str, error: Exception) -> PretrainedMismatchError:
+    return PretrainedMismatchError(
+        f"{path} is not a readable .safetensors file ({error}): the download is incomplete or "
+        "the file is not in the safetensors format. Download it again."
+    )
 
 
 def _to_numpy(tree):
@@ -273,10 +288,19 @@ def _blocks_per_stage(keys) -> tuple[int, ...]:
 _DEPTHS = {(3, 4, 6, 3): "ResNet-50", (3, 4, 23, 3): "ResNet-101", (3, 8, 36, 3): "ResNet-152"}
 
 
-def check_backbone(expected: Mapping, loaded: Mapping, *, source: str, model: str) -> None:
+def check_backbone(
+    expected: Mapping,
+    loaded: Mapping,
+    *,
+    source: str,
+    model: str,
+    formats: str = FORMATS,
+    hint: str | None = None,
+) -> None:
     """Raises :class:`PretrainedMismatchError` unless ``loaded`` has exactly the variable
     names and shapes of ``expected`` (both ``{"params", "batch_stats"}`` trees of a backbone;
-    ``expected`` may hold ``jax.ShapeDtypeStruct`` leaves)."""
+    either may hold ``jax.ShapeDtypeStruct`` leaves). The message ends with ``hint`` (e.g.
+    the depths of file and model, where they differ) and the accepted ``formats``."""
     from flax import traverse_util
 
     def named_shapes(tree):
@@ -320,7 +344,9 @@ def check_backbone(expected: Mapping, loaded: Mapping, *, source: str, model: st
             f"{file_stages}); the model needs a {_DEPTHS.get(model_stages, 'ResNet')} "
             f"({model_stages}): choose the matching config.model.name or weights file."
         )
-    lines.append(f"  Accepted formats: {FORMATS}.")
+    if hint:
+        lines.append(f"  {hint}")
+    lines.append(f"  Accepted formats: {formats}.")
     raise PretrainedMismatchError("\n".join(lines))
 
 
@@ -335,7 +361,10 @@ def replace_backbone(params: Mapping, batch_stats: Mapping, loaded: Mapping) -> 
     params = dict(params)
     batch_stats = dict(batch_stats)
     params["backbone"] = jax.tree.map(cast, loaded["params"], params["backbone"])
-    batch_stats["backbone"] = jax.tree.map(cast, loaded["batch_stats"], batch_stats["backbone"])
+    if "backbone" in batch_stats:  # a SegFormer's encoder has no BatchNorm
+        batch_stats["backbone"] = jax.tree.map(
+            cast, loaded["batch_stats"], batch_stats["backbone"]
+        )
     return params, batch_stats
 
 

@@ -28,8 +28,10 @@ from tce_jax import (
     datasets,
     input_pipeline,
     metrics,
+    models,
     parallel,
     pretrained,
+    pretrained_segformer,
     profiling,
     programs,
     train_metrics,
@@ -66,7 +68,9 @@ class Trainer:
         self.backbone = None
         if config.model.pretrained and self.manager.latest_step() is None:
             abstract = self.programs.abstract_state
-            self.backbone = pretrained.load_for_model(
+            segformer = models.is_segformer(config.model.name)
+            loader = pretrained_segformer if segformer else pretrained
+            self.backbone = loader.load_for_model(
                 config.model.pretrained,
                 {"params": abstract.params, "batch_stats": abstract.batch_stats},
                 model=config.model.name,

@@ -171,7 +171,9 @@ def test_cli_rejects_a_misspelt_field_and_a_bad_value(tmp_path):
         (
             "--config.model.name=unet_smal",
             "config.model.name='unet_smal' is invalid: expected one of ('unet', 'unet_small', "
-            "'deeplabv3plus_resnet50', 'deeplabv3plus_resnet101') (did you mean 'unet_small'?). "
+            "'deeplabv3plus_resnet50', 'deeplabv3plus_resnet101', 'segformer_b0', 'segformer_b1', "
+            "'segformer_b2', 'segformer_b3', 'segformer_b4', 'segformer_b5') "
+            "(did you mean 'unet_small'?). "
             "Fix it in the config file or with --config.model.name=...",
         ),
         (

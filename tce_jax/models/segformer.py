@@ -204,12 +204,19 @@ class MixTransformer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool) -> list[jax.Array]:
         dtypes = {"dtype": self.dtype, "param_dtype": self.param_dtype}
+        inputs = x
         rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths)).tolist()
         outputs = []
         for stage, (depth, width) in enumerate(zip(self.depths, self.widths, strict=True)):
             k = stage + 1
             kernel, stride = (7, 4) if stage == 0 else (3, 2)
             x = OverlapPatchEmbed(width, kernel, stride, name=f"patch_embed{k}", **dtypes)(x)
+            if min(x.shape[1:3]) < self.sr_ratios[stage]:
+                raise ValueError(
+                    f"SegFormer input {tuple(inputs.shape[1:3])} is too small: stage {k} is "
+                    f"{tuple(x.shape[1:3])}, less than its spatial reduction "
+                    f"{self.sr_ratios[stage]}; use inputs of at least 29 x 29."
+                )
             for j in range(depth):
                 x = MiTBlock(
                     self.num_heads[stage],
@@ -248,7 +255,15 @@ class SegFormerHead(nn.Module):
         y = jnp.concatenate(projected[::-1], axis=-1)
         y = nn.relu(norm(name="bn")(conv(self.width, (1, 1), name="linear_fuse")(y)))
         y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-        return layers.conv(self.num_classes, (1, 1), name="classifier")(y)
+        # Flax's default (LeCun normal) init, as DeepLabV3+'s classifier: He init with fan_out =
+        # num_classes would start from logits of standard deviation ~7.
+        return nn.Conv(
+            self.num_classes,
+            (1, 1),
+            dtype=self.dtype,
+            param_dtype=self.param_dtype,
+            name="classifier",
+        )(y)
 
 
 class SegFormer(nn.Module):
