@@ -202,6 +202,7 @@ def test_cli_unknown_variant_and_missing_config_file_are_one_line(tmp_path):
         .endswith(
             "ValueError: Unknown config variant 'cee' (did you mean 'ce'?); use any of ce, tce, "
             "stochastic_tce, weighted_ce, focal, lovasz, sampling, r50, r101, bf16, slide, tta, "
+            "segformer_b0, segformer_b1, segformer_b2, segformer_b3, segformer_b4, segformer_b5, "
             "tiny, comma-separated."
         )
     )
