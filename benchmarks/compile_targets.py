@@ -4,11 +4,12 @@
         [--targets=h100:1x1x8,a100-80gb:1x1x8,v5e:2x4,v4:2x2x1] [--recipes=cityscapes,ade20k] \
         [--only=cityscapes/h100:1x1x8/train]
 
-Each recipe (the config as shipped, with its `slide` variant so that both evaluations are
-compiled) is compiled for each target, and its variants' train steps (R50, bf16,
-`grad_accum_steps=2`) for one GPU and one TPU target without the devices (`tce_jax.compile_mode`, as
-`--mode=compile` does; needs `pip install -e '.[compile-gpu,compile-tpu]'`): the train step,
-the whole-image eval step and the sliding-window eval step. Each row of
+Each recipe of `RECIPES` (DeepLabV3+, and SegFormer with its smallest and largest encoders; the
+config as shipped, with its `slide` variant so that both evaluations are compiled) is compiled
+for each target without the devices (`tce_jax.compile_mode`, as `--mode=compile` does; needs
+`pip install -e '.[compile-gpu,compile-tpu]'`): the train step, the whole-image eval step and
+the sliding-window eval step; and the DeepLabV3+ variants' train steps (R50, bf16,
+`grad_accum_steps=2`) for one GPU and one TPU target. Each row of
 benchmarks/results/compile_targets.md is written as soon as its step has compiled, and rows
 already there are not compiled again (delete a row to redo it): a full run takes hours on a
 few CPU cores, so it can stop and resume. `--only` keeps the steps whose
@@ -54,6 +55,11 @@ RECIPES = {
     "cityscapes accum 2": Recipe(
         "configs/cityscapes.py:tce", {"grad_accum_steps": 2}, _VARIANT_TARGETS, ("train",)
     ),
+    # SegFormer's recipes, smallest and largest encoder (Cityscapes' evaluates by sliding window).
+    "cityscapes_segformer_b0": Recipe("configs/cityscapes.py:tce,segformer_b0"),
+    "cityscapes_segformer_b5": Recipe("configs/cityscapes.py:tce,segformer_b5"),
+    "ade20k_segformer_b0": Recipe("configs/ade20k.py:tce,segformer_b0,slide"),
+    "ade20k_segformer_b5": Recipe("configs/ade20k.py:tce,segformer_b5,slide"),
 }
 FILE = "compile_targets.md"
 COLUMNS = (

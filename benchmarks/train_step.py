@@ -1,10 +1,11 @@
 """Train-step and input-pipeline throughput, as ratios measured in one process.
 
     python benchmarks/train_step.py [--config=configs/default.py] [--steps=20] [--repeats=5]
-        [--model=segformer_b0] [--synthetic=C] [--crop_size=H,W] [--batch_size=N]
+        [--models=unet,segformer_b0] [--synthetic=C] [--crop_size=H,W] [--batch_size=N]
 
-* steps/s of the TCE and Stochastic TCE train steps relative to the CE step (target >= 0.97):
-  the three compiled steps are timed in interleaved rounds so that machine load drifts cancel;
+* steps/s of the TCE and Stochastic TCE train steps relative to the CE step (target >= 0.97),
+  for each model of `--models` (default: the config's and SegFormer-B0, `SEGFORMER`): all the
+  compiled steps are timed in interleaved rounds so that machine load drifts cancel;
 * input-pipeline examples/s relative to what the CE train step consumes (target >= 2x).
 
 It runs on whatever `jax.default_backend()` is (printed with the device kind). On CPU the
@@ -36,6 +37,7 @@ LOSSES = ("ce", "tce", "stochastic_tce")
 TARGET = 0.97  # steps/s relative to the CE step
 ACCELERATOR_CROP = (512, 1024)
 ACCELERATOR_BATCH = 8
+SEGFORMER = "segformer_b0"  # the transformer timed next to the config's model
 
 
 def build_step(config, loss_name, parallel, num_classes, **step_kwargs):
@@ -80,7 +82,11 @@ def main():
     parser.add_argument("--steps", type=int, default=20, help="steps per timed round")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds")
     parser.add_argument("--data_dir", default="")
-    parser.add_argument("--model", default="", help="model.name (default: the config's)")
+    parser.add_argument(
+        "--models",
+        default="",
+        help=f"model names, comma-separated (default: the config's and {SEGFORMER})",
+    )
     parser.add_argument(
         "--crop_size",
         default="",
@@ -112,8 +118,6 @@ def main():
     config = load_config(args.config)
     if args.data_dir:
         config.data.data_dir = args.data_dir
-    if args.model:
-        config.model.name = args.model
     if args.synthetic:
         config_lib.validate_config(config)  # startup.start without TensorFlow
     else:
@@ -153,41 +157,47 @@ def main():
         data = dataset.train_iterator()
         batch = parallel.put_batch(next(data))
 
+    models = args.models.split(",") if args.models else [config.model.name, SEGFORMER]
+    models = list(dict.fromkeys(models))  # the config's model may be the SegFormer
     steps = {}
-    for name in LOSSES:  # compiled once, ahead of time: the timed executable is the one measured
-        state, step = build_step(config, name, parallel, num_classes)
-        steps[name] = (state, step.lower(state, batch).compile())
-    compiled_gib = {name: compiled_memory_gib(step) for name, (_, step) in steps.items()}
+    for model in models:
+        model_config = config.copy_and_resolve_references()
+        model_config.model.name = model
+        for name in LOSSES:  # compiled once, ahead of time: the timed executable is measured
+            state, step = build_step(model_config, name, parallel, num_classes)
+            steps[model, name] = (state, step.lower(state, batch).compile())
+    compiled_gib = {key: compiled_memory_gib(step) for key, (_, step) in steps.items()}
     peak_gib = {}
-    seconds = {name: [] for name in LOSSES}
-    for name, (state, step) in steps.items():  # compile and warm up
-        steps[name] = (time_steps(state, step, batch, 2)[0], step)
+    seconds = {key: [] for key in steps}
+    for key, (state, step) in steps.items():  # warm up
+        steps[key] = (time_steps(state, step, batch, 2)[0], step)
     for _ in range(args.repeats):
-        for name, (state, step) in steps.items():
+        for key, (state, step) in steps.items():
             state, per_step = time_steps(state, step, batch, args.steps)
-            steps[name] = (state, step)
-            seconds[name].append(per_step)
-            peak_gib[name] = peak_memory_gib()  # the allocator's peak so far, this step's included
-    median = {name: statistics.median(v) for name, v in seconds.items()}
+            steps[key] = (state, step)
+            seconds[key].append(per_step)
+            peak_gib[key] = peak_memory_gib()  # the allocator's peak so far, this step's included
+    median = {key: statistics.median(v) for key, v in seconds.items()}
 
     h, w = config.data.crop_size
     source = f"a random batch of {num_classes} classes" if args.synthetic else "the dataset"
     lines = [
-        f"Config `{args.config}`: {config.model.name}, global batch {config.global_batch_size}"
+        f"Config `{args.config}`: {', '.join(models)}, global batch {config.global_batch_size}"
         f" of {h}x{w} ({source}), {num_classes} classes, backend `{backend}` ({device_kind}, "
         f"{jax.device_count()} device(s)), parallelism {config.parallelism}, "
         f"{'bf16' if config.mixed_precision else 'float32'}, JAX {jax.__version__}; median of "
         f"{args.repeats} interleaved rounds of {args.steps} steps.",
         "",
-        "| train step | ms/step | steps/s relative to CE | target | compiled GiB | peak GiB |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
+        "| model | train step | ms/step | steps/s relative to CE | target | compiled GiB | "
+        "peak GiB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
-    for name in LOSSES:
-        ratio = median["ce"] / median[name]
+    for model, name in steps:
+        ratio = median[model, "ce"] / median[model, name]
         target = "" if name == "ce" else f">= {TARGET}"
         lines.append(
-            f"| {name} | {1000 * median[name]:.1f} | {ratio:.3f} | {target} | "
-            f"{compiled_gib[name]} | {peak_gib[name]} |"
+            f"| {model} | {name} | {1000 * median[model, name]:.1f} | {ratio:.3f} | {target} | "
+            f"{compiled_gib[model, name]} | {peak_gib[model, name]} |"
         )
     lines += [
         "",
@@ -197,7 +207,8 @@ def main():
         "reported).",
     ]
     if data is not None:
-        lines += ["", *pipeline_lines(data, config.global_batch_size, median["ce"], args.steps)]
+        ce_seconds = median[models[0], "ce"]
+        lines += ["", *pipeline_lines(data, config.global_batch_size, ce_seconds, args.steps)]
     if args.output:
         with open(args.output, "w") as f:
             f.write("\n".join(lines) + "\n")

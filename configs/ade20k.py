@@ -16,7 +16,10 @@ Variants, after a colon, comma-separated:
 * ``slide``: sliding-window evaluation (512x512 windows, stride 341) instead of whole images;
 * ``tta``: test-time augmentation in evaluation and prediction, as mmsegmentation's aug-test
   (scales 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 and horizontal flip; mean softmax probabilities);
-* ``tiny`` (alias ``runlocal``): six steps on tiny crops with a small U-Net, for smoke tests.
+* ``segformer_b0`` ... ``segformer_b5``: SegFormer instead of DeepLabV3+, with its recipe
+  (below; docs/segformer_recipes.md);
+* ``tiny`` (alias ``runlocal``): six steps on tiny crops with a small U-Net (SegFormer-B0 with
+  a ``segformer_b*`` variant), for smoke tests.
 
 Fewer accelerators than the recipe's (or less memory): ``--config.grad_accum_steps=k`` runs the
 global batch of 16 as k micro-batches with the same loss and gradients (exact; BatchNorm
@@ -27,6 +30,12 @@ weight decay 5e-4, poly decay (power 0.9), global batch 16; images rescaled to f
 (short side 512, long side 2048), then by a random ratio in [0.5, 2.0], 512x512 crops padded
 with the ignore label, horizontal flip, photometric distortion; evaluation on the validation
 split at the same scale, with predictions resized back to each annotation's resolution.
+
+The SegFormer recipe (mmsegmentation's SegFormer MiT-B* 8xb2 512x512 160k; pass the
+ImageNet-pretrained MiT encoder with ``--config.model.pretrained``): AdamW lr 6e-5, weight decay
+0.01 (none on norms and biases), the decode head's learning rate x10, linear warm-up over 1500
+steps then poly decay (power 1.0); the same 512x512 crops, global batch 16, 160k steps and
+whole-image evaluation as above.
 """
 
 from tce_jax import config_lib

@@ -17,7 +17,10 @@ Variants, after a colon, comma-separated:
   images;
 * ``tta``: test-time augmentation in evaluation and prediction, as mmsegmentation's aug-test
   (scales 0.5, 0.75, 1.0, 1.25, 1.5, 1.75 and horizontal flip; mean softmax probabilities);
-* ``tiny`` (alias ``runlocal``): six steps on tiny crops with a small U-Net, for smoke tests.
+* ``segformer_b0`` ... ``segformer_b5``: SegFormer instead of DeepLabV3+, with its recipe
+  (below; docs/segformer_recipes.md);
+* ``tiny`` (alias ``runlocal``): six steps on tiny crops with a small U-Net (SegFormer-B0 with
+  a ``segformer_b*`` variant), for smoke tests.
 
 Fewer accelerators than the recipe's (or less memory): ``--config.grad_accum_steps=k`` runs the
 global batch of 8 as k micro-batches with the same loss and gradients (exact; BatchNorm
@@ -27,6 +30,12 @@ The recipe (mmsegmentation's DeepLabV3+ R-101-D8 512x1024 80k): SGD lr 0.01, mom
 weight decay 5e-4, poly decay (power 0.9), global batch 8; random resize of the 1024x2048
 images by a ratio in [0.5, 2.0], 512x1024 crops padded with the ignore label, horizontal flip
 and photometric distortion; evaluation on the validation split at full resolution.
+
+The SegFormer recipe (mmsegmentation's SegFormer MiT-B* 8xb1 1024x1024 160k; pass the
+ImageNet-pretrained MiT encoder with ``--config.model.pretrained``): AdamW lr 6e-5, weight decay
+0.01 (none on norms and biases), the decode head's learning rate x10, linear warm-up over 1500
+steps then poly decay (power 1.0), 160k steps at global batch 8; 1024x1024 crops of the same
+augmentation; sliding-window evaluation (1024x1024 windows, stride 768).
 """
 
 from tce_jax import config_lib
@@ -44,6 +53,16 @@ def get_config(arg: str | None = None):
     config.num_train_steps = 80_000
     config.eval_every_steps = 8_000
     config.checkpoint_every_steps = 4_000
+    if config_lib.has_segformer_variant(arg):
+        # mmsegmentation's SegFormer recipe (segformer_mit-b*_8xb1-160k_cityscapes-1024x1024):
+        # 1024x1024 crops (batch 8: 8 GPUs x 1), sliding-window evaluation, 160k steps.
+        config.data.crop_size = (1024, 1024)
+        config.data.eval_mode = "sliding"
+        config.data.eval_window = (1024, 1024)
+        config.data.eval_stride = (768, 768)
+        config.num_train_steps = 160_000
+        config.eval_every_steps = 16_000
+        config.checkpoint_every_steps = 8_000
     # tiny: tiny crops of downscaled images; evaluation at the labels' full resolution
     # (predictions resized back).
     tiny_data = dict(

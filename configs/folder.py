@@ -18,6 +18,9 @@ Variants, after a colon, comma-separated:
   instead of DeepLabV3+;
 * ``sampling``: tilted class-aware sampling (with ``stochastic_tce``);
 * ``r50`` / ``r101``: the DeepLabV3+ backbone (default ResNet-50), output stride 8;
+* ``segformer_b0`` ... ``segformer_b5``: SegFormer with mmsegmentation's SegFormer schedule
+  (AdamW lr 6e-5, weight decay 0.01, decode head x10, 1500 warm-up steps, poly decay power 1.0;
+  docs/segformer_recipes.md) instead of DeepLabV3+;
 * ``bf16``: bfloat16 compute (parameters stay float32);
 * ``slide``: sliding-window evaluation (512x512 windows, stride 341) instead of whole images;
 * ``tiny`` (alias ``runlocal``): six steps on tiny crops with a small U-Net, for smoke tests.

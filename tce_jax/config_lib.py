@@ -120,6 +120,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.optimizer.schedule = "poly"  # poly | cosine | constant
     config.optimizer.poly_power = 0.9
     config.optimizer.warmup_steps = 50
+    # Learning rate of the model's decode head (models.head_modules) relative to the rest, as
+    # mmsegmentation's lr_mult (SegFormer's recipe: 10). 1.0 = one learning rate.
+    config.optimizer.head_lr_multiplier = 1.0
 
     config.global_batch_size = 16
     # Exact gradient accumulation: the global batch runs as this many micro-batches (same loss
@@ -226,6 +229,29 @@ def _tta(config):  # mmsegmentation's aug-test ratios, with flip
     config.data.tta_flip = True
 
 
+SEGFORMERS = tuple(f"segformer_b{size}" for size in range(6))  # variant = model name
+
+
+def _segformer(name: str):
+    def apply(config):
+        """mmsegmentation's SegFormer schedule (segformer_mit-b*_8xb*-160k_*.py), for
+        ImageNet-pretrained MiT encoders: AdamW lr 6e-5, weight decay 0.01 (none on norms and
+        biases), the decode head at 10x, linear warm-up over 1500 steps, then poly decay with
+        power 1.0. The dataset configs set the crops, batch, evaluation and budget."""
+        config.model.name = name
+        opt = config.optimizer
+        opt.name, opt.learning_rate, opt.weight_decay = "adamw", 6e-5, 0.01
+        opt.head_lr_multiplier, opt.warmup_steps = 10.0, 1500
+        opt.schedule, opt.poly_power = "poly", 1.0
+
+    return apply
+
+
+def has_segformer_variant(arg: str | None) -> bool:
+    """Whether the variants `arg` choose a SegFormer recipe (`SEGFORMERS`)."""
+    return bool(set(SEGFORMERS) & set((arg or "").split(",")))
+
+
 # name -> what it sets; the loss names (LOSSES) set config.loss.name, and `tiny` is below.
 VARIANTS = {
     "sampling": _sampling,  # tilted class-aware sampling (with stochastic_tce)
@@ -236,16 +262,18 @@ VARIANTS = {
     "bf16": _bf16,  # bfloat16 compute, float32 parameters
     "slide": _slide,  # sliding-window evaluation
     "tta": _tta,  # test-time augmentation: flip and scales 0.5 to 1.75
+    **{name: _segformer(name) for name in SEGFORMERS},  # SegFormer-B0 ... B5 and their schedule
 }
 TINY = ("tiny", "runlocal")  # `runlocal`: the name the real-dataset configs also accept
 
 
 def _tiny(config, tiny_data: dict) -> None:
-    """A few steps of a small U-Net on small crops: smoke runs and tests (checkpoints at steps 3
-    and 6). `tiny_data`: the config file's small sizes (data fields) for its dataset."""
+    """A few steps of a small U-Net (of SegFormer-B0 if a SegFormer was chosen) on small crops:
+    smoke runs and tests (checkpoints at steps 3 and 6). `tiny_data`: the config file's small
+    sizes (data fields) for its dataset."""
     for field, value in tiny_data.items():
         config.data[field] = value
-    config.model.name = "unet_small"
+    config.model.name = SEGFORMERS[0] if config.model.name in SEGFORMERS else "unet_small"
     config.global_batch_size = config.data.eval_batch_size = 8
     config.num_train_steps = 6
     config.log_every_steps = 2

@@ -58,7 +58,7 @@ def unknown_field_message(config: ml_collections.ConfigDict, field: str) -> str 
 def validate_config(config: ml_collections.ConfigDict) -> None:
     """Checks every field the trainer reads, before any data is read or anything compiled."""
     # Flax's import: a third of a second, no device set-up.
-    from tce_jax.models import MODELS, is_deeplab, is_segformer
+    from tce_jax.models import MODELS, head_modules, is_deeplab, is_segformer
 
     validate_folder_config(config)
     model_names = tuple(MODELS)
@@ -146,6 +146,14 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _check(opt.learning_rate > 0, "optimizer.learning_rate", opt.learning_rate, "a number > 0")
     _check(opt.weight_decay >= 0, "optimizer.weight_decay", opt.weight_decay, "a number >= 0")
     _check(opt.warmup_steps >= 0, "optimizer.warmup_steps", opt.warmup_steps, "an integer >= 0")
+    head_lr = opt.head_lr_multiplier
+    _check(head_lr > 0, "optimizer.head_lr_multiplier", head_lr, "a number > 0")
+    _check(
+        head_lr == 1.0 or bool(head_modules(config.model.name)),
+        "optimizer.head_lr_multiplier",
+        head_lr,
+        f"1.0 with model.name={config.model.name!r} (it has no decode head)",
+    )
     _check(
         config.parallelism in PARALLELISM,
         "parallelism",

@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
+from flax import traverse_util
 
 from tce_jax import (
     accumulation,
@@ -83,18 +84,30 @@ def create_optimizer(
 ) -> optax.GradientTransformation:
     """SGD with momentum or AdamW at the learning rates of `schedule` (that of
     `create_learning_rate_schedule`, which the trainer also logs); weight decay on kernels only
-    (not biases or norms)."""
+    (not biases or norms). With `optimizer.head_lr_multiplier` m != 1, the updates of the model's
+    decode head (`models.head_modules`) are multiplied by m: its learning rate is m times the
+    schedule's, decoupled weight decay included (AdamW's update is -lr * (adam + wd * p)), as
+    mmsegmentation's `lr_mult`."""
     opt = config.optimizer
 
     def decay_mask(params):
         return jax.tree.map(lambda p: p.ndim > 1, params)
 
     if opt.name == "sgd":
-        return optax.chain(
+        tx = optax.chain(
             optax.add_decayed_weights(opt.weight_decay, mask=decay_mask),
             optax.sgd(schedule, momentum=opt.momentum),
         )
-    return optax.adamw(schedule, weight_decay=opt.weight_decay, mask=decay_mask)
+    else:
+        tx = optax.adamw(schedule, weight_decay=opt.weight_decay, mask=decay_mask)
+    if opt.head_lr_multiplier == 1.0:
+        return tx
+    heads = models.head_modules(config.model.name)
+
+    def head_mask(params):
+        return traverse_util.path_aware_map(lambda path, _: path[0] in heads, params)
+
+    return optax.chain(tx, optax.masked(optax.scale(opt.head_lr_multiplier), head_mask))
 
 
 def init_state(config, model, tx, num_classes: int, rng: jax.Array, backbone=None) -> TrainState:

@@ -120,7 +120,8 @@ def _small_float_scatters(report, num_classes: int) -> list[str]:
 
 # (target, config, steps): every step of the tiny config for a GPU; for a TPU (slower to compile
 # here) the train and whole-image eval steps; Cityscapes' tiny sliding-window evaluation, whose
-# predictions are resized to 1024x2048 label maps, for both.
+# predictions are resized to 1024x2048 label maps, for both; the tiny SegFormer's train step
+# for both and its whole-image eval step for a GPU.
 CASES = [
     pytest.param(GPU, default.get_config("tiny"), None, marks=skip_without_toolchain(GPU)),
     pytest.param(
@@ -140,6 +141,15 @@ CASES = [
         cityscapes.get_config("tce,slide,tiny"),
         ("eval (sliding)",),
         marks=skip_without_toolchain(TPU),
+    ),
+    pytest.param(
+        GPU,
+        default.get_config("segformer,tiny"),
+        ("train", "eval (whole)"),
+        marks=skip_without_toolchain(GPU),
+    ),
+    pytest.param(
+        TPU, default.get_config("segformer,tiny"), ("train",), marks=skip_without_toolchain(TPU)
     ),
 ]
 

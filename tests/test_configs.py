@@ -44,10 +44,11 @@ TEST_VARIANTS = {
         "stochastic_tce,sampling,tiny",
         "rcs,tiny",
         "repeat_factor,tiny",
+        "segformer",
     ),
-    "cityscapes.py": _RECIPE_VARIANTS,
-    "ade20k.py": _RECIPE_VARIANTS,
-    "folder.py": (*_RECIPE_VARIANTS, "unet", "unet,ce,bf16"),
+    "cityscapes.py": (*_RECIPE_VARIANTS, "ce,segformer_b0"),
+    "ade20k.py": (*_RECIPE_VARIANTS, "segformer_b1,bf16,runlocal"),
+    "folder.py": (*_RECIPE_VARIANTS, "unet", "unet,ce,bf16", "segformer_b0"),
 }
 
 
@@ -211,7 +212,9 @@ def test_cli_unknown_variant_and_missing_config_file_are_one_line(tmp_path):
         .endswith(
             "ValueError: Unknown config variant 'cee' (did you mean 'ce'?); use any of ce, tce, "
             "stochastic_tce, weighted_ce, focal, lovasz, recall, class_balanced, ohem, dice, "
-            "sampling, rcs, repeat_factor, r50, r101, bf16, slide, tta, tiny, comma-separated."
+            "sampling, rcs, repeat_factor, r50, r101, bf16, slide, tta, segformer_b0, "
+            "segformer_b1, segformer_b2, segformer_b3, segformer_b4, segformer_b5, tiny, "
+            "comma-separated."
         )
     )
     assert missing.stderr.strip().splitlines()[-1] == (

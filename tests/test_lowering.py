@@ -187,11 +187,12 @@ def test_parallel_loss_has_no_float_scatter():
 
 
 # ----------------------------------------------------------------------------------------------
-# The train and eval steps of the tiny config, built as tce_jax.train builds them.
+# The train and eval steps of the tiny config (with `segformer`: SegFormer-B0), built as
+# tce_jax.train builds them.
 
 
-def _tiny(loss: str):
-    config = default.get_config(f"{loss},tiny")
+def _tiny(variant: str):
+    config = default.get_config(f"{variant},tiny")
     spec = datasets.get_dataset_spec(config.data.name)
     return config, spec
 
@@ -202,18 +203,19 @@ def _abstract_state(config, model, tx, num_classes):
 
 
 @pytest.mark.parametrize(
-    "loss, accum, photometric",
+    "variant, accum, photometric",
     [
         ("tce", 1, False),
         ("stochastic_tce", 1, False),
         ("weighted_ce", 1, False),
         ("tce", 2, False),
         ("tce", 1, True),  # the photometric jitter applied in the step
+        ("tce,segformer", 1, False),
     ],
 )
-def test_train_step_has_no_float_scatter(loss, accum, photometric):
-    config, spec = _tiny(loss)
-    if loss == "weighted_ce":
+def test_train_step_has_no_float_scatter(variant, accum, photometric):
+    config, spec = _tiny(variant)
+    if variant == "weighted_ce":
         config.loss.class_weights = "median_frequency"
     model = steps.create_model(config, spec.num_classes)
     tx = steps.create_optimizer(config, steps.create_learning_rate_schedule(config))
@@ -241,9 +243,11 @@ def test_train_step_has_no_float_scatter(loss, accum, photometric):
     assert_no_small_float_scatter(step, (state, batch), spec.num_classes)
 
 
-@pytest.mark.parametrize("resize", [False, True])
-def test_eval_step_has_no_float_scatter(resize):
-    config, spec = _tiny("tce")
+@pytest.mark.parametrize(
+    "variant, resize", [("tce", False), ("tce", True), ("tce,segformer", True)]
+)
+def test_eval_step_has_no_float_scatter(variant, resize):
+    config, spec = _tiny(variant)
     model = steps.create_model(config, spec.num_classes)
     tx = steps.create_optimizer(config, steps.create_learning_rate_schedule(config))
     step = functools.partial(

@@ -139,3 +139,21 @@ def test_evaluate_best_after_a_restart_restores_the_best_evaluated_step(
     assert steps == [3, 12]
     np.testing.assert_array_equal(results["validation"]["confusion"], expected["confusion"])
     assert "Evaluating the checkpoint of step 3 (best)" in capsys.readouterr().out
+
+
+def test_segformer_trains_on_the_embedded_data_from_the_command_line(small_data_dir, tmp_path):
+    """`configs/default.py:segformer,tiny`: SegFormer-B0 from scratch, through the command line
+    (a process of its own on one device: half the CPU time of a run on this process's eight),
+    to its final metrics."""
+    workdir = tmp_path / "segformer"
+    flags = run_utils.run_flags(workdir, small_data_dir, config="default.py:segformer,tiny")
+    result = run_utils.run_main(*flags)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    with open(workdir / "final_metrics.json") as f:
+        final = json.load(f)
+    assert 0.0 <= final["validation"]["miou"] <= 1.0, final
+    assert [e["step"] for e in read_jsonl(workdir / "metrics.jsonl")] == [3, 6]
+    losses = [line["train/loss"] for line in read_jsonl(workdir / "train_metrics.jsonl")]
+    assert losses and all(np.isfinite(losses))
+    step, state = latest_checkpoint(workdir)
+    assert step == 6 and set(state["params"]) == {"backbone", "decode_head"}

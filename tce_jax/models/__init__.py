@@ -45,6 +45,7 @@ __all__ = [
     "SegFormer",
     "UNet",
     "create_model",
+    "head_modules",
     "is_deeplab",
     "is_segformer",
 ]
@@ -101,3 +102,11 @@ def is_segformer(name: str) -> bool:
     """Whether ``name`` (a key of ``MODELS``) is a SegFormer (B0-B5): only its MiT encoder can
     be pretrained (`tce_jax.pretrained_segformer`)."""
     return getattr(MODELS.get(name), "func", None) is SegFormer
+
+
+def head_modules(name: str) -> tuple[str, ...]:
+    """The top-level parameter names of the decode head of the model called ``name`` (the
+    model class's ``head_modules``; mmsegmentation's ``decode_head``): those whose learning
+    rate ``optimizer.head_lr_multiplier`` scales. ``()`` for a model without one (the U-Nets)."""
+    model = MODELS[name]
+    return getattr(getattr(model, "func", model), "head_modules", ())

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -97,6 +97,8 @@ class DeepLabV3Plus(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    # The decode head (mmsegmentation's DepthwiseSeparableASPPHead): see models.head_modules.
+    head_modules: ClassVar[tuple[str, ...]] = ("aspp", "decoder", "classifier")
 
     @property
     def aspp_rates(self) -> tuple[int, ...]:

@@ -46,7 +46,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
@@ -294,6 +294,8 @@ class SegFormer(nn.Module):
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     bn_axis_name: str | None = None
+    # The decode head (mmsegmentation's `decode_head`): see models.head_modules.
+    head_modules: ClassVar[tuple[str, ...]] = ("decode_head",)
 
     @nn.nowrap
     def encoder(self, **kwargs) -> MixTransformer:
