@@ -1,5 +1,8 @@
-# Sourced by the other scripts: creates .venv (once) and installs the package with its test extra.
+# Sourced by the other scripts: creates .venv (once) and installs the package with the extras in
+# TCE_JAX_EXTRAS (default: train; scripts/test.sh adds test, which brings pytest, ruff and the
+# compile-only GPU and TPU toolchains).
 set -euo pipefail
+EXTRAS="${TCE_JAX_EXTRAS:-train}"
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 PYTHON="${PYTHON:-python3}"
 if ! "$PYTHON" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
@@ -12,8 +15,8 @@ if [ ! -x "$ROOT/.venv/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$ROOT/.venv/bin/activate"
-# Re-install only when pyproject.toml changed since the last install.
-STAMP="$ROOT/.venv/.tce_jax_installed"
+# Re-install only when pyproject.toml changed since the last install of these extras.
+STAMP="$ROOT/.venv/.tce_jax_installed_${EXTRAS//,/_}"
 if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   # uv installs the ~100 distributions in seconds where pip takes about a minute (measured on
   # 2 cores from an empty uv cache: 20 s, bytecode included, against 52 s for pip); pip
@@ -21,9 +24,9 @@ if [ ! -f "$STAMP" ] || [ "$ROOT/pyproject.toml" -nt "$STAMP" ]; then
   # each compile TensorFlow's modules while they import them (the suite took 84 s longer).
   if python -m pip install --quiet uv; then
     python -m uv pip install --quiet --compile-bytecode --python "$ROOT/.venv/bin/python" \
-      -e "$ROOT[train,test]"
+      -e "$ROOT[$EXTRAS]"
   else
-    python -m pip install --quiet -e "$ROOT[train,test]"
+    python -m pip install --quiet -e "$ROOT[$EXTRAS]"
   fi
   touch "$STAMP"
 fi

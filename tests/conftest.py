@@ -14,6 +14,10 @@ os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 # JAX on the CPU even where its CUDA plugin is installed (tce_jax[compile-gpu]): the plugin
 # then only compiles for GPU targets (tests/test_compile_mode.py) and never starts a GPU client.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# libtpu (tce_jax[compile-tpu]) takes /tmp/libtpu_lockfile for the life of the process that
+# loads it, to keep two processes off one TPU; compiling needs no TPU, and two pytest-xdist
+# workers (or a benchmark beside the tests) may each compile for a TPU target.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 # Also for the command-line runs the tests start (they inherit the environment): their tiny
 # programs compile in a fraction of the time, and each run compares only with runs compiled
 # the same way.

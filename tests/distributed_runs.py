@@ -2,14 +2,21 @@
 
 Every run trains the same tiny Stochastic TCE config with `data.num_shards=2`, so runs of any
 layout see the same global batches. Runs are processes of the real CLI (`run_utils.start_main`)
-with their own fake CPU device count; multi-process runs use JAX's CPU collectives on 127.0.0.1.
+with their own fake CPU device count (multi-process runs use JAX's CPU collectives on
+127.0.0.1), or the CLI inside the test process on its 8 devices (`run_in_process`).
 """
 
 import json
 import os
 import subprocess
 
-from run_utils import latest_checkpoint, read_jsonl, run_flags, start_processes, wait_all
+from run_utils import (
+    latest_checkpoint,
+    read_jsonl,
+    run_flags,
+    run_main_in_process,
+    start_processes,
+)
 
 # Plain SGD with a small step: Adam's m / sqrt(v) turns float32 rounding differences in
 # near-zero gradients into parameter differences of the size of the learning rate, and large
@@ -18,16 +25,25 @@ CONFIG = "default.py:stochastic_tce,tiny"
 SGD = ("--config.optimizer.name=sgd", "--config.optimizer.learning_rate=0.01")
 
 
+def flags(workdir, data_dir, overrides=()) -> list[str]:
+    return run_flags(workdir, data_dir, "--config.data.num_shards=2", *overrides, config=CONFIG)
+
+
 def start(workdir, data_dir, *, devices, processes=1, overrides=()):
     """Starts every process of one run (output and errors together); returns their Popen
     objects."""
-    flags = run_flags(workdir, data_dir, "--config.data.num_shards=2", *overrides, config=CONFIG)
-    return start_processes(*flags, count=processes, devices=devices, stderr=subprocess.STDOUT)
+    return start_processes(
+        *flags(workdir, data_dir, overrides),
+        count=processes,
+        devices=devices,
+        stderr=subprocess.STDOUT,
+    )
 
 
-def run(workdir, data_dir, **layout):
-    for result in wait_all(start(workdir, data_dir, **layout)):
-        assert result.returncode == 0, result.stdout[-4000:]
+def run_in_process(workdir, data_dir, overrides=()):
+    """The run inside the test process (its 8 devices)."""
+    result = run_main_in_process(*flags(workdir, data_dir, overrides))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
 
 
 def read_run(workdir):

@@ -7,6 +7,7 @@ import os
 import shutil
 import weakref
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -152,6 +153,10 @@ def tf_jitter(image, box, seed):
     return out
 
 
+# As the train step runs it: compiled (one program per crop size, not one per operation).
+photometric_on_device = jax.jit(device_transforms.photometric_on_device)
+
+
 @pytest.mark.parametrize("photometric", [False, True])
 @pytest.mark.parametrize(
     "image_size, crop_size, scales, base_size",
@@ -199,9 +204,7 @@ def test_crop_first_equals_resize_then_crop(photometric, image_size, crop_size, 
         if photometric:
             # Drawn on the host, applied on the device: TF's ops on the same crop, padding
             # untouched (float32 HSV round trips differ by far less than a level).
-            jittered = device_transforms.photometric_on_device(
-                crop[None], got["photometric"].numpy()[None]
-            )[0]
+            jittered = photometric_on_device(crop[None], got["photometric"].numpy()[None])[0]
             want = tf_jitter(crop.astype(np.float32) / 255, box, seed) * 255
             np.testing.assert_allclose(np.asarray(jittered), want, rtol=0, atol=0.02)
 
