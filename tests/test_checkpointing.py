@@ -1,11 +1,9 @@
 """Checkpoints: the best step by validation mIoU across restarts, verification of restored
 states, and what a CLI run does on SIGTERM / SIGINT, divergence and a corrupt checkpoint.
 
-The signal test runs `python -m tce_jax.main` on the tiny config in processes of their own (8
-fake CPU devices, as the test process has) and compares with an uninterrupted run of the same
-config; the uninterrupted run, the last rerun, the divergence and the corrupt-checkpoint runs
-need no signal and run the command line inside the test process (the same devices and compiled
-programs: the numbers are comparable bit for bit). Signals to one process of
+The signal test runs `python -m tce_jax.main` on the tiny config (one device) and compares with
+an uninterrupted run of the same config; the divergence and corrupt-checkpoint runs need no
+process of their own and run the command line inside the test process. Signals to one process of
 a multi-process run: test_distributed_failures.py.
 """
 
@@ -177,27 +175,24 @@ def tiny_flags(workdir, data_dir, *overrides) -> list[str]:
 
 
 def start_cli(workdir, data_dir, *overrides):
-    """A CLI run of TINY in a process of its own (8 fake CPU devices, as the test process),
-    interruptible by SIGINT as in a terminal; output and errors together."""
+    """A CLI run of TINY in a process of its own (one CPU device), interruptible by SIGINT as
+    in a terminal; output and errors together."""
     return run_utils.start_main(
-        *tiny_flags(workdir, data_dir, *overrides),
-        devices=8,
-        interactive=True,
-        stderr=subprocess.STDOUT,
+        *tiny_flags(workdir, data_dir, *overrides), interactive=True, stderr=subprocess.STDOUT
     )
+
+
+def run_cli(workdir, data_dir, *overrides) -> str:
+    """Runs TINY to its end as `start_cli`; returns the output."""
+    [result] = run_utils.wait_all([start_cli(workdir, data_dir, *overrides)], TIMEOUT)
+    assert result.returncode == 0, result.stdout[-3000:]
+    return result.stdout
 
 
 def run_in_process(workdir, data_dir, *overrides) -> tuple[int, str]:
     """A run of TINY inside the test process (its 8 devices): for the runs that need no signal."""
     result = run_utils.run_main_in_process(*tiny_flags(workdir, data_dir, *overrides))
     return result.returncode, result.stdout + result.stderr
-
-
-def run_to_the_end(workdir, data_dir) -> str:
-    """Runs TINY to its end inside the test process; returns the output."""
-    code, out = run_in_process(workdir, data_dir)
-    assert code == 0, out[-3000:]
-    return out
 
 
 def signal_after_first_step(proc, signum) -> run_utils.MainResult:
@@ -227,7 +222,7 @@ def checkpoint_steps(workdir) -> list[int]:
 def reference_run(small_data_dir, tmp_path_factory):
     """An uninterrupted CLI run of TINY."""
     workdir = str(tmp_path_factory.mktemp("reference"))
-    run_to_the_end(workdir, small_data_dir)
+    run_cli(workdir, small_data_dir)
     return workdir
 
 
@@ -258,7 +253,7 @@ def test_a_signal_saves_and_the_rerun_continues_exactly(small_data_dir, referenc
     second, out = stop_by_signal(workdir, small_data_dir, signal.SIGTERM)
     assert f"Resuming from the checkpoint of step {first} " in out
     assert second > first
-    out = run_to_the_end(workdir, small_data_dir)
+    out = run_cli(workdir, small_data_dir)
     assert f"Resuming from the checkpoint of step {second} " in out
     final_step, resumed = latest_checkpoint(workdir)
     assert final_step == 8
