@@ -35,6 +35,8 @@ import tensorflow_datasets as tfds
 
 from tce_jax.datasets.spec import DatasetSpec
 from tce_jax.datasets.street_scenes_canvas import HEIGHT, WIDTH
+from tce_jax.datasets.street_scenes_rare import CLASS_NAMES as RARE_CLASS_NAMES
+from tce_jax.datasets.street_scenes_rare import generate_rare_scene
 from tce_jax.datasets.street_scenes_render import (
     CLASS_NAMES,
     IGNORE_LABEL,
@@ -42,8 +44,6 @@ from tce_jax.datasets.street_scenes_render import (
     SPLIT_SEEDS,
     generate_scene,
 )
-from tce_jax.datasets.street_scenes_rare import CLASS_NAMES as RARE_CLASS_NAMES
-from tce_jax.datasets.street_scenes_rare import generate_rare_scene
 
 # Cityscapes colours of the same classes, for plots (not the rendered appearance).
 PALETTE: tuple[tuple[int, int, int], ...] = (

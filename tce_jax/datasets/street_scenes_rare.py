@@ -51,7 +51,9 @@ _LANES = (-0.675, -0.225, 0.225, 0.675)  # lane centres, in road half-widths (as
 _BUS_PAINT = np.array(
     [(205, 190, 40), (185, 35, 35), (228, 228, 222), (40, 90, 160), (45, 130, 75)], np.float32
 )
-_WALL_PAINT = np.array([(160, 158, 150), (120, 118, 112), (140, 82, 62), (175, 165, 140)], np.float32)
+_WALL_PAINT = np.array(
+    [(160, 158, 150), (120, 118, 112), (140, 82, 62), (175, 165, 140)], np.float32
+)
 
 
 def _side_face(canvas: Canvas, cam: Camera, x, w, z, length, y0, y1, cls, colour) -> None:
