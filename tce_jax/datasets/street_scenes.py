@@ -64,8 +64,8 @@ RARE_PALETTE = PALETTE + ((102, 102, 156), (0, 0, 70), (0, 60, 100), (0, 80, 100
 
 @dataclasses.dataclass(eq=False)
 class StreetScenesConfig(tfds.core.BuilderConfig):
-    """Split sizes, and whether the scenes hold the rare objects (`street_scenes_rare`); the
-    configs of either kind draw the same example for the same (split, index)."""
+    """Split sizes, and whether the scenes hold the rare objects (`street_scenes_rare`); configs
+    of the same kind draw the same example for the same (split, index)."""
 
     num_examples: dict[str, int] = dataclasses.field(
         default_factory=lambda: {"train": 1000, "validation": 200, "test": 200}
