@@ -7,6 +7,8 @@ Variants are chosen after a colon, comma-separated, e.g.::
 
 * `ce`, `tce`, `stochastic_tce`, `weighted_ce`, `focal`, `lovasz`: the loss (default `tce`);
 * `segformer`: SegFormer-B0 trained from scratch instead of the U-Net (the same optimizer);
+* `rare`: the rare-object scenes `street_scenes_rare` (16 classes; with `tiny`, their small
+  version `street_scenes_rare_small`), docs/street_scenes.md;
 * `tiny`: six steps of a small U-Net (SegFormer-B0 with `segformer`) on small crops of a subset,
   for tests and smoke runs;
 * the other variants every config accepts (`sampling`, `rcs`, `repeat_factor`, `r50`, `r101`,
@@ -34,8 +36,10 @@ def get_config(arg: str | None = None):
         # AdamW at the U-Net's 3e-3: of 3e-4, 1e-3 and 3e-3, the fastest fall of the training
         # loss over 60 steps of the tiny data, with no instability.
         config.model.name = "segformer_b0"
+    if "rare" in variants:
+        config.data.name = "street_scenes_rare"
     return config_lib.apply_variants(
         config,
-        ",".join(v for v in variants if v != "segformer"),
-        tiny_data={"name": "street_scenes_small", "crop_size": (32, 64)},
+        ",".join(v for v in variants if v not in ("segformer", "rare")),
+        tiny_data={"name": f"{config.data.name}_small", "crop_size": (32, 64)},
     )

@@ -43,6 +43,8 @@ NOMINAL_EVAL_SIZES: dict[str, tuple[tuple[int, int], ...]] = {
     "ade20k": ((512, 683), (683, 512)),
     "street_scenes": ((street_scenes.HEIGHT, street_scenes.WIDTH),),
     "street_scenes_small": ((street_scenes.HEIGHT, street_scenes.WIDTH),),
+    "street_scenes_rare": ((street_scenes.HEIGHT, street_scenes.WIDTH),),
+    "street_scenes_rare_small": ((street_scenes.HEIGHT, street_scenes.WIDTH),),
 }
 
 

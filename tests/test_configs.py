@@ -45,6 +45,7 @@ TEST_VARIANTS = {
         "rcs,tiny",
         "repeat_factor,tiny",
         "segformer",
+        "rare,tiny",
     ),
     "cityscapes.py": (*_RECIPE_VARIANTS, "ce,segformer_b0"),
     "ade20k.py": (*_RECIPE_VARIANTS, "segformer_b1,bf16,runlocal"),

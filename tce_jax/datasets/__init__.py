@@ -31,6 +31,9 @@ DATASETS: dict[str, DatasetSpec] = {
     "street_scenes": street_scenes.SPEC,
     # The first 64/16/16 scenes, for tests and smoke runs.
     "street_scenes_small": street_scenes.SMALL_SPEC,
+    # The same scenes with rare objects (wall, truck, bus, train, motorcycle): 16 classes.
+    "street_scenes_rare": street_scenes.RARE_SPEC,
+    "street_scenes_rare_small": street_scenes.RARE_SMALL_SPEC,
     # TFDS's own builder; the official label ids are mapped to the 19 train ids when read.
     "cityscapes": cityscapes.SPEC,
     # Our builder of ADEChallengeData2016; annotation 0 -> 255, k -> k - 1 when read.

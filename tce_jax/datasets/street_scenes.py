@@ -19,6 +19,9 @@ so the same class appears at many scales. The design makes a fair test of class-
 * colour alone is not enough: per-image palette jitter, textures, cast shadows, global
   illumination and sensor noise.
 
+The ``rare`` configs (``street_scenes_rare``) add five rare classes after these eleven (wall,
+truck, bus, train, motorcycle), each present in 3-8% of the scenes and then covering a real area.
+
 Label maps hold train ids ``0..NUM_CLASSES-1`` and ``IGNORE_LABEL`` (255) for unlabelled pixels
 (the ego vehicle's bonnet and street clutter), as in Cityscapes.
 """
@@ -32,6 +35,8 @@ import tensorflow_datasets as tfds
 
 from tce_jax.datasets.spec import DatasetSpec
 from tce_jax.datasets.street_scenes_canvas import HEIGHT, WIDTH
+from tce_jax.datasets.street_scenes_rare import CLASS_NAMES as RARE_CLASS_NAMES
+from tce_jax.datasets.street_scenes_rare import generate_rare_scene
 from tce_jax.datasets.street_scenes_render import (
     CLASS_NAMES,
     IGNORE_LABEL,
@@ -54,15 +59,22 @@ PALETTE: tuple[tuple[int, int, int], ...] = (
     (255, 0, 0),
     (119, 11, 32),
 )
+RARE_PALETTE = PALETTE + ((102, 102, 156), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230))
 
 
 @dataclasses.dataclass(eq=False)
 class StreetScenesConfig(tfds.core.BuilderConfig):
-    """Split sizes; every config draws the same example for the same (split, index)."""
+    """Split sizes, and whether the scenes hold the rare objects (`street_scenes_rare`); configs
+    of the same kind draw the same example for the same (split, index)."""
 
     num_examples: dict[str, int] = dataclasses.field(
         default_factory=lambda: {"train": 1000, "validation": 200, "test": 200}
     )
+    rare: bool = False
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return RARE_CLASS_NAMES if self.rare else CLASS_NAMES
 
 
 class StreetScenes(tfds.core.GeneratorBasedBuilder):
@@ -80,10 +92,23 @@ class StreetScenes(tfds.core.GeneratorBasedBuilder):
             description="The first 64/16/16 scenes of the default splits, for tests.",
             num_examples={"train": 64, "validation": 16, "test": 16},
         ),
+        StreetScenesConfig(
+            name="rare",
+            description="The default scenes with rare objects (wall, truck, bus, train, "
+            "motorcycle) in a few percent of them: 16 classes.",
+            rare=True,
+        ),
+        StreetScenesConfig(
+            name="rare_small",
+            description="The first 64/16/16 scenes of the rare splits, for tests.",
+            num_examples={"train": 64, "validation": 16, "test": 16},
+            rare=True,
+        ),
     ]
     DEFAULT_BUILDER_CONFIG_NAME = "default"
 
     def _info(self) -> tfds.core.DatasetInfo:
+        class_names = self.builder_config.class_names
         return self.dataset_info_from_configs(
             description=__doc__,
             features=tfds.features.FeaturesDict(
@@ -95,15 +120,15 @@ class StreetScenes(tfds.core.GeneratorBasedBuilder):
                         shape=(HEIGHT, WIDTH, 1),
                         dtype=np.uint8,
                         encoding_format="png",
-                        doc=f"Train ids 0..{NUM_CLASSES - 1}, {IGNORE_LABEL} = ignore.",
+                        doc=f"Train ids 0..{len(class_names) - 1}, {IGNORE_LABEL} = ignore.",
                     ),
                     "id": tfds.features.Text(doc="'<split>/<index>'"),
                 }
             ),
             supervised_keys=("image", "label"),
             metadata=tfds.core.MetadataDict(
-                class_names=list(CLASS_NAMES),
-                palette=[list(c) for c in PALETTE],
+                class_names=list(class_names),
+                palette=[list(c) for c in (RARE_PALETTE if self.builder_config.rare else PALETTE)],
                 ignore_label=IGNORE_LABEL,
             ),
         )
@@ -116,8 +141,9 @@ class StreetScenes(tfds.core.GeneratorBasedBuilder):
         }
 
     def _generate_examples(self, split: str, num: int):
+        generate = generate_rare_scene if self.builder_config.rare else generate_scene
         for index in range(num):
-            image, label = generate_scene(SPLIT_SEEDS[split], index)
+            image, label = generate(SPLIT_SEEDS[split], index)
             yield index, {"image": image, "label": label[..., None], "id": f"{split}/{index:05d}"}
 
 
@@ -131,3 +157,11 @@ SPEC = DatasetSpec(
     ignore_index=IGNORE_LABEL,
 )
 SMALL_SPEC = dataclasses.replace(SPEC, tfds_name="street_scenes/small")
+RARE_SPEC = dataclasses.replace(
+    SPEC,
+    tfds_name="street_scenes/rare",
+    num_classes=len(RARE_CLASS_NAMES),
+    class_names=RARE_CLASS_NAMES,
+    palette=RARE_PALETTE,
+)
+RARE_SMALL_SPEC = dataclasses.replace(RARE_SPEC, tfds_name="street_scenes/rare_small")

@@ -8,6 +8,7 @@ The dataset (classes, what makes it a fair test, how a scene is made) is describ
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import numpy as np
 
@@ -356,12 +357,19 @@ def _clutter(sprite: Sprite, rng) -> None:
     sprite.box(-w / 2, w / 2, 0.0, h, IGNORE_LABEL, _rgb(rng, rng.uniform(40, 200, 3), 10))
 
 
-def generate_scene(split_seed: int, index: int) -> tuple[np.ndarray, np.ndarray]:
+def generate_scene(
+    split_seed: int, index: int, extra_things: Callable | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Renders one street scene, deterministically.
 
     Args:
       split_seed: the split's seed (``SPLIT_SEEDS[split]``).
       index: the example's index in the split.
+      extra_things: ``extra_things(canvas, cam, street, z_near)`` -> more ``(depth, draw)``
+        pairs, painted with the scene's own things in depth order (the rare objects of
+        ``street_scenes_rare``); ``street`` is ``(xc, wr, x_left, x_right, z_end)``. It must
+        draw from its own random stream: the scene's own stream, hence every other pixel's
+        colour and label, stays as without it.
 
     Returns:
       ``(image, label)``: ``uint8 [HEIGHT, WIDTH, 3]`` RGB and ``uint8 [HEIGHT, WIDTH]`` train ids
@@ -382,7 +390,8 @@ def generate_scene(split_seed: int, index: int) -> tuple[np.ndarray, np.ndarray]
     xc, wr = rng.uniform(-1.5, 1.5), rng.uniform(3.5, 6.0)
     x_left, x_right = xc - wr - rng.uniform(1.8, 4.0), xc + wr + rng.uniform(1.8, 4.0)
     z_end = rng.uniform(50.0, 140.0)
-    _render_background(rng, cam, canvas, (xc, wr, x_left, x_right, z_end))
+    street = (xc, wr, x_left, x_right, z_end)
+    _render_background(rng, cam, canvas, street)
 
     # Things, as (depth, draw) pairs, painted far to near so that near ones occlude.
     z_near = cam.f * cam.hc / (HEIGHT - cam.vy) * 0.8  # feet a little below the bottom row
@@ -441,6 +450,8 @@ def generate_scene(split_seed: int, index: int) -> tuple[np.ndarray, np.ndarray]
         draw = functools.partial(_cyclist, sprite, rng, person_colours(), view="side", ridden=False)
         things.append((z, draw))
 
+    if extra_things is not None:
+        things += extra_things(canvas, cam, street, z_near)
     # A stable sort by depth: drawing (and its random draws) happens in a reproducible order.
     for _, draw in sorted(things, key=lambda t: -t[0]):
         draw()
