@@ -73,20 +73,28 @@ def prepared(small_data_dir):
     return config, builder, spec
 
 
-# Files that start training processes or train several times take minutes each; pytest-xdist
-# hands files to its workers in collection order, so these go first (longest first), and no
-# worker is left running one of them alone at the end.
+# Files that start training processes or train several times take up to minutes each;
+# pytest-xdist hands files to its workers in collection order (a worker takes the next file
+# once two tests of its current one are left), so these go first, longest first by their
+# durations in a full run, and the two workers end on short files together.
 SLOW_FILES_FIRST = (
-    "test_distributed_failures.py",
+    "test_train.py",  # the SegFormer command-line run alone takes 35-80 s
+    "test_compile_mode.py",
     "test_checkpointing.py",
+    "test_distributed_failures.py",
     "test_distributed.py",
-    "test_train.py",
     "test_cityscapes_ade20k.py",
-    "test_accumulation.py",
     "test_workdir.py",
     "test_models.py",
-    "test_baselines.py",
+    "test_configs.py",
+    "test_accumulation.py",
+    "test_segformer.py",
+    "test_input_pipeline.py",
+    "test_datasets.py",
+    "test_folder_dataset.py",
     "test_predict.py",
+    "test_lowering.py",
+    "test_baselines.py",
 )
 
 
