@@ -146,7 +146,9 @@ def _all_keys(recipes: dict[str, Recipe]):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--targets", default=",".join(TARGETS))
+    parser.add_argument(
+        "--targets", default="", help="keep these targets (default: each recipe's own)"
+    )
     parser.add_argument("--recipes", default=",".join(RECIPES))
     parser.add_argument("--only", default="", help="recipe/target/step substrings, commas")
     args = parser.parse_args()
@@ -162,12 +164,12 @@ def main():
     command = "python benchmarks/compile_targets.py" + "".join(
         f" {a}" for a in sys.argv[1:] if a.startswith("--")
     )
-    targets = args.targets.split(",")
+    targets = args.targets.split(",") if args.targets else None
     for recipe in args.recipes.split(","):
         spec = RECIPES[recipe]
         config = apply_overrides(load_config(spec.config), spec.overrides)
         config_lib.validate_config(config)
-        for target in (t for t in spec.targets if t in targets):
+        for target in (t for t in spec.targets if targets is None or t in targets):
             for step in spec.steps:
                 key = (recipe, target, step)
                 if key in rows or (only and not any(p in "/".join(key) for p in only)):

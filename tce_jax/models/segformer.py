@@ -119,8 +119,32 @@ class EfficientSelfAttention(nn.Module):
         q, k, v = heads("query", x), heads("key", kv), heads("value", kv)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (head_dim**-0.5)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
-        y = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(b, h, w, c)
-        return layers.dense(c, name="proj")(y)
+        y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return HeadsProjection(c, self.dtype, self.param_dtype, name="proj")(y).reshape(b, h, w, c)
+
+
+class HeadsProjection(nn.Module):
+    """The attention's output projection ``proj``: ``[B, N, heads, head_dim] -> [B, N, C]``,
+    with a ``Dense``'s parameters (``kernel [heads * head_dim, C]``, ``bias [C]``) and its
+    numbers, contracted over ``(heads, head_dim)`` without flattening them first. Why: XLA's GPU
+    compiler (jaxlib 0.10.2, Triton GEMM) found no tiling for the flattened form's matmul fused
+    with the attention at some token counts (ADE20K's whole-image evaluation at 704x704:
+    "Couldn't find output tile sizes"); this form compiles."""
+
+    features: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, y: jax.Array) -> jax.Array:
+        heads, head_dim = y.shape[-2:]
+        kernel = self.param(
+            "kernel", dense_kernel_init, (heads * head_dim, self.features), self.param_dtype
+        )
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        y, kernel, bias = nn.dtypes.promote_dtype(y, kernel, bias, dtype=self.dtype)
+        kernel = kernel.reshape(heads, head_dim, self.features)
+        return jnp.einsum("bqhd,hdc->bqc", y, kernel) + bias
 
 
 class MixFFN(nn.Module):
