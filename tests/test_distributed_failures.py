@@ -9,16 +9,8 @@ import re
 import signal
 import time
 
-from distributed_runs import flags, read_run, start
-from run_utils import (
-    TIMEOUT,
-    free_port,
-    process_flags,
-    run_flags,
-    run_main_in_process,
-    start_main,
-    wait_all,
-)
+from distributed_runs import read_run, start
+from run_utils import TIMEOUT, free_port, process_flags, run_flags, start_main, wait_all
 
 
 def test_a_process_that_cannot_reach_the_coordinator_fails_clearly(small_data_dir, tmp_path):
@@ -42,9 +34,7 @@ def last_line(output: str) -> str:
 def test_a_preempted_or_dead_process_stops_the_run_and_a_relaunch_resumes(small_data_dir, tmp_path):
     """Two processes of two devices. SIGTERM to one: both save and stop at the same step. The
     relaunch resumes there; SIGKILL to one: the survivor ends (no hang, no success). The next
-    relaunch resumes from the last committed checkpoint and finishes, inside the test process
-    (its 8 devices): two process start-ups fewer; the relaunch before is the two-process
-    resume."""
+    relaunch resumes from the last committed checkpoint and finishes."""
     workdir = tmp_path / "w"
     overrides = (
         "--config.num_train_steps=12",
@@ -91,9 +81,10 @@ def test_a_preempted_or_dead_process_stops_the_run_and_a_relaunch_resumes(small_
     assert preempted < steps[-1] < 12
 
     # The next relaunch resumes from the last committed checkpoint and finishes.
-    result = run_main_in_process(*flags(workdir, small_data_dir, overrides))
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    assert f"Resuming from the checkpoint of step {steps[-1]} " in result.stdout
+    results = wait_all(launch())
+    for result in results:
+        assert result.returncode == 0, result.stdout[-3000:]
+    assert f"Resuming from the checkpoint of step {steps[-1]} " in results[0].stdout
     curve, final, state = read_run(str(workdir))
     assert int(state["step"]) == 12
     assert "validation" in final
