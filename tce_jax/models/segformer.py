@@ -114,13 +114,39 @@ class EfficientSelfAttention(nn.Module):
             kv = layers.norm(epsilon=TORCH_NORM_EPS, name="sr_norm")(kv)
 
         def heads(name, tokens):  # [B, h, w, C] -> [B, h * w, heads, head_dim]
-            return layers.dense(c, name=name)(tokens).reshape(b, -1, self.num_heads, head_dim)
+            projection = PointwiseDense(c, self.dtype, self.param_dtype, name=name)
+            return projection(tokens).reshape(b, -1, self.num_heads, head_dim)
 
         q, k, v = heads("query", x), heads("key", kv), heads("value", kv)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (head_dim**-0.5)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(v.dtype)
         y = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
         return HeadsProjection(c, self.dtype, self.param_dtype, name="proj")(y).reshape(b, h, w, c)
+
+
+class PointwiseDense(nn.Module):
+    """A ``Dense`` (its ``kernel [C_in, features]`` and ``bias``, its numbers) applied to a token
+    map ``[B, H, W, C_in]`` as a 1x1 convolution. Why: for the attention's query/key/value
+    projections after the spatial reduction and its LayerNorm, XLA's GPU compiler (jaxlib
+    0.10.2, A100 target, Triton GEMM) found no tiling for the matmul at some token counts
+    (ADE20K's whole-image evaluation at 704x704: "Couldn't find output tile sizes"); a
+    convolution is not a Triton GEMM."""
+
+    features: int
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", dense_kernel_init, (x.shape[-1], self.features), self.param_dtype
+        )
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        y = jax.lax.conv_general_dilated(
+            x, kernel[None, None], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+        )
+        return y + bias
 
 
 class HeadsProjection(nn.Module):
