@@ -63,11 +63,12 @@ TORCH_NORM_EPS = 1e-5  # the patch embeddings' and spatial reductions' LayerNorm
 
 
 class _Layers:
-    """Dense, conv and LayerNorm partials with a module's ``dtype`` and ``param_dtype``."""
+    """Dense (over the channels of a token map: `PointwiseDense`), conv and LayerNorm partials
+    with a module's ``dtype`` and ``param_dtype``."""
 
     def __init__(self, module: nn.Module):
         dtypes = {"dtype": module.dtype, "param_dtype": module.param_dtype}
-        self.dense = functools.partial(nn.Dense, kernel_init=dense_kernel_init, **dtypes)
+        self.dense = functools.partial(PointwiseDense, **dtypes)
         self.conv = functools.partial(nn.Conv, kernel_init=conv_kernel_init, **dtypes)
         self.norm = functools.partial(nn.LayerNorm, **dtypes)
 
@@ -114,8 +115,7 @@ class EfficientSelfAttention(nn.Module):
             kv = layers.norm(epsilon=TORCH_NORM_EPS, name="sr_norm")(kv)
 
         def heads(name, tokens):  # [B, h, w, C] -> [B, h * w, heads, head_dim]
-            projection = PointwiseDense(c, self.dtype, self.param_dtype, name=name)
-            return projection(tokens).reshape(b, -1, self.num_heads, head_dim)
+            return layers.dense(c, name=name)(tokens).reshape(b, -1, self.num_heads, head_dim)
 
         q, k, v = heads("query", x), heads("key", kv), heads("value", kv)
         scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) * (head_dim**-0.5)
@@ -126,11 +126,11 @@ class EfficientSelfAttention(nn.Module):
 
 class PointwiseDense(nn.Module):
     """A ``Dense`` (its ``kernel [C_in, features]`` and ``bias``, its numbers) applied to a token
-    map ``[B, H, W, C_in]`` as a 1x1 convolution. Why: for the attention's query/key/value
-    projections after the spatial reduction and its LayerNorm, XLA's GPU compiler (jaxlib
-    0.10.2, A100 target, Triton GEMM) found no tiling for the matmul at some token counts
-    (ADE20K's whole-image evaluation at 704x704: "Couldn't find output tile sizes"); a
-    convolution is not a Triton GEMM."""
+    map ``[B, H, W, C_in]`` as a 1x1 convolution: every per-token linear layer of SegFormer (the
+    attention's query/key/value, Mix-FFN's fc1/fc2, the decoder's linear_c*). Why: as matmuls
+    fused with what produces them, XLA's GPU compiler (jaxlib 0.10.2, A100 target, Triton GEMM)
+    found no tiling for them at some token counts (ADE20K's whole-image evaluation at 704x704:
+    "Couldn't find output tile sizes"); a convolution is not a Triton GEMM."""
 
     features: int
     dtype: Any = jnp.float32
