@@ -26,9 +26,15 @@ from experiments.report_stats import (
 )
 from tce_jax.metrics import markdown_table
 
-# Fields that belong to the method compared (the loss and Stochastic TCE's sampler); arms that
-# differ elsewhere are not compared like for like (the report warns).
-METHOD_PREFIXES = ("loss.", "data.class_aware_sampling", "data.sampling_")
+# Fields that belong to the method compared (the loss, the sampler and the samplers' own
+# settings); arms that differ elsewhere are not compared like for like (the report warns).
+METHOD_PREFIXES = (
+    "loss.",
+    "data.class_aware_sampling",
+    "data.sampling",  # and data.sampling_* (Stochastic TCE's tilted sampler)
+    "data.rcs_",
+    "data.repeat_factor_",
+)
 SUMMARY = (
     ("miou", "mIoU"),
     ("pixel_accuracy", "pixel acc."),

@@ -405,6 +405,21 @@ def test_report_warns_when_arms_differ_outside_the_loss(fabricated):
     assert "Paired differences from CE (num_train_steps=20)" in text
 
 
+def test_report_does_not_warn_about_the_samplers_fields(fabricated):
+    """`data.sampling` and the samplers' own fields (Rare Class Sampling, repeat-factor) are
+    part of the method compared, like the loss: arms that differ only there are like for like."""
+    fake_run(fabricated, "ce_rcs", 0, "ce", val=(0.6, 0.1), test=(0.6, 0.1),
+             data={"sampling": "rcs", "rcs_temperature": 0.01})
+    fake_run(fabricated, "ce_rfs", 0, "ce", val=(0.6, 0.1), test=(0.6, 0.1),
+             data={"sampling": "repeat_factor", "repeat_factor_threshold": 1.0})
+    arms = report_runs.group_runs(report_runs.find_runs(fabricated)[0])
+    text = report_render.render_markdown(arms, report_runs.select(arms, "validation", "miou"),
+                                         select_split="validation", report_split="test",
+                                         metric="miou", title="T")
+    assert "CE (Rare Class Sampling)" in text and "CE (repeat-factor sampling)" in text
+    assert "Warning" not in text
+
+
 def test_report_families_match_the_study(fabricated_study):
     arms = report_runs.group_runs(report_runs.find_runs(fabricated_study)[0])
     assert [a.name for a in arms] == [
