@@ -17,7 +17,7 @@ def test_losses_are_the_registry_names_and_every_entry_builds():
     for name in objectives.LOSSES:
         config = default.get_config(name)
         config.loss.cb_counts = "9,5,3,0,1"  # class_balanced's (the trainer reads the data's)
-        loss, _, aux = objectives.create_loss_fn(config)(
+        loss, _, aux = jax.jit(objectives.create_loss_fn(config))(
             logits, labels, losses.stochastic_tce_init(5), None
         )
         assert np.isfinite(float(loss)), name
