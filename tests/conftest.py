@@ -44,13 +44,6 @@ import jax  # noqa: E402
 
 # Tests compile many small programs; optimisation buys nothing at these sizes.
 jax.config.update("jax_disable_most_optimizations", True)
-# In this process only, programs that compile in under 0.1 s stay out of the shared cache:
-# the eager op-by-op tests compile hundreds of one-primitive programs, and writing each one
-# costs more than this process gains from it (its own in-memory cache already has them). The
-# runs the tests start keep caching everything (the environment above): each is a new process
-# that would compile its small programs again. Measured on 2 cores, five test files: 119 and
-# 108 s caching everything, 104 s with this.
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.1)
 
 import pytest  # noqa: E402
 
