@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_utils import random_variables
 
 from tce_jax.models import (
     MODELS,
@@ -221,11 +222,9 @@ def test_deeplab_rejects_output_stride_32():
 
 @pytest.fixture(scope="module")
 def tiny_deeplab_variables():
-    """Initial variables of TinyDeepLab, initialised once (most of the compile time): the same
-    for every output stride (dilation replaces stride) and compute dtype (float32 parameters)."""
-    model = TinyDeepLab(num_classes=5)
-    init = jax.jit(functools.partial(model.init, train=False))
-    return init(jax.random.key(0), _images((2, 48, 80, 3)))
+    """Random variables of TinyDeepLab: the same for every output stride (dilation replaces
+    stride) and compute dtype (float32 parameters)."""
+    return random_variables(TinyDeepLab(num_classes=5), _images((2, 48, 80, 3)))
 
 
 @pytest.mark.parametrize("output_stride, dtype", [(8, jnp.float32), (16, jnp.bfloat16)])

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from model_utils import random_variables
 from safetensors.numpy import save_file
 
 from tce_jax import config_lib, pretrained, pretrained_segformer
@@ -283,14 +284,6 @@ def test_variants_have_the_published_parameter_counts(variant):
 TinySegFormer = SegFormer(
     num_classes=3, depths=(1, 1, 1, 2), widths=(8, 16, 40, 64), decoder_width=16
 )
-
-
-def random_variables(module, x, seed=0):
-    """Variables of ``module`` for input ``x``, random in [0.7, 1.3] (positive variances),
-    without compiling the initialisers."""
-    rng = np.random.RandomState(seed)
-    abstract = jax.eval_shape(lambda: module.init(jax.random.key(0), x, train=False))
-    return jax.tree.map(lambda a: 1 + 0.3 * rng.uniform(-1, 1, a.shape), abstract)
 
 
 def test_dropout_rng_is_drawn_only_when_training():
