@@ -4,6 +4,7 @@ cache for every test process, the slowest test files scheduled first, and the `s
 XLA_FLAGS must be set before JAX initialises its backends, so this runs at import time.
 """
 
+import fcntl
 import os
 
 os.environ["XLA_FLAGS"] = (
@@ -50,15 +51,21 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def small_data_dir(tmp_path_factory):
-    """A TFDS data dir holding the small embedded dataset, prepared once per session."""
+    """A TFDS data dir holding the small embedded dataset, prepared once per test run: the
+    pytest-xdist workers share it (the first to take the lock prepares it, about 5 CPU-seconds;
+    the tests that alter prepared data alter a copy)."""
     from configs import default
     from tce_jax import input_pipeline
 
-    data_dir = str(tmp_path_factory.mktemp("tfds"))
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent  # the run's directory, above each worker's own
     config = default.get_config("tiny")
-    config.data.data_dir = data_dir
-    input_pipeline.load_builder(config)
-    return data_dir
+    config.data.data_dir = str(root / "tfds_small")
+    with open(root / "tfds_small.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        input_pipeline.load_builder(config)
+    return config.data.data_dir
 
 
 @pytest.fixture(scope="module")
