@@ -55,8 +55,8 @@ CLOUD_SCHEMES = ("gs",)
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 # Fields that may change when a run resumes: how long it runs, how often it logs, evaluates and
-# saves, where data and weights are read from, and the process layout (jit and pmap give the
-# same numbers). Everything else defines the experiment. Note: the learning-rate schedule
+# saves, whether it profiles, where data and weights are read from, and the process layout (jit
+# and pmap give the same numbers). Everything else defines the experiment. Note: the learning-rate schedule
 # decays over `num_train_steps`, so extending a run changes the rates after the resumed step.
 RESUMABLE_FIELDS = frozenset(
     {
@@ -65,6 +65,7 @@ RESUMABLE_FIELDS = frozenset(
         "eval_every_steps",
         "checkpoint_every_steps",
         "keep_checkpoints",
+        "profile_steps",
         "parallelism",
         "data.data_dir",
         "data.manual_dir",

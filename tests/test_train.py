@@ -86,6 +86,8 @@ def test_resume_after_interruption_is_exact(stochastic_run, tmp_path):
     resumed_dir = str(tmp_path / "resumed")
     shutil.copytree(workdir, resumed_dir)
     shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "6"))
+    # Resumed without profiling (a field a resume may change): a trace costs seconds.
+    config = run_utils.set_fields(config.copy_and_resolve_references(), profile_steps=0)
     train.train_and_evaluate(config, resumed_dir)
     step, resumed = latest_checkpoint(resumed_dir)
     assert step == 6
