@@ -56,8 +56,9 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 
 # Fields that may change when a run resumes: how long it runs, how often it logs, evaluates and
 # saves, whether it profiles, where data and weights are read from, and the process layout (jit
-# and pmap give the same numbers). Everything else defines the experiment. Note: the learning-rate schedule
-# decays over `num_train_steps`, so extending a run changes the rates after the resumed step.
+# and pmap give the same numbers). Everything else defines the experiment. Note: the
+# learning-rate schedule decays over `num_train_steps`, so extending a run changes the rates
+# after the resumed step.
 RESUMABLE_FIELDS = frozenset(
     {
         "num_train_steps",
