@@ -34,6 +34,7 @@ from etils import epath
 STATE_ITEM = "default"  # the item name Orbax gives a single-item checkpoint (same layout)
 CHECKSUM_ITEM = "checksums"
 BEST_METRIC = "miou"
+MIN_SHARED_SLICE = 2**20  # bytes a replica writes of an array it shares with others
 
 
 class RunStopped(RuntimeError):
@@ -85,6 +86,16 @@ def create_checkpoint_manager(directory: str, keep_latest: int) -> ocp.Checkpoin
         preservation_policy=policy, best_fn=best_metric, best_mode="max", create=True
     )
     logging.get_absl_logger().addFilter(_drop_missing_metrics_warning)  # added once
+    # Orbax's default array handler, except that replicas share the writing of an array only
+    # where each one's part is at least 1 MiB. Sharing slices the array on every device, which
+    # compiles a program per array and device at the first save (112 for the tiny U-Net on 8
+    # devices, seconds of CPU); for the many small arrays (biases, norms) that costs more than
+    # the parallel write saves. Registered for the process, as Orbax's default is.
+    ocp.type_handlers.register_type_handler(
+        jax.Array,
+        ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_SHARED_SLICE),
+        override=True,
+    )
     # Named items: the state item keeps Orbax's single-item name, so without these handlers a
     # fresh manager would take the step directories for single-item checkpoints.
     handlers = {

@@ -90,6 +90,29 @@ def test_a_non_finite_state_is_not_saved(tmp_path):
     manager.close()
 
 
+def test_replicas_share_the_writing_of_large_arrays_only(tmp_path, caplog):
+    """A state replicated on 8 devices: Orbax's replica-parallel saving compiles a slicing
+    program per array and device, worth it for large arrays only. The small ones (<1 MiB per
+    replica) are written whole by one replica, and nothing is compiled for them."""
+    replicated = jax.sharding.NamedSharding(
+        jax.sharding.Mesh(np.array(jax.devices()[:8]), ("data",)), jax.sharding.PartitionSpec()
+    )
+    # Shapes of their own, so that no slicing program compiled by an earlier test is reused.
+    small = {"kernel": np.ones((24, 40), np.float32), "bias": np.ones((40,), np.float32)}
+    large = {"kernel": np.ones((8 * 2**18 + 8, 1), np.float32)}  # 8 slices of just over 1 MiB
+
+    def programs_compiled_saving(state) -> list[str]:
+        manager = checkpointing.create_checkpoint_manager(str(tmp_path / str(len(state))), 1)
+        caplog.clear()
+        with jax.log_compiles(True), caplog.at_level("WARNING"):
+            save(manager, 1, jax.device_put(state, replicated))
+        manager.close()
+        return re.findall(r"Finished XLA compilation of (\S+)", caplog.text)
+
+    assert programs_compiled_saving(small) == []
+    assert programs_compiled_saving(large)  # sliced on the devices, one slice per replica
+
+
 # ---------------------------------------------------------------------------------------------
 # Verification of restored states.
 
