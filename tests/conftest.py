@@ -109,8 +109,9 @@ def pytest_collection_modifyitems(items):
     rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: file order kept
     # Tests on the prepared embedded dataset train or start the command line: most of the
-    # suite's time. `bash scripts/test.sh -m "not slow"` leaves them out for a quick loop while
-    # editing; the test command itself (and CI) runs every test.
+    # suite's time. With the compiles for GPU and TPU targets (marked in test_compile_mode.py)
+    # they are `slow`: `bash scripts/test.sh -m "not slow"` leaves them out for a quick loop
+    # while editing; the test command itself (and CI) runs every test.
     for item in items:
         if "small_data_dir" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)

@@ -146,6 +146,10 @@ CASES = [
 ]
 
 
+# Compiles for GPU and TPU targets are `slow` (left out of the quick loop, conftest.py): JAX's
+# compilation cache keeps no program compiled without the device, so every run compiles them
+# again (34 CPU-seconds for the two TPU cases).
+@pytest.mark.slow
 @pytest.mark.parametrize("target, config, only", CASES)
 def test_tiny_steps_compile_without_small_float_scatters(optimized, target, config, only):
     compile_mesh(target)  # skips when this process started JAX on a GPU backend
@@ -162,6 +166,7 @@ def test_tiny_steps_compile_without_small_float_scatters(optimized, target, conf
         assert "all-reduce" in {c.kind for c in reports[0].census.collectives}
 
 
+@pytest.mark.slow
 @skip_without_toolchain(GPU)
 def test_cli_refuses_a_config_that_does_not_fit(monkeypatch):
     compile_mesh(GPU)
