@@ -68,6 +68,9 @@ class Trainer:
             program_config = objectives.resolve_class_counts(config, self._train_class_index)
         self.programs = programs.Programs(program_config, self.spec, self.parallel)
         self._eval_geometry: dict[str, input_pipeline.EvalGeometry] = {}
+        # {split: figures} of the state the last `train()` returned, evaluated at the run's
+        # last step; `report` takes them instead of evaluating the split again.
+        self.final_evaluation: dict[str, dict] = {}
         self.manager = checkpointing.create_checkpoint_manager(
             os.path.join(workdir, "checkpoints"), config.keep_checkpoints
         )
@@ -157,6 +160,7 @@ class Trainer:
         runs; `_Due` says what else a step calls for.
         """
         config = self.config
+        self.final_evaluation = {}
         # -- Start: the latest checkpoint (the run then continues exactly) or a fresh state --
         state = self.initial_state()
         start = self.parallel.current_step(state)
@@ -207,6 +211,8 @@ class Trainer:
                     if due.evaluate:
                         eval_figures = self.evaluate(state, config.data.eval_split)
                         self._write_eval(writer, step, config.data.eval_split, eval_figures)
+                        if step == config.num_train_steps:
+                            self.final_evaluation = {config.data.eval_split: eval_figures}
                     if due.save or due.stop:
                         self.save(state, step, eval_figures)
                     if due.stop:
@@ -301,14 +307,16 @@ class Trainer:
 
     # -- final reports ---------------------------------------------------------------------
 
-    def report(self, state: TrainState, splits) -> dict[str, dict]:
-        """Evaluates `splits` and writes report.md / per_class.csv / final_metrics.json."""
+    def report(self, state: TrainState, splits, evaluated=None) -> dict[str, dict]:
+        """Evaluates `splits` and writes report.md / per_class.csv / final_metrics.json.
+        `evaluated`: {split: figures} already computed for `state`, not evaluated again."""
+        evaluated = evaluated or {}
         results = {}
         for split in splits:
             if split not in self.data.split_names:
                 logging.warning("Split %r does not exist; not reported.", split)
                 continue
-            results[split] = self.evaluate(state, split)
+            results[split] = evaluated[split] if split in evaluated else self.evaluate(state, split)
         if self.is_main and results:
             config = self.config
             metrics.write_run_reports(
@@ -389,7 +397,8 @@ def train_and_evaluate(
     with workdir_lib.open_run(config, workdir, allow_config_change=allow_config_change):
         trainer = Trainer(config, workdir)
         state = trainer.train()
-        results = trainer.report(state, tuple(config.data.final_eval_splits))
+        splits = tuple(config.data.final_eval_splits)
+        results = trainer.report(state, splits, evaluated=trainer.final_evaluation)
         trainer.manager.close()
     return results
 

@@ -35,12 +35,28 @@ def stochastic_run(small_data_dir, tmp_path_factory):
         "stochastic_tce",
         **{"data.class_aware_sampling": True, "profile_steps": 2},
     )
-    results = train.train_and_evaluate(config, workdir)
-    return config, workdir, results
+    evaluations = []  # (split, step) of every evaluation the run made
+    evaluate = train.Trainer.evaluate
+
+    def counted(trainer, state, split):
+        evaluations.append((split, int(trainer.parallel.current_step(state))))
+        return evaluate(trainer, state, split)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(train.Trainer, "evaluate", counted)
+        results = train.train_and_evaluate(config, workdir)
+    return config, workdir, results, evaluations
+
+
+def test_each_split_is_evaluated_once_per_evaluated_step(stochastic_run):
+    """The final report takes the last step's validation figures from training instead of
+    evaluating the split again."""
+    *_, evaluations = stochastic_run
+    assert evaluations == [("validation", 3), ("validation", 6), ("test", 6)]
 
 
 def test_run_writes_logs_reports_and_checkpoints(stochastic_run):
-    config, workdir, results = stochastic_run
+    config, workdir, results, _ = stochastic_run
     assert set(results) == {"validation", "test"}
     for name in (
         "report.md",
@@ -74,13 +90,13 @@ def test_run_writes_logs_reports_and_checkpoints(stochastic_run):
 
 
 def test_run_writes_a_profile_trace(stochastic_run):
-    _, workdir, _ = stochastic_run
+    _, workdir, *_ = stochastic_run
     traces = glob.glob(os.path.join(workdir, "plugins", "profile", "*", "*.xplane.pb"))
     assert len(traces) == 1, os.listdir(workdir)
 
 
 def test_resume_after_interruption_is_exact(stochastic_run, tmp_path):
-    config, workdir, _ = stochastic_run
+    config, workdir, *_ = stochastic_run
     _, uninterrupted = latest_checkpoint(workdir)
     # A run killed after step 3: only the step-3 checkpoint survives.
     resumed_dir = str(tmp_path / "resumed")
