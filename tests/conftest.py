@@ -85,11 +85,10 @@ def prepared(small_data_dir):
 # once two tests of its current one are left), so these go first, longest first by their
 # durations in a full run, and the two workers end on short files together.
 SLOW_FILES_FIRST = (
+    "test_distributed.py",
     "test_train.py",  # the SegFormer command-line run alone takes 35-80 s
     "test_compile_mode.py",
     "test_checkpointing.py",
-    "test_distributed_failures.py",
-    "test_distributed.py",
     "test_cityscapes_ade20k.py",
     "test_workdir.py",
     "test_models.py",

@@ -47,9 +47,12 @@ def run_in_process(workdir, data_dir, overrides=()):
 
 
 def read_run(workdir):
-    curve = [
-        line["train/loss"] for line in read_jsonl(os.path.join(workdir, "train_metrics.jsonl"))
-    ]
+    """(loss curve, final metrics, state of the latest checkpoint). A step logged twice (by a
+    process killed after its last checkpoint, then by the relaunch that redid the step) counts
+    once, as logged last."""
+    lines = read_jsonl(os.path.join(workdir, "train_metrics.jsonl"))
+    losses = {line["step"]: line["train/loss"] for line in lines}
+    curve = [losses[step] for step in sorted(losses)]
     with open(os.path.join(workdir, "final_metrics.json")) as f:
         final = json.load(f)
     return curve, final, latest_checkpoint(workdir)[1]

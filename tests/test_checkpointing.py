@@ -4,7 +4,7 @@ states, and what a CLI run does on SIGTERM / SIGINT, divergence and a corrupt ch
 The signal test runs `python -m tce_jax.main` on the tiny config (one device) and compares with
 an uninterrupted run of the same config; the divergence and corrupt-checkpoint runs need no
 process of their own and run the command line inside the test process. Signals to one process of
-a multi-process run: test_distributed_failures.py.
+a multi-process run: test_distributed.py.
 """
 
 import os
