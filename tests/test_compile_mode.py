@@ -18,7 +18,9 @@ from toolchains import compile_mesh, skip_without_toolchain
 from configs import cityscapes, default
 from tce_jax import compile_check, compile_mode, datasets, input_pipeline, programs, targets
 
-GPU, TPU = "h100:1x1x2", "v5e:2x2"
+# The TPU target is a two-host v4 slice: of the TPU generations, v4 compiles fastest here
+# (the tiny train and eval steps in 14 CPU-seconds; 24 for a v5e:2x2).
+GPU, TPU = "h100:1x1x2", "v4:2x2x2"
 # A per-class statistic has C elements, a confusion matrix C * C (as in test_lowering.py).
 SMALL_FACTOR = 4
 
@@ -118,13 +120,27 @@ def _small_float_scatters(report, num_classes: int) -> list[str]:
     ]
 
 
-# (target, config, steps): every step of the tiny config for a GPU; for a TPU (slower to compile
-# here) the train and whole-image eval steps; Cityscapes' tiny sliding-window evaluation, whose
-# predictions are resized to 1024x2048 label maps, for both. (SegFormer's steps: StableHLO in
-# tests/test_lowering.py, the optimized programs of its recipes in benchmarks/compile_targets.py;
-# a tiny SegFormer compile here took about 50 CPU-seconds per target.)
+def _assert_compiled_cleanly(reports, target: str, config) -> None:
+    """Each report is of the target's every device, with costs, no census error and no small
+    float scatter; a train step all-reduces its gradients."""
+    num_classes = datasets.get_dataset_spec(config.data.name).num_classes
+    for report in reports:
+        assert report.devices == targets.parse_target(target).chips
+        assert report.flops > 0 and report.step_seconds_bound > 0
+        assert not report.census.errors, report.summary()
+        assert not _small_float_scatters(report, num_classes), report.summary()
+    if reports[0].name == "train step":  # the gradients' all-reduce
+        assert "all-reduce" in {c.kind for c in reports[0].census.collectives}
+
+
+# (target, config, steps): for a TPU (slower to compile here) the tiny config's train and
+# whole-image eval steps; Cityscapes' tiny sliding-window evaluation, whose predictions are
+# resized to 1024x2048 label maps, for both. (Every step of the tiny config for a GPU: through
+# the command line, in test_cli_compiles_every_step_and_refuses_one_that_does_not_fit.
+# SegFormer's steps: StableHLO in tests/test_lowering.py, the optimized programs of its recipes
+# in benchmarks/compile_targets.py; a tiny SegFormer compile here took about 50 CPU-seconds per
+# target.)
 CASES = [
-    pytest.param(GPU, default.get_config("tiny"), None, marks=skip_without_toolchain(GPU)),
     pytest.param(
         GPU,
         cityscapes.get_config("tce,slide,tiny"),
@@ -148,33 +164,38 @@ CASES = [
 
 # Compiles for GPU and TPU targets are `slow` (left out of the quick loop, conftest.py): JAX's
 # compilation cache keeps no program compiled without the device, so every run compiles them
-# again (34 CPU-seconds for the two TPU cases).
+# again (21 CPU-seconds for the two TPU cases).
 @pytest.mark.slow
 @pytest.mark.parametrize("target, config, only", CASES)
 def test_tiny_steps_compile_without_small_float_scatters(optimized, target, config, only):
     compile_mesh(target)  # skips when this process started JAX on a GPU backend
     reports = list(compile_mode.compile_steps(config, target, only=only))
-    expected = only or ("train", "eval (whole)", "predict")
-    assert [r.name for r in reports] == [f"{name} step" for name in expected]
-    num_classes = datasets.get_dataset_spec(config.data.name).num_classes
-    for report in reports:
-        assert report.fits and report.devices == targets.parse_target(target).chips
-        assert report.flops > 0 and report.step_seconds_bound > 0
-        assert not report.census.errors, report.summary()
-        assert not _small_float_scatters(report, num_classes), report.summary()
-    if reports[0].name == "train step":  # the gradients' all-reduce
-        assert "all-reduce" in {c.kind for c in reports[0].census.collectives}
+    assert [r.name for r in reports] == [f"{name} step" for name in only]
+    assert all(r.fits for r in reports)
+    _assert_compiled_cleanly(reports, target, config)
 
 
 @pytest.mark.slow
 @skip_without_toolchain(GPU)
-def test_cli_refuses_a_config_that_does_not_fit(monkeypatch):
+def test_cli_compiles_every_step_and_refuses_one_that_does_not_fit(optimized, monkeypatch):
+    """The tiny config's every step compiled for a GPU through the command line, as cleanly as
+    the cases above; with a device memory of 1 KiB the run is refused in one line."""
     compile_mesh(GPU)
     small = dataclasses.replace(targets.ACCELERATORS["h100"], memory_bytes=1024)
     monkeypatch.setitem(targets.ACCELERATORS, "h100", small)
+    reports = []
+    compile_report = compile_check.compile_report
+
+    def recorded(*args, **kwargs):
+        reports.append(compile_report(*args, **kwargs))
+        return reports[-1]
+
+    monkeypatch.setattr(compile_check, "compile_report", recorded)
     result = run_main_in_process(
         "--config=configs/default.py:tiny", "--mode=compile", f"--target={GPU}"
     )
+    assert [r.name for r in reports] == ["train step", "eval (whole) step", "predict step"]
+    _assert_compiled_cleanly(reports, GPU, default.get_config("tiny"))
     assert result.returncode == 1
     assert "train step on h100:1x1x2 (2 x h100)" in result.stdout
     assert "Training estimate: 6 steps x" in result.stdout
