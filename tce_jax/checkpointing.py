@@ -85,7 +85,7 @@ def create_checkpoint_manager(directory: str, keep_latest: int) -> ocp.Checkpoin
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy, best_fn=best_metric, best_mode="max", create=True
     )
-    logging.get_absl_logger().addFilter(_drop_missing_metrics_warning)  # added once
+    logging.get_absl_logger().addFilter(_drop_expected_warnings)  # added once
     # Orbax's default array handler, except that replicas share the writing of an array only
     # where each one's part is at least 1 MiB. Sharing slices the array on every device, which
     # compiles a program per array and device at the first save (112 for the tiny U-Net on 8
@@ -105,10 +105,14 @@ def create_checkpoint_manager(directory: str, keep_latest: int) -> ocp.Checkpoin
     return ocp.CheckpointManager(_absolute(directory), options=options, item_handlers=handlers)
 
 
-def _drop_missing_metrics_warning(record: py_logging.LogRecord) -> bool:
-    # Orbax warns at every save without metrics once `best_fn` is set; here that is by design
-    # (a checkpoint between evaluations), and the warning would interleave with progress lines.
-    return not str(record.msg).startswith("Requested `tracked_metric`")
+# Orbax warns of what this module does on purpose: a save without metrics once `best_fn` is
+# set (a checkpoint between evaluations), which would interleave with progress lines, and the
+# replacement of its default array handler at each `create_checkpoint_manager`.
+_EXPECTED_WARNINGS = ("Requested `tracked_metric`", "Type handler registry type")
+
+
+def _drop_expected_warnings(record: py_logging.LogRecord) -> bool:
+    return not str(record.msg).startswith(_EXPECTED_WARNINGS)
 
 
 def _absolute(directory) -> epath.Path:

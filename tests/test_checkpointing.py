@@ -113,6 +113,15 @@ def test_replicas_share_the_writing_of_large_arrays_only(tmp_path, caplog):
     assert programs_compiled_saving(large)  # sliced on the devices, one slice per replica
 
 
+def test_a_manager_is_created_without_warnings(tmp_path, caplog):
+    """Creating a manager logs nothing at WARNING, such as Orbax's note that our array handler
+    replaces its default (the command line shows warnings)."""
+    with caplog.at_level("WARNING"):
+        for name in ("a", "b"):  # the first manager of the process and a later one
+            checkpointing.create_checkpoint_manager(str(tmp_path / name), 1).close()
+    assert [r.getMessage() for r in caplog.records] == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Verification of restored states.
 
