@@ -181,7 +181,8 @@ def test_cli_compiles_every_step_and_refuses_one_that_does_not_fit(optimized, mo
     """The tiny config's every step compiled for a GPU through the command line, as cleanly as
     the cases above; with a device memory of 1 KiB the run is refused in one line."""
     compile_mesh(GPU)
-    small = dataclasses.replace(targets.ACCELERATORS["h100"], memory_bytes=1024)
+    h100 = targets.ACCELERATORS["h100"]
+    small = dataclasses.replace(h100, memory_bytes=1024)
     monkeypatch.setitem(targets.ACCELERATORS, "h100", small)
     reports = []
     compile_report = compile_check.compile_report
@@ -196,6 +197,7 @@ def test_cli_compiles_every_step_and_refuses_one_that_does_not_fit(optimized, mo
     )
     assert [r.name for r in reports] == ["train step", "eval (whole) step", "predict step"]
     _assert_compiled_cleanly(reports, GPU, default.get_config("tiny"))
+    assert all(r.peak_bytes <= h100.memory_bytes for r in reports)  # each fits a real H100
     assert result.returncode == 1
     assert "train step on h100:1x1x2 (2 x h100)" in result.stdout
     assert "Training estimate: 6 steps x" in result.stdout
