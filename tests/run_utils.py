@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 
+import fork_server
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
@@ -121,18 +122,24 @@ _INTERACTIVE = (
 
 
 def start_main(
-    *args: str, devices: int = 1, interactive: bool = False, **popen
+    *args: str, devices: int = 1, interactive: bool = False, fresh: bool = False, **popen
 ) -> subprocess.Popen:
     """Starts `python -m tce_jax.main ARGS` as a process of its own, from the repository root,
     on `devices` fake CPU devices; for what needs a real process (signals, a lock another
     process holds, several processes, provenance of a real command). It compiles as the test
     process does (JAX_DISABLE_MOST_OPTIMIZATIONS and the shared compilation cache come with
     the environment, see conftest.py). `interactive`: SIGINT interrupts it, as in a terminal.
-    Output is captured as text (stdout and stderr apart) unless `popen` says otherwise."""
+    Output is captured as text (stdout and stderr apart) unless `popen` says otherwise.
+
+    The run is forked from this worker's fork server (tests/fork_server.py: no import time;
+    the Popen is of a client that stands for the run), or with `fresh` a new interpreter (for
+    a test that needs the run's own process id, or the start-up of a real command)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    command = ["-c", _INTERACTIVE] if interactive else ["-m", "tce_jax.main"]
     popen = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True, **popen}
+    if fork_server.AVAILABLE and not fresh:
+        return fork_server.start(args, interactive=interactive, cwd=ROOT, env=env, **popen)
+    command = ["-c", _INTERACTIVE] if interactive else ["-m", "tce_jax.main"]
     return subprocess.Popen([sys.executable, *command, *args], cwd=ROOT, env=env, **popen)
 
 

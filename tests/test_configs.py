@@ -151,9 +151,13 @@ def run_in_process(*args):
 
 
 def test_cli_rejects_a_misspelt_field_and_a_bad_value(tmp_path):
-    # A real process: exit status, stderr and no traceback as a shell sees them.
+    # A new interpreter (the start-up of a real command): exit status, stderr and no
+    # traceback as a shell sees them.
     typo = run_utils.run_main(
-        "--config=configs/default.py:tiny", f"--workdir={tmp_path}", "--config.loss.tt=2"
+        "--config=configs/default.py:tiny",
+        f"--workdir={tmp_path}",
+        "--config.loss.tt=2",
+        fresh=True,
     )
     assert typo.returncode == 1
     assert "Traceback" not in typo.stderr

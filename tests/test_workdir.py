@@ -72,6 +72,7 @@ def test_a_second_trainer_is_refused_and_a_killed_ones_lock_taken_over(
     first = run_utils.start_main(
         *run_utils.run_flags(path, small_data_dir, *long_run),
         devices=2,
+        fresh=True,  # the lock names the run's own pid
         stdout=subprocess.DEVNULL,
         start_new_session=True,
     )
