@@ -34,13 +34,17 @@ def _rgb_to_hsv(rgb):
     """TensorFlow's RGBToHSV kernel in jax.numpy: h in [0, 1), s in [0, 1], v = max(r, g, b)
     (any scale)."""
     r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    # The kernel's sector is the first channel equal to the maximum (r, then g, then b): an
+    # argmax, not `r == max(r, g, b)`. XLA may compute a fused input once for the max and again
+    # for the comparison, rounded differently (an FMA in one place only), and then no channel
+    # equals the max: XLA:CPU's elemental emitters did so here, turning hues by a sector.
+    top = jnp.argmax(rgb, axis=-1)
     v = jnp.max(rgb, axis=-1)
     spread = v - jnp.min(rgb, axis=-1)
     s = jnp.where(v > 0, spread / jnp.where(v > 0, v, 1.0), 0.0)
     norm = 1.0 / (6.0 * jnp.where(spread > 0, spread, 1.0))
-    h = jnp.where(
-        r == v, norm * (g - b), jnp.where(g == v, norm * (b - r) + 2 / 6, norm * (r - g) + 4 / 6)
-    )
+    h_g, h_b = norm * (b - r) + 2 / 6, norm * (r - g) + 4 / 6
+    h = jnp.where(top == 0, norm * (g - b), jnp.where(top == 1, h_g, h_b))
     h = jnp.where(spread > 0, h, 0.0)
     return jnp.where(h < 0, h + 1.0, h), s, v
 

@@ -209,6 +209,22 @@ def test_crop_first_equals_resize_then_crop(photometric, image_size, crop_size, 
             np.testing.assert_allclose(np.asarray(jittered), want, rtol=0, atol=0.02)
 
 
+def test_photometric_jitter_does_not_depend_on_how_xla_fuses_it():
+    """The hue sector is chosen without comparing floats that XLA may compute twice: compiled
+    with XLA:CPU's elemental emitters (which recompute the brightness/contrast map inside the
+    HSV fusions, rounded differently), the jitter equals the default compilation's."""
+    images = np.random.default_rng(0).uniform(0, 255, (2, 8, 8, 3)).astype(np.float32)
+    # Brightness delta, contrast factor, saturation factor, hue shift; the image's box.
+    jitter = np.array(
+        [[10.0, 1.3, 1.2, 0.05, 0, 8, 0, 8], [-5.0, 0.8, 0.9, -0.1, 1, 7, 2, 6]], np.float32
+    )
+    lowered = jax.jit(device_transforms.photometric_on_device).lower(images, jitter)
+    default = lowered.compile()(images, jitter)
+    options = {"xla_cpu_use_fusion_emitters": False}
+    elemental = lowered.compile(compiler_options=options)(images, jitter)
+    np.testing.assert_allclose(np.asarray(elemental), np.asarray(default), rtol=0, atol=0.01)
+
+
 def test_normalising_on_the_device_matches_the_float_pipeline():
     images = np.arange(256, dtype=np.uint8).reshape(1, 16, 16, 1).repeat(3, axis=-1)
     mean, std = (0.3, 0.5, 0.7), (0.2, 0.25, 0.3)
