@@ -126,9 +126,10 @@ def start_main(
 ) -> subprocess.Popen:
     """Starts `python -m tce_jax.main ARGS` as a process of its own, from the repository root,
     on `devices` fake CPU devices; for what needs a real process (signals, a lock another
-    process holds, several processes, provenance of a real command). It compiles as the test
-    process does (JAX_DISABLE_MOST_OPTIMIZATIONS and the shared compilation cache come with
-    the environment, see conftest.py). `interactive`: SIGINT interrupts it, as in a terminal.
+    process holds, several processes, provenance of a real command). JAX_DISABLE_MOST_OPTIMIZATIONS
+    and the shared compilation cache come with the environment, but not the test process's
+    XLA_FLAGS (see conftest.py): it compiles with XLA's default emitters, as a user's run.
+    `interactive`: SIGINT interrupts it, as in a terminal.
     Output is captured as text (stdout and stderr apart) unless `popen` says otherwise.
 
     The run is forked from this worker's fork server (tests/fork_server.py: no import time;
