@@ -219,9 +219,12 @@ def test_photometric_jitter_does_not_depend_on_how_xla_fuses_it():
         [[10.0, 1.3, 1.2, 0.05, 0, 8, 0, 8], [-5.0, 0.8, 0.9, -0.1, 1, 7, 2, 6]], np.float32
     )
     lowered = jax.jit(device_transforms.photometric_on_device).lower(images, jitter)
-    default = lowered.compile()(images, jitter)
-    options = {"xla_cpu_use_fusion_emitters": False}
-    elemental = lowered.compile(compiler_options=options)(images, jitter)
+    # Both named: the test process's own default is the elemental emitters (conftest.py).
+    compiled = {
+        fusion: lowered.compile(compiler_options={"xla_cpu_use_fusion_emitters": fusion})
+        for fusion in (True, False)
+    }
+    default, elemental = (compiled[fusion](images, jitter) for fusion in (True, False))
     np.testing.assert_allclose(np.asarray(elemental), np.asarray(default), rtol=0, atol=0.01)
 
 
